@@ -1,0 +1,94 @@
+"""Typed errors, grouped by subsystem.
+
+Every error carries the context needed to act on it (file, repo, revision, tensor) and a
+message that says what to do. Errors subclass a built-in where one fits, so callers that
+only know `ValueError`/`FileNotFoundError` still catch them.
+"""
+from __future__ import annotations
+
+
+class ZoospectraError(Exception):
+    """Base class. `context` holds structured fields (file, repo, tensor, ...) for error rows."""
+
+    def __init__(self, message: str, **context: object) -> None:
+        self.context = {k: v for k, v in context.items() if v is not None}
+        where = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        super().__init__(f"{message} [{where}]" if where else message)
+        self.message = message
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+# --- checkpoints and tensors -------------------------------------------------------------
+class CheckpointError(ZoospectraError):
+    """A checkpoint (base, fine-tune or adapter weights) cannot be read as given."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    pass
+
+
+class CorruptSafetensorsError(CheckpointError, ValueError):
+    """Truncated file, bad header length, invalid JSON, offsets outside the data section."""
+
+
+class UnsupportedDtypeError(CheckpointError, TypeError):
+    """A dtype the math cannot use (quantised, int, fp8, ...)."""
+
+
+class NonFiniteWeightsError(CheckpointError, ValueError):
+    """NaN or Inf in a tensor."""
+
+
+class UnsafeCheckpointError(CheckpointError, PermissionError):
+    """Pickle-only weights, or paths escaping the checkpoint directory."""
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
+
+
+# --- adapters ----------------------------------------------------------------------------
+class AdapterError(ZoospectraError):
+    """An adapter's config or weights do not describe a valid update."""
+
+
+class AdapterConfigError(AdapterError, ValueError):
+    """Missing or invalid fields in adapter_config.json."""
+
+
+class UnsupportedAdapterError(AdapterError, NotImplementedError):
+    """A peft_type or option zoospectra does not implement."""
+
+
+class BaseMismatchError(AdapterError, ValueError):
+    """An adapter/fine-tune key or shape does not match the base checkpoint."""
+
+
+# --- hub ---------------------------------------------------------------------------------
+class HubError(ZoospectraError):
+    pass
+
+
+class HubAccessError(HubError, PermissionError):
+    """Gated or private repo without access (401/403)."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    pass
+
+
+class HubUnavailableError(HubError, ConnectionError):
+    """5xx, 429 or timeouts that outlasted the retries."""
+
+
+# --- configuration, results, execution ---------------------------------------------------
+class ConfigError(ZoospectraError, ValueError):
+    """Invalid job spec or CLI options."""
+
+
+class ResultsError(ZoospectraError):
+    """The results root cannot be read or written as asked."""

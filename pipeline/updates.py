@@ -1,0 +1,55 @@
+"""The exact per-matrix update a fine-tune applied: the one object the math consumes.
+
+An update is kept factored when it is low rank (LoRA family: dW = B @ A, scale folded into B)
+so the fast path can exploit structure, and dense otherwise. Everything is float32 or float64
+in PyTorch's [out, in] layout (fan_in_fan_out already undone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+UpdateKind = Literal[
+    "lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "full", "modules_to_save"
+]
+Role = Literal["linear", "embedding", "head", "other"]
+
+
+@dataclass
+class MatrixUpdate:
+    """dW for one base tensor from one artifact.
+
+    Exactly one representation is set: `dense` ([m, n]) or the factors `B` ([m, r], scale
+    already applied) and `A` ([r, n]) with dW = B @ A.
+    """
+
+    tensor: str                      # base checkpoint key, e.g. "encoder.layer.0.attention.self.query.weight"
+    kind: UpdateKind
+    shape: tuple[int, int]           # (m, n) of the base matrix
+    dense: Optional[torch.Tensor] = None
+    B: Optional[torch.Tensor] = None
+    A: Optional[torch.Tensor] = None
+    role: Role = "linear"
+    rank: Optional[int] = None       # adapter rank r (LoRA family), None for dense kinds
+    alpha: Optional[float] = None
+    scale: Optional[float] = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
+    norm_a: Optional[float] = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
+    norm_b: Optional[float] = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        factored = self.B is not None and self.A is not None
+        if factored == (self.dense is not None):
+            raise ValueError(f"{self.tensor}: set exactly one of dense or (B, A)")
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.dense is None
+
+    def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dW as a dense [m, n] matrix."""
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        return self.B.to(dtype) @ self.A.to(dtype)  # [m, r] @ [r, n]
