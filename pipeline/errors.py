@@ -92,3 +92,9 @@ class ConfigError(ZoospectraError, ValueError):
 
 class ResultsError(ZoospectraError):
     """The results root cannot be read or written as asked."""
+
+
+# --- analysis (spectral math) ------------------------------------------------------------
+class AnalysisError(ZoospectraError, RuntimeError):
+    """The math cannot analyse a matrix as given: a decomposition failed to converge, or a
+    precomputed base SVD does not belong to the base matrix it was passed with."""
