@@ -98,3 +98,11 @@ class ResultsError(ZoospectraError):
 class AnalysisError(ZoospectraError, RuntimeError):
     """The math cannot analyse a matrix as given: a decomposition failed to converge, or a
     precomputed base SVD does not belong to the base matrix it was passed with."""
+
+
+class InvalidNameError(ResultsError, ValueError):
+    """A unit id, run id or key is not a safe file name ([A-Za-z0-9._-], no leading dot)."""
+
+
+class SchemaMismatchError(ResultsError, TypeError):
+    """A table handed to the results store does not match its declared schema (schemas/tables.py)."""
