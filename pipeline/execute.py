@@ -1,0 +1,174 @@
+"""Executors: run a Plan's units on Ray (the default, local or a cluster) or in-process (debug).
+
+The executor knows nothing about SVDs: it ships frozen WorkUnits to `unit.process_unit`, keeps a
+bounded number in flight, retries tasks whose worker died, and records the run's manifest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Literal, Optional
+
+from . import __version__
+from .config import AnalysisConfig
+from .plan import Plan, WorkUnit, error_row
+from .unit import UnitOutcome, process_unit
+
+log = logging.getLogger(__name__)
+Executor = Literal["ray", "local"]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    n_units: int
+    n_done: int = 0
+    n_skipped: int = 0
+    n_failed: int = 0
+    n_member_errors: int = 0
+    seconds: float = 0.0
+    devices: dict[str, int] = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Join `address` (a cluster) or start a local Ray once; reuse an initialised one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _ray_task():
+    """The remote function, built lazily so importing this module does not import Ray."""
+    import ray
+
+    @ray.remote(max_retries=3, retry_exceptions=False)
+    def analyze_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, root: str) -> UnitOutcome:
+        gpu_ids = ray.get_gpu_ids()
+        device = "cuda" if gpu_ids else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES for this worker
+        return process_unit(unit, cfg, run_id, root, device=device)
+
+    return analyze_unit
+
+
+def run_plan(
+    plan: Plan,
+    results_root: str,
+    *,
+    run_id: Optional[str] = None,
+    executor: Executor = "ray",
+    address: Optional[str] = None,
+    max_in_flight: Optional[int] = None,
+    gpus_per_task: Optional[float] = None,
+    command: str = "",
+    on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
+) -> RunSummary:
+    """Execute every unit not yet committed under `results_root`; write the run manifest."""
+    from .store import ResultsStore
+
+    store = ResultsStore(results_root)
+    run_id = run_id or new_run_id()
+    store.start_run(run_id, plan.config.to_json(), command)
+    if plan.models:
+        store.write_models([dict(m, run_id=run_id) for m in plan.models])
+    if plan.errors:
+        store.write_errors(run_id, "plan", [dict(e, run_id=run_id, unit_id="plan") for e in plan.errors])
+
+    done = store.done_units()
+    todo = [u for u in plan.units if u.unit_id not in done]
+    summary = RunSummary(run_id, n_units=len(plan.units), n_skipped=len(plan.units) - len(todo))
+    t0 = time.perf_counter()
+    status = "failed"
+    try:
+        outcomes = (
+            _run_local(todo, plan.config, run_id, results_root)
+            if executor == "local"
+            else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight, gpus_per_task)
+        )
+        for i, outcome in enumerate(outcomes, 1):
+            _tally(summary, outcome)
+            if on_progress:
+                on_progress(i, len(todo), outcome)
+        status = "finished"
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        store.finish_run(
+            run_id, status,
+            n_units=summary.n_units, n_done=summary.n_done,
+            n_skipped=summary.n_skipped, n_failed=summary.n_failed,
+        )
+    return summary
+
+
+def _tally(summary: RunSummary, o: UnitOutcome) -> None:
+    if o.status == "done":
+        summary.n_done += 1
+    elif o.status == "skipped":
+        summary.n_skipped += 1
+    else:
+        summary.n_failed += 1
+    summary.n_member_errors += o.n_failed
+    summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
+
+
+def _run_local(units, cfg, run_id, root):
+    """In-process executor, for debugging (same unit code as the Ray path)."""
+    for u in units:
+        yield process_unit(u, cfg, run_id, root)
+
+
+def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task):
+    import ray
+
+    ensure_ray(address)
+    task = _ray_task()
+    n_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_task is None:
+        gpus_per_task = 0.25 if n_gpus else 0  # several units share a GPU (one CUDA context per worker)
+    opts = {"num_gpus": gpus_per_task} if gpus_per_task else {}
+    max_in_flight = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    cfg_ref = ray.put(cfg)
+    pending: dict = {}
+    queue = list(units)
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            u = queue.pop(0)
+            pending[task.options(**opts).remote(u, cfg_ref, run_id, root)] = u
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            unit = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+            except Exception as err:  # task failed past its retries: an error row, the run goes on
+                yield _task_failure(unit, err, run_id, root)
+
+
+def _task_failure(unit: WorkUnit, err: Exception, run_id: str, root: str) -> UnitOutcome:
+    from .store import ResultsStore
+
+    rows = [dict(error_row("execute", err, model=m, tensor=unit.tensor), run_id=run_id,
+                 unit_id=unit.unit_id, message=_short(err)) for m in unit.members]
+    ResultsStore(root).write_errors(run_id, unit.unit_id, rows)
+    return UnitOutcome(unit.unit_id, "failed", n_failed=len(rows), errors=rows)
+
+
+def _short(err: Exception) -> str:
+    text = str(err)
+    return text if len(text) < 2000 else text[:2000] + " ..."
+
+

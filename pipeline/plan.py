@@ -1,0 +1,141 @@
+"""Plan, then execute: frozen work units built from headers and configs only (no tensor data).
+
+A unit is one base weight matrix with a batch of the artifacts that update it, so the base
+matrix is read and decomposed once per batch. Plans are deterministic: the same inputs give the
+same unit ids, which is what lets a rerun skip finished work and never duplicate rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+from .config import AnalysisConfig
+from .errors import ZoospectraError
+from .refs import ModelRef
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    unit_id: str
+    base: ModelRef
+    tensor: str                      # base checkpoint key
+    shape: tuple[int, int]           # [out, in] after any transpose
+    role: str
+    members: tuple[ModelRef, ...]    # artifacts whose update of `tensor` this unit analyses
+    transpose_w0: bool = False       # GPT-2 Conv1D stores [in, out]
+
+
+@dataclass
+class Plan:
+    base: ModelRef
+    config: AnalysisConfig
+    units: list[WorkUnit]
+    models: list[dict]                       # rows for the `models` table
+    errors: list[dict] = field(default_factory=list)   # plan-stage failures (rows for `errors`)
+    skipped_pairs: int = 0                   # (model, tensor) pairs already in the results root
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(u.members) for u in self.units)
+
+
+def unit_id_for(base: ModelRef, tensor: str, members: Sequence[ModelRef], cfg: AnalysisConfig) -> str:
+    key = json.dumps([base.uid, tensor, sorted(m.uid for m in members), cfg.fingerprint()])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def error_row(stage: str, err: BaseException, *, model: ModelRef | None = None,
+              tensor: str | None = None) -> dict:
+    """An `errors` row (run_id / unit_id are filled in by whoever writes it)."""
+    ctx = getattr(err, "context", {}) or {}
+    return {
+        "model_uid": model.uid if model else None,
+        "model_id": model.model_id if model else None,
+        "tensor": tensor or ctx.get("tensor"),
+        "stage": stage,
+        "error_type": type(err).__name__,
+        "message": str(err),
+        "context_json": json.dumps({k: str(v) for k, v in ctx.items()}, sort_keys=True),
+        "at": datetime.now(timezone.utc),
+    }
+
+
+def build_plan(
+    base: ModelRef,
+    artifacts: Iterable[ModelRef],
+    cfg: AnalysisConfig,
+    *,
+    batch_size: int = 32,
+    done_pairs: set[tuple[str, str]] | frozenset = frozenset(),
+    run_id: str = "",
+) -> Plan:
+    """Read the base's headers and every artifact's config/headers; group updates by base tensor.
+
+    An artifact that cannot be planned (bad config, other base, corrupt header) becomes an error
+    row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
+    """
+    from .adapters import open_artifact
+    from .checkpoint import Checkpoint
+
+    base_ckpt = Checkpoint.open(base.open_source())
+    by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
+    target_of: dict[str, object] = {}
+    models, errors, skipped = [], [], 0
+    for ref in sorted(set(artifacts)):
+        try:
+            art = open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+            targets = art.targets(base_ckpt)
+        except ZoospectraError as err:
+            errors.append(error_row("plan", err, model=ref))
+            continue
+        if not cfg.include_embeddings:
+            targets = [t for t in targets if t.role == "linear"]
+        models.append(_model_row(ref, base, art, len(targets), run_id))
+        for t in targets:
+            if (ref.uid, t.tensor) in done_pairs:
+                skipped += 1
+                continue
+            by_tensor[t.tensor].append(ref)
+            target_of.setdefault(t.tensor, t)
+
+    units = []
+    for tensor in sorted(by_tensor):
+        t = target_of[tensor]
+        refs = sorted(by_tensor[tensor], key=lambda r: r.uid)
+        for i in range(0, len(refs), batch_size):
+            batch = tuple(refs[i : i + batch_size])
+            units.append(
+                WorkUnit(
+                    unit_id=unit_id_for(base, tensor, batch, cfg),
+                    base=base,
+                    tensor=tensor,
+                    shape=tuple(t.shape),
+                    role=t.role,
+                    members=batch,
+                    transpose_w0=bool(getattr(t, "transpose", False)),
+                )
+            )
+    return Plan(base=base, config=cfg, units=units, models=models, errors=errors, skipped_pairs=skipped)
+
+
+def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str) -> dict:
+    row = dict(art.describe())
+    row.update(
+        run_id=run_id,
+        model_uid=ref.uid,
+        model_id=ref.model_id,
+        revision=ref.revision,
+        kind=art.kind,
+        source=ref.source,
+        location=ref.location,
+        base_uid=base.uid,
+        base_id=base.model_id,
+        base_revision=base.revision,
+        n_targets=n_targets,
+        created_at=datetime.now(timezone.utc),
+    )
+    return row

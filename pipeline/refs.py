@@ -1,0 +1,69 @@
+"""Where an artifact lives and which exact version of it: the identity every row is keyed by."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import CheckpointNotFoundError
+
+Source = Literal["local", "hub"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".json")
+_FULL_HASH_LIMIT = 256 << 20  # files up to this size are hashed whole; larger ones by header
+
+
+@dataclass(frozen=True, order=True)
+class ModelRef:
+    """A pinned artifact: a local directory at a content hash, or a Hub repo at a commit sha."""
+
+    model_id: str        # display id: Hub repo id, or the local name
+    revision: str        # commit sha (hub) or content hash (local)
+    location: str        # local absolute path, or the repo id for the hub
+    source: Source = "local"
+
+    @property
+    def uid(self) -> str:
+        return hashlib.sha256(f"{self.source}:{self.model_id}@{self.revision}".encode()).hexdigest()[:16]
+
+    def open_source(self):
+        """The FileSource this artifact's files are read through (lazy byte ranges)."""
+        if self.source == "hub":
+            from .hub import HubFileSource
+
+            return HubFileSource(self.location, self.revision)
+        from .checkpoint import LocalFileSource
+
+        return LocalFileSource(self.location)
+
+
+def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
+    """Pin a local checkpoint/adapter directory by content.
+
+    Small files (adapters, configs) are hashed whole; large weight files by their safetensors
+    header plus size, which identifies a checkpoint without reading gigabytes.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise CheckpointNotFoundError(
+            "not a directory: pass a checkpoint or adapter directory", file=str(path)
+        )
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if not f.is_file() or not f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:  # header + tail: changes whenever the layout or the last tensor changes
+                n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else 0
+                h.update(fh.read(min(n, 100 << 20)))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read())
+    return ModelRef(model_id=name or p.name, revision=h.hexdigest()[:16], location=str(p))

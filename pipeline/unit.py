@@ -1,0 +1,115 @@
+"""One unit of work, end to end, with no knowledge of where it runs (Ray task or in-process).
+
+Read W0 once, load each member's exact update, analyse the batch, commit all rows atomically.
+A member that fails to load becomes an `errors` row; the rest of the batch is still analysed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .config import AnalysisConfig
+from .errors import ZoospectraError
+from .plan import WorkUnit, error_row
+from .refs import ModelRef
+
+
+@dataclass
+class UnitOutcome:
+    unit_id: str
+    status: str                     # done | skipped | failed
+    n_done: int = 0                 # members analysed
+    n_failed: int = 0               # members that became error rows
+    seconds: float = 0.0
+    device: str = "cpu"
+    errors: list[dict] = field(default_factory=list)
+
+
+@lru_cache(maxsize=8)
+def _checkpoint(ref: ModelRef):
+    from .checkpoint import Checkpoint
+
+    return Checkpoint.open(ref.open_source())
+
+
+@lru_cache(maxsize=256)
+def _artifact(ref: ModelRef):
+    from .adapters import open_artifact
+
+    return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+
+
+def _maybe_crash_for_tests() -> None:
+    """Fault injection for the worker-crash test: the first task to claim the marker dies hard."""
+    marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(17)
+
+
+def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
+                 device: str = "cpu") -> UnitOutcome:
+    from .records import UnitContext, unit_tables
+    from .spectral import analyze_batch
+    from .store import ResultsStore
+
+    t0 = time.perf_counter()
+    store = ResultsStore(results_root)
+    if store.is_done(unit.unit_id):
+        return UnitOutcome(unit.unit_id, "skipped", device=device)
+    _maybe_crash_for_tests()
+
+    errors: list[dict] = []
+    try:
+        base = _checkpoint(unit.base)
+        w0 = base.get(unit.tensor)
+        if unit.transpose_w0:
+            w0 = w0.T.contiguous()
+    except ZoospectraError as err:  # the base matrix is unreadable: every member fails
+        errors = [error_row("load", err, model=m, tensor=unit.tensor) for m in unit.members]
+        return _failed(store, run_id, unit, errors, t0, device)
+
+    updates, members = [], []
+    for ref in unit.members:
+        try:
+            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0))
+            members.append(ref)
+        except ZoospectraError as err:
+            errors.append(error_row("load", err, model=ref, tensor=unit.tensor))
+    if not updates:
+        return _failed(store, run_id, unit, errors, t0, device)
+
+    try:
+        analysis = analyze_batch(w0, updates, cfg, device=device)
+    except ZoospectraError as err:
+        errors += [error_row("analyze", err, model=m, tensor=unit.tensor) for m in members]
+        return _failed(store, run_id, unit, errors, t0, device)
+
+    ctx = UnitContext(
+        run_id=run_id, unit_id=unit.unit_id, base_uid=unit.base.uid, base_id=unit.base.model_id,
+        tensor=unit.tensor, members=tuple((m.uid, m.model_id) for m in members),
+    )
+    tables = unit_tables(ctx, updates, analysis, cfg)
+    if errors:
+        store.write_errors(run_id, unit.unit_id, _fill(errors, run_id, unit.unit_id))
+    committed = store.commit_unit(unit.unit_id, tables, done=[(m.uid, unit.tensor) for m in members])
+    return UnitOutcome(
+        unit.unit_id, "done" if committed else "skipped", n_done=len(members),
+        n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
+    )
+
+
+def _fill(rows: list[dict], run_id: str, unit_id: str) -> list[dict]:
+    return [dict(r, run_id=run_id, unit_id=unit_id) for r in rows]
+
+
+def _failed(store, run_id: str, unit: WorkUnit, errors: list[dict], t0: float, device: str) -> UnitOutcome:
+    store.write_errors(run_id, unit.unit_id, _fill(errors, run_id, unit.unit_id))
+    return UnitOutcome(unit.unit_id, "failed", n_failed=len(errors),
+                       seconds=time.perf_counter() - t0, device=device, errors=errors)
