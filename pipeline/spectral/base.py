@@ -1,0 +1,47 @@
+"""The base matrix's SVD: computed once per batch and shared by every update of W0."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import AnalysisConfig
+from ..errors import AnalysisError
+from .inputs import place, resolve_device, torch_dtype
+from .results import BaseSVD
+
+
+def thin_svd(x: torch.Tensor, what: str, tensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U [m, p], S [p], Vh [p, n]: torch.linalg.svd(full_matrices=False), PEFT's convention."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except RuntimeError as e:  # torch.linalg.LinAlgError: no convergence
+        raise AnalysisError(
+            f"SVD of {what} {tuple(x.shape)} in {x.dtype} did not converge ({e}); "
+            "retry with dtype=float64", tensor=tensor) from e
+
+
+def base_svd(w0: torch.Tensor, cfg: AnalysisConfig, device: str | torch.device = "cpu",
+             tensor: str = "") -> BaseSVD:
+    """Full thin SVD of W0 [m, n] in cfg.dtype on `device`."""
+    start = time.perf_counter()
+    x = place(w0, "base matrix W0", tensor, resolve_device(device), torch_dtype(cfg.dtype))
+    u, s, vh = thin_svd(x, "W0", tensor)
+    s.cpu()  # wait for the device so the timing is the SVD's
+    return BaseSVD(U=u, S=s, Vh=vh, seconds=time.perf_counter() - start)
+
+
+def check_base(base: BaseSVD, w0: torch.Tensor, tensor: str) -> None:
+    """A precomputed base SVD must be of this W0: same shape, dtype, device and Frobenius norm."""
+    if base.shape != tuple(w0.shape) or base.dtype != w0.dtype or base.device != w0.device:
+        raise AnalysisError(
+            f"precomputed base SVD ({base.shape}, {base.dtype}, {base.device}) does not match W0 "
+            f"({tuple(w0.shape)}, {w0.dtype}, {w0.device}); compute it with base_svd(w0, cfg, device)",
+            tensor=tensor)
+    norm_svd = float(torch.linalg.vector_norm(base.S))
+    norm_w0 = float(torch.linalg.vector_norm(w0))
+    tol = 1e-3 if w0.dtype == torch.float32 else 1e-8
+    if abs(norm_svd - norm_w0) > tol * max(norm_w0, 1e-30):
+        raise AnalysisError(
+            f"precomputed base SVD has ||S|| = {norm_svd:.6g} but ||W0||_F = {norm_w0:.6g}: it is "
+            "the SVD of another matrix", tensor=tensor)
