@@ -1,0 +1,522 @@
+"""The Hugging Face Hub as a checkpoint source: discovery, pinned revisions, ranged reads.
+
+    found = discover(["meta-llama/Llama-3.1-8B"], include_full=False, limit=100)
+    for entry in found.entries:                 # every repo pinned to its commit sha
+        src = HubFileSource(entry.repo_id, entry.sha)
+    base = HubFileSource("meta-llama/Llama-3.1-8B", pin("meta-llama/Llama-3.1-8B"))
+    base.read_range("model-00001-of-00004.safetensors", start, end)   # one HTTP Range request
+
+Everything goes through huggingface_hub, so its standard configuration applies: HF_ENDPOINT,
+tokens from HF_TOKEN or `hf auth login` (never stored here, never in messages or logs), the
+Hugging Face cache (HF_HOME / HF_HUB_CACHE), HF_HUB_OFFLINE. Small files (configs, adapter
+weights) are downloaded into the cache; other weight files are read by byte ranges unless the
+cache already holds them. Transient failures (429 honouring Retry-After, 5xx, timeouts) get
+bounded retries with backoff; then a typed HubError. Discovery turns a failure for one repo into
+an `errors` row and goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Literal, Optional, TypeVar
+
+from .errors import (
+    BaseMismatchError,
+    CheckpointNotFoundError,
+    HubAccessError,
+    HubError,
+    HubNotFoundError,
+    HubUnavailableError,
+    UnsafeCheckpointError,
+    ZoospectraError,
+)
+
+logger = logging.getLogger("zoospectra.hub")
+T = TypeVar("T")
+
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# Files fetched whole into the HF cache; every other file is read by byte ranges.
+WHOLE_FILES = ("adapter_model.safetensors",)
+WHOLE_SUFFIXES = (".json", ".txt", ".md")
+# Expanded listing properties: enough to pin, filter and catalog without one call per repo.
+LIST_EXPAND = ["sha", "siblings", "gated", "lastModified", "private"]
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to talk to the Hub. Picklable (Ray ships it to workers) and token-free by design.
+
+    endpoint:   None = HF_ENDPOINT from the environment at call time, else huggingface.co.
+    token:      None = huggingface_hub's standard resolution (HF_TOKEN, `hf auth login`);
+                False = anonymous. There is no field for a token string on purpose.
+    cache_dir:  None = the Hugging Face cache (HF_HUB_CACHE / HF_HOME).
+    timeout:    seconds per request (connect and read).
+    max_retries, backoff, backoff_max: retries after the first try, exponential backoff.
+    retry_after_max: cap on a server's Retry-After (a crawl must not sleep for an hour).
+    """
+
+    endpoint: Optional[str] = None
+    token: Optional[bool] = None
+    cache_dir: Optional[str] = None
+    timeout: float = 30.0
+    max_retries: int = 4
+    backoff: float = 1.0
+    backoff_max: float = 30.0
+    retry_after_max: float = 120.0
+
+    def resolved_endpoint(self) -> str:
+        from huggingface_hub import constants
+
+        return (self.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+    def resolved_cache_dir(self) -> str:
+        from huggingface_hub import constants
+
+        return self.cache_dir or constants.HF_HUB_CACHE
+
+
+# --- errors and retries ------------------------------------------------------------------
+def _redact(text: str) -> str:
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def _status(err: BaseException) -> Optional[int]:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _server_reason(err: BaseException) -> str:
+    """Status code and the server's own short message; never the request (it holds the token)."""
+    response = getattr(err, "response", None)
+    if response is None:
+        return type(err).__name__
+    msg = response.headers.get("X-Error-Message") or ""
+    return _redact(f"HTTP {response.status_code}" + (f" ({msg})" if msg else ""))
+
+
+def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> Optional[float]:
+    """Seconds to wait before retrying `err`, or None if it is not transient."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transient = isinstance(err, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError))
+    status = _status(err) if isinstance(err, HfHubHTTPError) else None
+    if not transient and status not in RETRY_STATUS:
+        return None
+    retry_after = getattr(err, "response", None) is not None and err.response.headers.get("Retry-After")
+    if retry_after and retry_after.strip().isdigit():
+        return min(float(retry_after), options.retry_after_max)
+    wait = min(options.backoff_max, options.backoff * 2**attempt)
+    return wait * (1 + 0.25 * random.random())  # jitter: many workers must not retry in lockstep
+
+
+def _typed(err: BaseException, what: str, ctx: dict) -> Optional[HubError]:
+    """The HubError for a non-transient failure, or None if `err` is not a Hub failure."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    reason = _server_reason(err)
+    login = "authenticate with HF_TOKEN or `hf auth login` using a token that can read it"
+    if isinstance(err, GatedRepoError):
+        return HubAccessError(f"{what}: gated repo ({reason}); request access on its Hub page and "
+                              f"{login}", **ctx)
+    if isinstance(err, RepositoryNotFoundError):
+        if _status(err) == 401:
+            return HubAccessError(f"{what}: repo is private or does not exist ({reason}); check the "
+                                  f"repo id, or {login}", **ctx)
+        return HubNotFoundError(f"{what}: repo not found ({reason}); check the repo id", **ctx)
+    if isinstance(err, RevisionNotFoundError):
+        return HubNotFoundError(f"{what}: revision not found ({reason}); the commit may have been "
+                                "rewritten: rediscover the repo to pin its current sha", **ctx)
+    if isinstance(err, EntryNotFoundError):
+        return HubNotFoundError(f"{what}: file not found at this revision ({reason})", **ctx)
+    if isinstance(err, OfflineModeIsEnabled):
+        return HubUnavailableError(f"{what}: HF_HUB_OFFLINE is set and the file is not in the "
+                                   "local cache; unset HF_HUB_OFFLINE or pre-fill the cache", **ctx)
+    if isinstance(err, HfHubHTTPError):
+        status = _status(err)
+        if status in (401, 403):
+            return HubAccessError(f"{what}: access denied ({reason}); {login}", **ctx)
+        if status == 404:
+            return HubNotFoundError(f"{what}: not found ({reason})", **ctx)
+        if status is not None and status >= 500 or status in RETRY_STATUS:
+            return HubUnavailableError(f"{what}: Hub unavailable ({reason}); retry later", **ctx)
+        return HubError(f"{what}: Hub request failed ({reason})", **ctx)
+    return None
+
+
+def with_retries(fn: Callable[[], T], what: str, options: HubOptions, **ctx: object) -> T:
+    """Run one Hub call with bounded retries; raise a typed HubError when it fails for good."""
+    for attempt in range(options.max_retries + 1):
+        try:
+            return fn()
+        except ZoospectraError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- classified just below, unknown ones re-raised
+            wait = _retry_wait(err, attempt, options)
+            if wait is None:
+                typed = _typed(err, what, ctx)
+                if typed is None:
+                    raise
+                raise typed from None  # the chained request object carries the token header
+            if attempt == options.max_retries:
+                raise HubUnavailableError(
+                    f"{what}: still failing after {attempt + 1} tries ({_server_reason(err)}); the "
+                    "Hub is overloaded or down: retry the crawl later", tries=attempt + 1, **ctx
+                ) from None
+            logger.warning("%s %s: %s; retry %d/%d in %.2fs", what, _where(ctx), _server_reason(err),
+                           attempt + 1, options.max_retries, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _where(ctx: dict) -> str:
+    return "/".join(str(ctx[k]) for k in ("repo", "revision", "file") if ctx.get(k))
+
+
+# --- one repo at one revision ------------------------------------------------------------
+class HubFileSource:
+    """A Hub repo at a pinned revision, as a FileSource (pipeline/checkpoint.py).
+
+    Listing and sizes come from one model-info call. `read_range` serves from the local HF
+    cache when the file is there, downloads small files (configs, adapter weights) into the
+    cache, and reads everything else with HTTP Range requests: only the bytes asked for.
+    """
+
+    def __init__(self, repo_id: str, revision: str, options: Optional[HubOptions] = None) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.options = options or HubOptions()
+        self.name = f"{repo_id}@{revision}"
+        self.bytes_fetched = 0                    # body bytes of ranged reads (metrics, tests)
+        self._sizes: Optional[dict[str, int]] = None
+
+    def __getstate__(self) -> dict:  # ship only the identity to Ray workers, not counters
+        state = dict(self.__dict__)
+        state["bytes_fetched"] = 0
+        return state
+
+    def _ctx(self, filename: Optional[str] = None) -> dict:
+        return {"repo": self.repo_id, "revision": self.revision, "file": filename}
+
+    # -- FileSource --
+    def files(self) -> dict[str, int]:
+        """filename -> size in bytes at this revision."""
+        if self._sizes is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(endpoint=self.options.resolved_endpoint(), token=self.options.token)
+            info = with_retries(
+                lambda: api.model_info(self.repo_id, revision=self.revision, files_metadata=True,
+                                       timeout=self.options.timeout),
+                "model info", self.options, **self._ctx())
+            self._sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+        return self._sizes
+
+    def exists(self, filename: str) -> bool:
+        return filename in self.files()
+
+    def size(self, filename: str) -> int:
+        sizes = self.files()
+        if filename not in sizes:
+            raise HubNotFoundError(f"{filename!r} is not in {self.name}; check the file name",
+                                   **self._ctx(filename))
+        return sizes[filename]
+
+    def read_text(self, filename: str) -> str:
+        with open(self.local_path(filename), encoding="utf-8") as f:
+            return f.read()
+
+    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+        """Bytes [start, end) of `filename`."""
+        if not 0 <= start <= end:
+            raise ValueError(f"bad byte range [{start}, {end}) for {self.name}/{filename}")
+        if start == end:
+            return bytearray()
+        path = self.cached_path(filename)
+        if path is None and _fetch_whole(filename):
+            path = self.local_path(filename)
+        if path is not None:
+            return _read_local(path, start, end)
+        return with_retries(lambda: self._get_range(filename, start, end), "ranged read",
+                            self.options, **self._ctx(filename))
+
+    # -- cache and downloads --
+    def cached_path(self, filename: str) -> Optional[str]:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.options.resolved_cache_dir(),
+                                     revision=self.revision)
+        return hit if isinstance(hit, str) else None
+
+    def local_path(self, filename: str) -> str:
+        """The file in the HF cache, downloaded at this revision if it is not there yet."""
+        path = self.cached_path(filename)
+        if path is not None:
+            return path
+        return with_retries(lambda: self._download(filename), "download", self.options,
+                            **self._ctx(filename))
+
+    def check_access(self, filename: str) -> None:
+        """One HEAD request: raises HubAccessError / HubNotFoundError if the file can't be read."""
+        with_retries(lambda: self._head(filename), "access check", self.options, **self._ctx(filename))
+
+    # -- HTTP --
+    def _url(self, filename: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, filename, revision=self.revision,
+                          endpoint=self.options.resolved_endpoint())
+
+    def _head(self, filename: str) -> object:
+        from huggingface_hub import get_hf_file_metadata
+
+        return get_hf_file_metadata(self._url(filename), token=self.options.token,
+                                    timeout=self.options.timeout,
+                                    endpoint=self.options.resolved_endpoint())
+
+    def _download(self, filename: str) -> str:
+        from huggingface_hub import hf_hub_download
+
+        # Our own HEAD first: its failures get our bounded retries, whereas hf_hub_download
+        # would retry them itself with second-scale sleeps we cannot configure.
+        self._head(filename)
+        return hf_hub_download(self.repo_id, filename, revision=self.revision,
+                               cache_dir=self.options.resolved_cache_dir(),
+                               endpoint=self.options.resolved_endpoint(), token=self.options.token,
+                               etag_timeout=self.options.timeout)
+
+    def _get_range(self, filename: str, start: int, end: int) -> bytearray:
+        from huggingface_hub import build_hf_headers, get_session
+        from huggingface_hub.utils import hf_raise_for_status
+
+        headers = build_hf_headers(token=self.options.token)
+        headers.update({"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
+        # LFS files redirect to a CDN on another origin; httpx drops Authorization there.
+        with get_session().stream("GET", self._url(filename), headers=headers,
+                                  timeout=self.options.timeout, follow_redirects=True) as response:
+            if response.status_code >= 400:
+                response.read()
+                hf_raise_for_status(response)
+            data = _range_body(response, start, end, f"{self.name}/{filename}")
+        self.bytes_fetched += len(data)
+        return data
+
+
+def _fetch_whole(filename: str) -> bool:
+    base = filename.rsplit("/", 1)[-1]
+    return base in WHOLE_FILES or base.endswith(WHOLE_SUFFIXES)
+
+
+def _read_local(path: str, start: int, end: int) -> bytearray:
+    buf = bytearray(end - start)
+    with open(path, "rb") as f:
+        f.seek(start)
+        n = f.readinto(buf)
+    if n != len(buf):
+        raise CheckpointNotFoundError(f"cached file ended at byte {start + n}, expected {end}: "
+                                      "the cache entry is truncated; delete it and rerun", file=path)
+    return buf
+
+
+def _range_body(response: object, start: int, end: int, where: str) -> bytearray:
+    """The body of a ranged GET. A server that ignores Range (200) is streamed up to `end` only."""
+    want = end - start
+    if response.status_code == 206:
+        expected = f"bytes {start}-{end - 1}/"
+        if not response.headers.get("Content-Range", "").startswith(expected):
+            raise HubError(f"server answered Content-Range {response.headers.get('Content-Range')!r} "
+                           f"for bytes {start}-{end - 1}; the endpoint mishandles ranges", file=where)
+        data = bytearray(response.read())
+    else:  # 200: skip to `start`, stop at `end`
+        data, pos = bytearray(), 0
+        for chunk in response.iter_bytes():
+            lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+            if lo < hi:
+                data += chunk[lo:hi]
+            pos += len(chunk)
+            if pos >= end:
+                break
+    if len(data) != want:
+        raise HubUnavailableError(f"got {len(data)} bytes for range [{start}, {end}), expected {want}; "
+                                  "the connection was cut: retry", file=where)
+    return data
+
+
+def pin(repo_id: str, revision: str = "main", options: Optional[HubOptions] = None) -> str:
+    """The commit sha that `revision` (branch, tag or sha) of `repo_id` points to now."""
+    from huggingface_hub import HfApi
+
+    opts = options or HubOptions()
+    api = HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
+    info = with_retries(lambda: api.model_info(repo_id, revision=revision, expand=["sha"],
+                                               timeout=opts.timeout),
+                        "pin revision", opts, repo=repo_id, revision=revision)
+    return info.sha
+
+
+# --- discovery ---------------------------------------------------------------------------
+Kind = Literal["adapter", "full"]
+
+
+@dataclass(frozen=True, order=True)
+class CatalogEntry:
+    """A discovered repo, pinned to the commit it was at when listed."""
+
+    repo_id: str
+    sha: str
+    kind: Kind
+    base_model: str
+    last_modified: Optional[datetime] = None
+    gated: Optional[str] = None                  # "auto" | "manual" | None (not gated)
+    private: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What "already analysed" means: the same repo at the same commit."""
+        return (self.repo_id, self.sha)
+
+    def ref(self):
+        """The pinned ModelRef the planner consumes (pipeline/refs.py)."""
+        from .refs import ModelRef
+
+        return ModelRef(model_id=self.repo_id, revision=self.sha, location=self.repo_id, source="hub")
+
+    def row(self, run_id: str, discovered_at: Optional[datetime] = None) -> dict:
+        """A row of the `catalog` table (schemas/tables.py)."""
+        return {
+            "repo_id": self.repo_id, "sha": self.sha, "kind": self.kind,
+            "base_model": self.base_model, "last_modified": self.last_modified,
+            "gated": self.gated, "private": self.private,
+            "discovered_at": discovered_at or datetime.now(timezone.utc), "run_id": run_id,
+        }
+
+
+@dataclass
+class Discovery:
+    entries: list[CatalogEntry] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)   # `errors` rows minus run_id / unit_id
+
+
+def unanalysed(entries: Iterable[CatalogEntry], analysed: Iterable[tuple[str, str]]) -> list[CatalogEntry]:
+    """Entries whose (repo, sha) is not in `analysed`: new repos and new commits only."""
+    done = set(analysed)
+    return [e for e in entries if e.key not in done]
+
+
+def error_record(err: BaseException, repo_id: Optional[str], sha: Optional[str] = None,
+                 stage: str = "hub") -> dict:
+    """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id."""
+    ctx = {k: str(v) for k, v in (getattr(err, "context", None) or {}).items()}
+    model_uid = None
+    if repo_id and sha:
+        from .refs import ModelRef
+
+        model_uid = ModelRef(model_id=repo_id, revision=sha, location=repo_id, source="hub").uid
+    return {
+        "model_uid": model_uid, "model_id": repo_id, "tensor": ctx.get("tensor"),
+        "stage": stage, "error_type": type(err).__name__, "message": _redact(str(err)),
+        "context_json": json.dumps(ctx, sort_keys=True), "at": datetime.now(timezone.utc),
+    }
+
+
+def discover(base_models: list[str], *, include_full: bool = False, limit: Optional[int] = None,
+             api: object = None, options: Optional[HubOptions] = None) -> Discovery:
+    """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
+
+    `limit` caps the listing per base model and kind. Adapters must carry adapter_config.json
+    naming this base and safetensors weights; full fine-tunes must carry safetensors weights
+    that this token can read. Anything else becomes an `errors` row and discovery goes on.
+    """
+    from huggingface_hub import HfApi
+
+    opts = options or HubOptions()
+    api = api or HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
+    found, seen = Discovery(), set()
+    for base in base_models:
+        kinds: list[tuple[Kind, list[str]]] = [("adapter", ["peft", f"base_model:adapter:{base}"])]
+        if include_full:
+            kinds.append(("full", [f"base_model:finetune:{base}"]))
+        for kind, filters in kinds:
+            try:
+                listed = with_retries(
+                    lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
+                    "list models", opts, repo=base, filter=",".join(filters))
+            except HubError as err:
+                found.errors.append(error_record(err, base))
+                continue
+            for info in listed:
+                if info.id in seen:
+                    continue
+                seen.add(info.id)
+                try:
+                    found.entries.append(_admit(info, kind, base, opts))
+                except ZoospectraError as err:
+                    found.errors.append(error_record(err, info.id, info.sha))
+    found.entries.sort()
+    return found
+
+
+def _admit(info: object, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
+    """Check one listed repo and pin it; raise a ZoospectraError saying why it can't be used."""
+    if not info.sha:
+        raise HubError("the listing gave no commit sha; cannot pin this repo", repo=info.id)
+    names = {s.rfilename for s in info.siblings or []}
+    source = HubFileSource(info.id, info.sha, opts)
+    if kind == "adapter":
+        _check_adapter(source, names, base)
+    else:
+        source.check_access(_full_weights(source, names))
+    gated = info.gated if isinstance(info.gated, str) else None
+    return CatalogEntry(info.id, info.sha, kind, base, info.last_modified, gated, bool(info.private))
+
+
+def _check_adapter(source: HubFileSource, names: set[str], base: str) -> None:
+    ctx = {"repo": source.repo_id, "revision": source.revision}
+    if "adapter_config.json" not in names:
+        raise CheckpointNotFoundError("no adapter_config.json: not a PEFT adapter repo", **ctx)
+    if "adapter_model.safetensors" not in names:
+        if "adapter_model.bin" in names:
+            raise UnsafeCheckpointError("only adapter_model.bin (a pickle) is published: zoospectra "
+                                        "never unpickles untrusted files", **ctx)
+        raise CheckpointNotFoundError("no adapter_model.safetensors in the adapter repo", **ctx)
+    try:
+        config = json.loads(source.read_text("adapter_config.json"))
+    except json.JSONDecodeError as e:
+        raise BaseMismatchError(f"adapter_config.json is not valid JSON ({e})", **ctx) from None
+    named = str(config.get("base_model_name_or_path") or "")
+    if _norm_id(named) != _norm_id(base):
+        raise BaseMismatchError(
+            f"adapter_config.json names base {named!r}, but the repo is listed as an adapter of "
+            f"{base!r}; it is skipped: crawl {named!r} to analyse it", base=base, **ctx)
+
+
+def _full_weights(source: HubFileSource, names: set[str]) -> str:
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if name in names:
+            return name
+    shards = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    if shards:
+        return shards[0]
+    ctx = {"repo": source.repo_id, "revision": source.revision}
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        raise UnsafeCheckpointError("only pickle weights are published: zoospectra never unpickles "
+                                    "untrusted files; skipped", **ctx)
+    raise CheckpointNotFoundError("no safetensors weights in this fine-tune; skipped", **ctx)
+
+
+def _norm_id(repo_id: str) -> str:
+    return repo_id.strip().rstrip("/").lower()
