@@ -1,0 +1,498 @@
+"""The results root: a Parquet tree with atomic per-unit commits, manifests and skip/resume.
+
+Layout under the root (the contract for SQL users; schemas/views.sql reads exactly these globs):
+
+    units/<unit_id>/<table>.parquet   matrices, vectors, spectra, similarity, pairs of one unit
+    units/<unit_id>/_done.json        (model_uid, tensor) pairs the unit completed, row counts
+    units/<unit_id>/_SUCCESS          written last: a unit exists for readers iff this exists
+    models/<model_uid>.parquet        one file per analysed artifact (rewrites replace it)
+    errors/<run_id>/<key>.parquet     failed units / members, one file per (run, key)
+    catalog/<run_id>.parquet          Hub discovery results of one run
+    runs/<run_id>.json, .parquet      run manifest: human-readable JSON and a RUNS row
+    _staging/                         in-flight writes; never read, old entries cleaned
+
+Every visible file appears by a rename of a fully written, fsynced file or directory. On a
+local POSIX disk a unit directory is renamed into `units/` in one step: rename(2) refuses a
+non-empty target, so when two runs race on one unit exactly one copy lands and the loser's
+commit returns False. Object stores and other fsspec filesystems have no atomic directory
+rename: there each file is published whole (a PUT is atomic) and `_SUCCESS` is written last;
+readers (done_units(), the DuckDB views) only see units whose `_SUCCESS` exists. Two writers
+racing on one unit there write the same file names, so they overwrite rather than duplicate.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .errors import InvalidNameError, ResultsError, SchemaMismatchError
+from .schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
+
+UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
+RUN_STATUSES = ("running", "finished", "failed")
+SUCCESS = "_SUCCESS"
+DONE = "_done.json"
+STAGING = "_staging"
+
+# Globs (relative to the root) of every table; schemas/views.sql spells out the same ones.
+TABLE_GLOBS: dict[str, str] = {
+    **{t: f"units/*/{t}.parquet" for t in UNIT_TABLES},
+    "models": "models/*.parquet",
+    "runs": "runs/*.parquet",
+    "errors": "errors/*/*.parquet",
+    "catalog": "catalog/*.parquet",
+}
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """`name` if it is a safe single path component, else InvalidNameError (no traversal)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise InvalidNameError(
+            f"{what} {name!r} is not a safe file name: use 1-200 characters of [A-Za-z0-9._-], "
+            "not starting with '.'", **{what.replace(" ", "_"): repr(name)}
+        )
+    return name
+
+
+def model_file_name(model_uid: str) -> str:
+    """File stem for a model_uid: the uid itself when safe, else a readable slug + hash."""
+    if _SAFE_NAME.fullmatch(model_uid):
+        return model_uid
+    import hashlib
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_uid).strip("._")[:80]
+    return f"{slug or 'model'}-{hashlib.sha256(model_uid.encode()).hexdigest()[:16]}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _conform(name: str, table: pa.Table) -> pa.Table:
+    """The table with exactly the declared schema (and its version metadata), or a typed error."""
+    if name not in TABLES:
+        raise SchemaMismatchError(f"unknown table {name!r}; known: {sorted(TABLES)}", table=name)
+    schema = schema_for(name)
+    if table.schema.names != schema.names:
+        raise SchemaMismatchError(
+            f"table {name!r} has columns {table.schema.names}, expected {schema.names}; "
+            "build it with zoospectra.schemas.tables.to_table", table=name,
+        )
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as err:
+        # ValueError: nulls in a non-nullable column (from_pydict does not check them, cast does)
+        raise SchemaMismatchError(f"table {name!r} does not fit its schema: {err}", table=name) from err
+
+
+def _rows_table(name: str, rows: list[dict]) -> pa.Table:
+    return _conform(name, to_table(name, rows))
+
+
+# --- filesystems -------------------------------------------------------------------------------
+class _Local:
+    """A root on the local disk: fsync + rename(2) make every publish atomic."""
+
+    local = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.uri = str(path)
+
+    def _abs(self, rel: str) -> Path:
+        return self.path / rel
+
+    def exists(self, rel: str) -> bool:
+        return self._abs(rel).exists()
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self._abs(rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_names(self, rel: str) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self._abs(rel)))
+        except FileNotFoundError:
+            return []
+
+    def has_match(self, pattern: str) -> bool:
+        return next(self.path.glob(pattern), None) is not None
+
+    def _staging_dir(self) -> Path:
+        d = self.path / STAGING
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def put(self, rel: str, data: bytes) -> None:
+        dest = self._abs(rel)
+        tmp = self._staging_dir() / f"tmp-{uuid.uuid4().hex}"
+        try:
+            _write_synced(tmp, data)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)  # atomic; replaces an older version of the same file
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(dest.parent)
+
+    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str) -> bool:
+        dest = self._abs(rel)
+        if (dest / SUCCESS).exists():
+            return False
+        staging = self._staging_dir() / f"{stem}.{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for name, data in {**files, SUCCESS: b""}.items():
+                _write_synced(staging / name, data)
+            _fsync_dir(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staging, dest)  # one step; fails on a non-empty target
+            except OSError as err:
+                if (dest / SUCCESS).exists():  # another writer won the race
+                    return False
+                if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise ResultsError(
+                        f"{dest} exists but holds no committed unit ({SUCCESS} missing); "
+                        "it was not written by zoospectra: move it away and rerun", path=str(dest),
+                    ) from err
+                raise
+            _fsync_dir(dest.parent)
+            return True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a rename; junk otherwise
+
+    def clean_staging(self, max_age_s: float) -> int:
+        cutoff, n = time.time() - max_age_s, 0
+        for entry in self.list_names(STAGING):
+            path = self.path / STAGING / entry
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Remote:
+    """A root on a pyarrow filesystem (s3://, gs://, hdfs://) or any fsspec one (memory://).
+
+    No atomic directory rename: files are published whole, `_SUCCESS` last (see module doc).
+    """
+
+    local = False
+
+    def __init__(self, fs: pafs.FileSystem, base: str, uri: str) -> None:
+        self.fs, self.base, self.uri = fs, base.rstrip("/"), uri.rstrip("/")
+
+    def _abs(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self._abs(rel)).type != pafs.FileType.NotFound
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self._abs(rel)) as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            if not self.exists(rel):
+                return None
+            raise
+
+    def list_names(self, rel: str) -> list[str]:
+        sel = pafs.FileSelector(self._abs(rel), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+
+    def has_match(self, pattern: str) -> bool:
+        top, _, rest = pattern.partition("/")
+        sel = pafs.FileSelector(self._abs(top), allow_not_found=True, recursive=True)
+        regex = re.compile(re.escape(rest).replace(r"\*", "[^/]*") + "$")
+        prefix = self._abs(top) + "/"
+        return any(
+            i.type == pafs.FileType.File and regex.match(i.path.removeprefix(prefix))
+            for i in self.fs.get_file_info(sel)
+        )
+
+    def put(self, rel: str, data: bytes) -> None:
+        tmp = self._abs(f"{STAGING}/tmp-{uuid.uuid4().hex}")
+        self.fs.create_dir(self._abs(STAGING), recursive=True)
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        dest = self._abs(rel)
+        self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(tmp, dest)
+
+    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str) -> bool:
+        if self.exists(f"{rel}/{SUCCESS}"):
+            return False
+        for name, data in files.items():
+            self.put(f"{rel}/{name}", data)
+        if self.exists(f"{rel}/{SUCCESS}"):  # another writer finished first; same names, no dupes
+            return False
+        self.put(f"{rel}/{SUCCESS}", b"")
+        return True
+
+    def clean_staging(self, max_age_s: float) -> int:
+        sel = pafs.FileSelector(self._abs(STAGING), allow_not_found=True)
+        cutoff, n = time.time() - max_age_s, 0
+        for info in self.fs.get_file_info(sel):
+            mtime = info.mtime.timestamp() if info.mtime else 0.0  # unknown age: treat as old
+            if mtime < cutoff:
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(info.path)
+                else:
+                    self.fs.delete_file(info.path)
+                n += 1
+        return n
+
+
+def open_root(root: str | os.PathLike) -> _Local | _Remote:
+    """A local path or `file://` URI, a pyarrow filesystem URI, or any fsspec URI."""
+    text = os.fspath(root)
+    if "://" not in text:
+        return _Local(Path(text).expanduser().absolute())
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        try:
+            from fsspec.core import url_to_fs
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+        except ImportError as err:
+            raise ResultsError(
+                f"results root {text!r} needs fsspec (pip install fsspec)", root=text
+            ) from err
+        ffs, path = url_to_fs(text)
+        fs = PyFileSystem(FSSpecHandler(ffs))
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _Local(Path(path).absolute())
+    return _Remote(fs, path, text)
+
+
+# --- the store -----------------------------------------------------------------------------------
+class ResultsStore:
+    """Writes and lists one results root. Cheap to construct (no I/O): one per task is fine."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self._fs = open_root(root)
+        self._pairs_cache: dict[str, list[tuple[str, str]]] = {}
+
+    @property
+    def uri(self) -> str:
+        """The root as DuckDB reads it: an absolute local path, or the URI as given."""
+        return self._fs.uri
+
+    @property
+    def is_local(self) -> bool:
+        return self._fs.local
+
+    def has_files(self, table: str) -> bool:
+        """Whether any file of `table` exists (committed or not; views filter on _SUCCESS)."""
+        return self._fs.has_match(TABLE_GLOBS[table])
+
+    # units ------------------------------------------------------------------------------------
+    def commit_unit(self, unit_id: str, tables: Mapping[str, pa.Table],
+                    done: Sequence[tuple[str, str]]) -> bool:
+        """Publish all tables of one unit at once. False if the unit was already committed.
+
+        Empty tables are not written. `done` are the (model_uid, tensor) pairs the unit
+        completed; done_pairs() returns them so that later plans skip them.
+        """
+        check_name(unit_id, "unit id")
+        files: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
+        for name, table in tables.items():
+            if name not in UNIT_TABLES:
+                raise SchemaMismatchError(
+                    f"{name!r} is not a per-unit table; commit_unit takes {UNIT_TABLES} "
+                    "(models, errors, runs and catalog have their own writers)", unit_id=unit_id, table=name,
+                )
+            table = _conform(name, table)
+            counts[name] = table.num_rows
+            if table.num_rows:
+                files[f"{name}.parquet"] = _parquet_bytes(table)
+        pairs = sorted({(str(m), str(t)) for m, t in done})
+        manifest = {
+            "unit_id": unit_id, "schema_version": SCHEMA_VERSION, "committed_at": _now().isoformat(),
+            "run_ids": sorted(_run_ids(tables.values())), "rows": counts,
+            "done": [list(p) for p in pairs], "host": socket.gethostname(), "pid": os.getpid(),
+        }
+        files[DONE] = json.dumps(manifest, indent=1).encode()
+        return self._fs.publish_dir(f"units/{unit_id}", files, stem=unit_id)
+
+    def is_done(self, unit_id: str) -> bool:
+        return self._fs.exists(f"units/{check_name(unit_id, 'unit id')}/{SUCCESS}")
+
+    def done_units(self) -> set[str]:
+        names = self._fs.list_names("units")
+        return {u for u in names if self._fs.exists(f"units/{u}/{SUCCESS}")}
+
+    def done_pairs(self) -> set[tuple[str, str]]:
+        """(model_uid, tensor) pairs of every committed unit, across runs."""
+        out: set[tuple[str, str]] = set()
+        for unit_id in self.done_units():
+            if unit_id not in self._pairs_cache:  # committed units never change: cache them
+                raw = self._fs.read(f"units/{unit_id}/{DONE}")
+                done = json.loads(raw)["done"] if raw else []
+                self._pairs_cache[unit_id] = [(m, t) for m, t in done]
+            out.update(self._pairs_cache[unit_id])
+        return out
+
+    # models, errors, catalog --------------------------------------------------------------------
+    def write_models(self, rows: Iterable[dict]) -> None:
+        """One file per model_uid; rewriting a model replaces its file (last row wins)."""
+        latest: dict[str, dict] = {}
+        for row in rows:
+            latest[str(row["model_uid"])] = row
+        for uid, row in latest.items():
+            table = _rows_table("models", [{"created_at": _now(), **row}])
+            self._fs.put(f"models/{model_file_name(uid)}.parquet", _parquet_bytes(table))
+
+    def write_errors(self, run_id: str, key: str, rows: list[dict]) -> None:
+        """errors/<run_id>/<key>.parquet; rewriting the same key replaces it. No rows: no file."""
+        path = f"errors/{check_name(run_id, 'run id')}/{check_name(key, 'key')}.parquet"
+        if rows:
+            self._fs.put(path, _parquet_bytes(_rows_table("errors", [{"at": _now(), **r} for r in rows])))
+
+    def write_catalog(self, run_id: str, rows: list[dict]) -> None:
+        """catalog/<run_id>.parquet (one file per run; a second call replaces the first)."""
+        path = f"catalog/{check_name(run_id, 'run id')}.parquet"
+        self._fs.put(path, _parquet_bytes(_rows_table("catalog", [{"run_id": run_id, **r} for r in rows])))
+
+    # runs ---------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, config_json: str, command: str) -> None:
+        """Write the manifest of a new run (status running); clean staging junk of dead runs."""
+        check_name(run_id, "run id")
+        try:
+            config = json.loads(config_json) if config_json else None
+        except json.JSONDecodeError as err:
+            raise ResultsError(f"run config is not valid JSON: {err}", run_id=run_id) from err
+        from . import __version__
+
+        self.clean_staging()
+        self._write_run({
+            "run_id": run_id, "status": "running", "started_at": _now().isoformat(),
+            "finished_at": None, "n_units": None, "n_done": None, "n_skipped": None, "n_failed": None,
+            "command": command, "version": __version__, "host": socket.gethostname(),
+            "schema_version": SCHEMA_VERSION, "config": config, "config_json": config_json,
+        })
+
+    def finish_run(self, run_id: str, status: str, *, n_units: int | None = None,
+                   n_done: int | None = None, n_skipped: int | None = None,
+                   n_failed: int | None = None, extra: Mapping[str, Any] | None = None) -> None:
+        """Close a run's manifest with its final status and counts (extra: more JSON fields)."""
+        if status not in RUN_STATUSES:
+            raise ResultsError(f"run status must be one of {RUN_STATUSES}, got {status!r}", run_id=run_id)
+        manifest = self.run(run_id)
+        if manifest is None:
+            raise ResultsError(f"run {run_id!r} was never started in {self.uri}; call start_run first",
+                               run_id=run_id)
+        counts = {"n_units": n_units, "n_done": n_done, "n_skipped": n_skipped, "n_failed": n_failed}
+        manifest.update({k: v for k, v in counts.items() if v is not None})
+        manifest.update(dict(extra or {}), status=status, finished_at=_now().isoformat())
+        self._write_run(manifest)
+
+    def run(self, run_id: str) -> dict | None:
+        raw = self._fs.read(f"runs/{check_name(run_id, 'run id')}.json")
+        return json.loads(raw) if raw else None
+
+    def runs(self) -> list[dict]:
+        """Every run manifest, oldest first."""
+        found = [self.run(n[: -len(".json")]) for n in self._fs.list_names("runs") if n.endswith(".json")]
+        return sorted((r for r in found if r), key=lambda r: r.get("started_at") or "")
+
+    def _write_run(self, manifest: dict) -> None:
+        row = {k: manifest.get(k) for k in TABLES["runs"].names}
+        for k in ("started_at", "finished_at"):
+            row[k] = datetime.fromisoformat(row[k]) if row[k] else None
+        run_id = manifest["run_id"]
+        # parquet first: the JSON (what runs() reads) never points at a missing row
+        self._fs.put(f"runs/{run_id}.parquet", _parquet_bytes(_rows_table("runs", [row])))
+        self._fs.put(f"runs/{run_id}.json", json.dumps(manifest, indent=2, default=str).encode())
+
+    # housekeeping -------------------------------------------------------------------------------
+    def clean_staging(self, max_age_hours: float = 24.0) -> int:
+        """Delete staging leftovers of crashed writers older than `max_age_hours`; returns count.
+
+        Younger entries may belong to a live writer and are left alone; readers ignore them.
+        """
+        return self._fs.clean_staging(max_age_hours * 3600.0)
+
+    def status(self) -> dict:
+        """Summary for `zoospectra status`: runs, committed units and pairs, models, errors."""
+        units = self.done_units()
+        error_units = self._error_units()
+        runs = self.runs()
+        return {
+            "root": self.uri,
+            "runs": len(runs),
+            "last_run": {k: v for k, v in runs[-1].items() if k not in ("config", "config_json")} if runs else None,
+            "units_done": len(units),
+            "pairs_done": len(self.done_pairs()),
+            "models": sum(n.endswith(".parquet") for n in self._fs.list_names("models")),
+            "errors": sum(error_units.values()),
+            "open_errors": sum(n for u, n in error_units.items() if u not in units),
+        }
+
+    def _error_units(self) -> dict[str, int]:
+        """Error row count per unit_id over all error files."""
+        counts: dict[str, int] = {}
+        for run_id in self._fs.list_names("errors"):
+            for name in self._fs.list_names(f"errors/{run_id}"):
+                raw = self._fs.read(f"errors/{run_id}/{name}") if name.endswith(".parquet") else None
+                if raw:
+                    for u in pq.read_table(pa.BufferReader(raw), columns=["unit_id"]).column(0).to_pylist():
+                        counts[u] = counts.get(u, 0) + 1
+        return counts
+
+
+def _run_ids(tables: Iterable[pa.Table]) -> set[str]:
+    ids: set[str] = set()
+    for t in tables:
+        if "run_id" in t.schema.names and t.num_rows:
+            ids.update(x for x in t.column("run_id").unique().to_pylist() if x is not None)
+    return ids

@@ -1,0 +1,130 @@
+-- zoospectra: table macros over the views of views.sql (plain DuckDB SQL, no placeholders).
+--
+-- Intruder counts are SQL over `vectors` (top K_store singular vectors of Wt per side, with
+-- max |cos| against every base vector; DESIGN.md section 1.2). A count for k is only exact when
+-- k <= K_store, or when all min(m, n) vectors were stored (--k-store all). The macros check this
+-- per matrix and raise an error naming the tensor instead of silently undercounting.
+-- Counts use count(DISTINCT j): a (model, tensor) analysed twice (same numbers) counts once.
+--
+--   SELECT * FROM intruders();                    -- paper defaults eps = 0.5, k = 10
+--   SELECT * FROM intruders(eps := 0.3, k := 5);
+--   SELECT * FROM intruder_curve(k := 10);        -- Fig. 5: eps = 0.1 .. 0.9
+--   SELECT * FROM intruder_fraction_curve(eps := 0.5, fractions := [0.1, 0.5, 1.0]);  -- Fig. 11
+--   SELECT * FROM effective_rank_summary();       -- Fig. 6
+--   SELECT * FROM model_summary(eps := 0.5, k := 10);
+
+-- Vectors with what the k check needs: k_stored (vectors stored for this model, tensor, side)
+-- and min_dim = min(m, n) of the matrix (null when its `matrices` row is missing).
+CREATE OR REPLACE MACRO _vectors_checked() AS TABLE
+SELECT v.model_uid, v.model_id, v.tensor, v.side, v.j, v.max_cos,
+       max(v.j) OVER (PARTITION BY v.model_uid, v.tensor, v.side) AS k_stored,
+       d.min_dim
+FROM vectors AS v
+LEFT JOIN (SELECT model_uid, tensor, min(least(m, n)) AS min_dim FROM matrices GROUP BY model_uid, tensor) AS d
+  ON d.model_uid = v.model_uid AND d.tensor = v.tensor;
+
+-- true when the top k vectors are all stored, else an error that says what to do.
+CREATE OR REPLACE MACRO _k_ok(k, k_stored, min_dim, model_id, tensor) AS
+CASE
+  WHEN k <= k_stored THEN true
+  WHEN min_dim IS NULL THEN error(format(
+    'no matrices row for tensor {} of {}: cannot tell whether all of its singular vectors are stored',
+    tensor, model_id))
+  WHEN k_stored >= min_dim THEN true
+  ELSE error(format(
+    'k = {} exceeds the {} singular vectors stored for tensor {} of {}; rerun the analysis with a larger --k-store (or --k-store all)',
+    k, k_stored, tensor, model_id))
+END;
+
+-- One row per (model, matrix): intruders among the top k vectors at threshold eps, for U (the
+-- paper's number) and V. Matrices without intruders are included with 0.
+CREATE OR REPLACE MACRO intruders(eps := 0.5, k := 10) AS TABLE
+SELECT model_uid, model_id, tensor,
+       CAST(count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS INTEGER) AS n_intruders,
+       CAST(count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS INTEGER) AS n_intruders_v
+FROM _vectors_checked()
+WHERE _k_ok(k, k_stored, min_dim, model_id, tensor)
+GROUP BY model_uid, model_id, tensor
+ORDER BY model_id, model_uid, tensor;
+
+-- Paper Fig. 5: per model, intruders summed over its matrices for eps = 0.1, 0.2, ..., 0.9.
+CREATE OR REPLACE MACRO intruder_curve(k := 10) AS TABLE
+SELECT v.model_uid, v.model_id, e.eps,
+       CAST(count(DISTINCT (v.tensor, v.j)) FILTER (WHERE v.side = 'U' AND v.max_cos < e.eps) AS INTEGER) AS n_intruders,
+       CAST(count(DISTINCT (v.tensor, v.j)) FILTER (WHERE v.side = 'V' AND v.max_cos < e.eps) AS INTEGER) AS n_intruders_v
+FROM (SELECT * FROM _vectors_checked() WHERE j <= k AND _k_ok(k, k_stored, min_dim, model_id, tensor)) AS v
+CROSS JOIN (SELECT i / 10 AS eps FROM range(1, 10) AS t(i)) AS e
+GROUP BY v.model_uid, v.model_id, e.eps
+ORDER BY v.model_id, v.model_uid, e.eps;
+
+-- Paper Fig. 11: k as a fraction of each matrix, k_f = max(1, ceil(fraction * min(m, n))).
+-- Per model and fraction: intruders summed over matrices, the vectors tested (sum of k_f) and
+-- their ratio. Fractions above K_store / min(m, n) need --k-store all.
+CREATE OR REPLACE MACRO intruder_fraction_curve(eps := 0.5, fractions := [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]) AS TABLE
+WITH grid AS (
+  SELECT CAST(unnest(fractions) AS DOUBLE) AS fraction
+), per_matrix AS (
+  SELECT v.model_uid, v.model_id, v.tensor, g.fraction,
+         CAST(greatest(1, ceil(g.fraction * v.min_dim)) AS INTEGER) AS k_f,
+         v.side, v.j, v.max_cos, v.k_stored, v.min_dim
+  FROM _vectors_checked() AS v CROSS JOIN grid AS g
+), counted AS (
+  SELECT model_uid, model_id, tensor, fraction, any_value(k_f) AS k_f,
+         count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k_f AND max_cos < CAST(eps AS DOUBLE)) AS n_u,
+         count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k_f AND max_cos < CAST(eps AS DOUBLE)) AS n_v
+  FROM per_matrix
+  WHERE _k_ok(k_f, k_stored, min_dim, model_id, tensor)
+  GROUP BY model_uid, model_id, tensor, fraction
+)
+SELECT model_uid, model_id, fraction, CAST(eps AS DOUBLE) AS eps,
+       CAST(sum(n_u) AS INTEGER) AS n_intruders,
+       CAST(sum(n_v) AS INTEGER) AS n_intruders_v,
+       CAST(sum(k_f) AS BIGINT) AS n_vectors,
+       sum(n_u) / sum(k_f) AS intruder_share
+FROM counted
+GROUP BY model_uid, model_id, fraction
+ORDER BY model_id, model_uid, fraction;
+
+-- Paper Fig. 6: effective rank of dW per model (level 'model', module null) and per module
+-- (level 'module'), with the mean relative update ||dW||_F / ||W0||_F.
+CREATE OR REPLACE MACRO effective_rank_summary() AS TABLE
+SELECT model_uid, model_id,
+       CASE WHEN grouping(module) = 1 THEN 'model' ELSE 'module' END AS level,
+       module,
+       CAST(count(*) AS INTEGER) AS n_matrices,
+       avg(eff_rank) AS eff_rank_mean,
+       min(eff_rank) AS eff_rank_min,
+       max(eff_rank) AS eff_rank_max,
+       avg(rel_update) AS rel_update_mean
+FROM matrices
+GROUP BY GROUPING SETS ((model_uid, model_id), (model_uid, model_id, module))
+ORDER BY model_id, model_uid, level, module;
+
+-- One row per model (from `models` and/or `matrices`): what it is and what fine-tuning did.
+-- n_intruders is null for a model with no analysed matrix (not 0: nothing was measured).
+CREATE OR REPLACE MACRO model_summary(eps := 0.5, k := 10) AS TABLE
+WITH mx AS (
+  SELECT model_uid, any_value(model_id) AS model_id, any_value(kind) AS kind,
+         CAST(count(DISTINCT tensor) AS INTEGER) AS n_matrices,
+         avg(eff_rank) AS eff_rank_mean, avg(rel_update) AS rel_update_mean
+  FROM matrices GROUP BY model_uid
+), intr AS (
+  SELECT model_uid, CAST(sum(n_intruders) AS INTEGER) AS n_intruders,
+         CAST(sum(n_intruders_v) AS INTEGER) AS n_intruders_v
+  FROM intruders(eps := eps, k := k) GROUP BY model_uid
+), ids AS (
+  SELECT model_uid FROM models UNION SELECT model_uid FROM mx
+)
+SELECT ids.model_uid,
+       coalesce(md.model_id, mx.model_id) AS model_id,
+       coalesce(md.kind, mx.kind) AS kind,
+       md.r, md.alpha, md.base_rewritten,
+       coalesce(mx.n_matrices, 0) AS n_matrices,
+       CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k,
+       intr.n_intruders, intr.n_intruders_v,
+       mx.eff_rank_mean, mx.rel_update_mean
+FROM ids
+LEFT JOIN models AS md ON md.model_uid = ids.model_uid
+LEFT JOIN mx ON mx.model_uid = ids.model_uid
+LEFT JOIN intr ON intr.model_uid = ids.model_uid
+ORDER BY model_id, ids.model_uid;
