@@ -300,8 +300,8 @@ class HubFileSource:
                                etag_timeout=self.options.timeout)
 
     def _get_range(self, filename: str, start: int, end: int) -> bytearray:
-        from huggingface_hub import build_hf_headers, get_session
-        from huggingface_hub.utils import hf_raise_for_status
+        from huggingface_hub import get_session
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
         headers = build_hf_headers(token=self.options.token)
         headers.update({"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})

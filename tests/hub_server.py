@@ -124,7 +124,7 @@ class FakeHub:
         for srv in (hub, cdn):
             srv.daemon_threads = True          # slow-reply threads must not block shutdown
             srv.block_on_close = False
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._servers = [hub, cdn]
         self.url = f"http://127.0.0.1:{hub.server_address[1]}"
         self.cdn_url = f"http://127.0.0.2:{cdn.server_address[1]}"
