@@ -1,0 +1,148 @@
+"""Crawl job specs: one YAML file per scheduled crawl, validated once, here, at the edge.
+
+    name: nightly-llama
+    base_models: [meta-llama/Llama-3.1-8B]
+    include_full: false
+    limit: 500                # per base model and kind (adapters / full fine-tunes)
+    out: s3://bucket/zoospectra
+    schedule: "0 3 * * *"     # documentation for deploy/ (the CronJob carries the real one)
+    ray_address: auto         # optional; omitted = a local Ray
+    analysis: {k: 10, eps: 0.5, k_store: 32, mode: exact, dtype: float32}
+
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from zoospectra.config import ALL, AnalysisConfig
+from zoospectra.errors import ConfigError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")       # a Kubernetes resource name
+_ANALYSIS_KEYS = ("k", "eps", "k_store", "k_spec", "sim_k", "pair_max", "pairs", "mode", "dtype",
+                  "include_embeddings")
+
+
+@dataclass(frozen=True)
+class CrawlSpec:
+    name: str
+    base_models: tuple[str, ...]
+    out: str
+    include_full: bool = False
+    limit: Optional[int] = None
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    batch_size: int = 32
+    ray_address: Optional[str] = None
+    schedule: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name) or len(self.name) > 52:
+            raise ConfigError(f"name {self.name!r} must be a lowercase DNS label (a-z, 0-9, '-'), "
+                              "at most 52 characters: it names the Kubernetes resources", option="name")
+        if not self.base_models:
+            raise ConfigError("base_models is empty: list at least one Hub repo id", option="base_models")
+        for repo in self.base_models:
+            if not isinstance(repo, str) or not _REPO_ID.match(repo):
+                raise ConfigError(f"base model {repo!r} is not a Hub repo id like 'org/name'",
+                                  option="base_models")
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError("out must be a results root (local path or filesystem URI)", option="out")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise ConfigError(f"limit must be a positive integer, got {self.limit!r}", option="limit")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}",
+                              option="batch_size")
+        if not isinstance(self.include_full, bool):
+            raise ConfigError(f"include_full must be true or false, got {self.include_full!r}",
+                              option="include_full")
+        if self.schedule is not None:
+            validate_cron(self.schedule)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "job spec") -> "CrawlSpec":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}", file=where)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}", file=where)
+        missing = sorted({"name", "base_models", "out"} - set(raw))
+        if missing:
+            raise ConfigError(f"{where}: missing required field(s) {missing}", file=where)
+        data = dict(raw)
+        bases = data["base_models"]
+        data["base_models"] = tuple([bases] if isinstance(bases, str) else bases or ())
+        data["analysis"] = _analysis(data.get("analysis") or {}, where)
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CrawlSpec":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job spec {p} does not exist; pass the path of a YAML spec", file=str(p))
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"job spec {p} is not valid YAML: {e}", file=str(p)) from None
+        return cls.from_dict(raw, str(p))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _analysis(raw: Any, where: str) -> AnalysisConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: analysis must be a mapping", file=where, option="analysis")
+    unknown = sorted(set(raw) - set(_ANALYSIS_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown analysis option(s) {unknown}; known: {list(_ANALYSIS_KEYS)}",
+                          file=where, option="analysis")
+    opts = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
+    return AnalysisConfig(**opts)
+
+
+# --- cron --------------------------------------------------------------------------------
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("day of week", 0, 7))
+_CRON_NAMES = {
+    3: {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+    4: {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())},
+}
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def validate_cron(expr: str) -> str:
+    """Check a standard 5-field cron expression (the syntax Kubernetes CronJobs accept)."""
+    if not isinstance(expr, str):
+        raise ConfigError(f"schedule must be a cron string, got {expr!r}", option="schedule")
+    text = expr.strip()
+    if text.lower() in _CRON_MACROS:
+        return text
+    parts = text.split()
+    if len(parts) != 5:
+        raise ConfigError(f"schedule {expr!r} must have 5 fields (minute hour day month weekday)",
+                          option="schedule")
+    for i, (part, (what, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS)):
+        for item in part.split(","):
+            if not _cron_item_ok(item.lower(), lo, hi, _CRON_NAMES.get(i, {})):
+                raise ConfigError(f"schedule {expr!r}: bad {what} field {part!r} (allowed {lo}-{hi})",
+                                  option="schedule")
+    return text
+
+
+def _cron_item_ok(item: str, lo: int, hi: int, names: dict[str, int]) -> bool:
+    body, _, step = item.partition("/")
+    if step and not (step.isdigit() and int(step) >= 1):
+        return False
+    if body in ("*", "?"):
+        return True
+    first, _, last = body.partition("-")
+    values = [names.get(v, int(v) if v.isdigit() else None) for v in ([first, last] if last else [first])]
+    return all(v is not None and lo <= v <= hi for v in values) and values[0] <= values[-1]
