@@ -293,3 +293,25 @@ def test_incremental_selection_by_repo_and_sha(fake_hub: FakeHub, hub_options: H
     new_sha = fake_hub.commit("u/lora-1", _adapter_files(seed=99))
     fresh = unanalysed(discover([BASE], options=hub_options).entries, analysed)
     assert [(e.repo_id, e.sha) for e in fresh] == [("u/lora-1", new_sha)]
+
+
+# --- crawl edge (discovery + catalog + errors; planning needs pipeline/adapters.py) -------
+def test_crawl_with_unreadable_base_still_completes_with_rows(fake_hub: FakeHub, hub_options: HubOptions,
+                                                               tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from zoospectra.jobs.entrypoint import run_crawl
+    from zoospectra.jobs.spec import CrawlSpec
+
+    fake_hub.add_repo("u/good", _adapter_files(), base_model=BASE, relation="adapter")
+    fake_hub.add_repo("u/mislabelled", _adapter_files("org/other"), base_model=BASE, relation="adapter")
+    out = tmp_path / "results"
+    spec = CrawlSpec.from_dict({"name": "t", "base_models": [BASE], "out": str(out)})
+    (report,) = run_crawl(spec, options=hub_options, executor="local").bases   # BASE itself is missing
+    assert report.base_sha is None and report.discovered == 1 and report.error_rows == 2
+    catalog = pq.read_table(out / "catalog" / f"{report.run_id}.parquet").to_pylist()
+    assert [(r["repo_id"], r["kind"]) for r in catalog] == [("u/good", "adapter")]
+    errors = pq.read_table(out / "errors" / report.run_id / "discover.parquet").to_pylist()
+    assert sorted((r["model_id"], r["error_type"]) for r in errors) == [
+        (BASE, "HubNotFoundError"), ("u/mislabelled", "BaseMismatchError")]
+    assert json.loads((out / "runs" / f"{report.run_id}.json").read_text())["status"] == "failed"
