@@ -209,7 +209,8 @@ def _as_rich(table: pa.Table, max_rows: int | None) -> str:
     shown = table if max_rows is None else table.slice(0, max_rows)
     view = Table(show_header=True, header_style="bold", show_lines=False)
     for name, typ in zip(table.column_names, table.schema.types):
-        view.add_column(name, justify="right" if pa.types.is_integer(typ) or pa.types.is_floating(typ) else "left")
+        numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
+        view.add_column(name, justify="right" if numeric else "left")
     for row in _flat(shown).to_pylist():
         view.add_row(*(_cell(v) for v in row.values()))
     width = max(80, shutil.get_terminal_size((160, 24)).columns)
@@ -286,7 +287,8 @@ def _dot_command(con: duckdb.DuckDBPyConnection, cmd: str, arg: str, mode: Forma
         names = con.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal UNION ALL "
             "SELECT function_name || '()' FROM duckdb_functions() "
-            "WHERE function_type = 'table_macro' AND NOT internal AND NOT function_name LIKE '\\_%' ESCAPE '\\' "
+            "WHERE function_type = 'table_macro' AND NOT internal "
+            "AND NOT function_name LIKE '\\_%' ESCAPE '\\' "
             "ORDER BY 1"
         ).fetchall()
         stdout.write(" ".join(n for (n,) in names) + "\n")

@@ -464,30 +464,42 @@ class ResultsStore:
 
     def status(self) -> dict:
         """Summary for `zoospectra status`: runs, committed units and pairs, models, errors."""
-        units = self.done_units()
-        error_units = self._error_units()
-        runs = self.runs()
+        units, pairs, runs = self.done_units(), self.done_pairs(), self.runs()
+        errors = self._error_keys()
+        last = {k: v for k, v in runs[-1].items() if k not in ("config", "config_json")} if runs else None
         return {
             "root": self.uri,
             "runs": len(runs),
-            "last_run": {k: v for k, v in runs[-1].items() if k not in ("config", "config_json")} if runs else None,
+            "last_run": last,
             "units_done": len(units),
-            "pairs_done": len(self.done_pairs()),
+            "pairs_done": len(pairs),
             "models": sum(n.endswith(".parquet") for n in self._fs.list_names("models")),
-            "errors": sum(error_units.values()),
-            "open_errors": sum(n for u, n in error_units.items() if u not in units),
+            "errors": len(errors),
+            "open_errors": sum(_is_open(e, units, pairs) for e in errors),
         }
 
-    def _error_units(self) -> dict[str, int]:
-        """Error row count per unit_id over all error files."""
-        counts: dict[str, int] = {}
+    def _error_keys(self) -> list[tuple[str, str | None, str | None]]:
+        """(unit_id, model_uid, tensor) of every error row."""
+        keys: list[tuple[str, str | None, str | None]] = []
+        cols = ["unit_id", "model_uid", "tensor"]
         for run_id in self._fs.list_names("errors"):
             for name in self._fs.list_names(f"errors/{run_id}"):
                 raw = self._fs.read(f"errors/{run_id}/{name}") if name.endswith(".parquet") else None
                 if raw:
-                    for u in pq.read_table(pa.BufferReader(raw), columns=["unit_id"]).column(0).to_pylist():
-                        counts[u] = counts.get(u, 0) + 1
-        return counts
+                    t = pq.read_table(pa.BufferReader(raw), columns=cols)
+                    keys += zip(*(t.column(c).to_pylist() for c in cols))
+        return keys
+
+
+def _is_open(error: tuple[str, str | None, str | None], units: set[str],
+             pairs: set[tuple[str, str]]) -> bool:
+    """The rule of the open_errors view (schemas/views.sql), in Python."""
+    unit_id, model_uid, tensor = error
+    if model_uid is not None and tensor is not None:
+        return (model_uid, tensor) not in pairs
+    if model_uid is not None:
+        return all(m != model_uid for m, _ in pairs)
+    return unit_id not in units
 
 
 def _run_ids(tables: Iterable[pa.Table]) -> set[str]:

@@ -13,15 +13,17 @@
 --   SELECT * FROM effective_rank_summary();       -- Fig. 6
 --   SELECT * FROM model_summary(eps := 0.5, k := 10);
 
--- Vectors with what the k check needs: k_stored (vectors stored for this model, tensor, side)
--- and min_dim = min(m, n) of the matrix (null when its `matrices` row is missing).
-CREATE OR REPLACE MACRO _vectors_checked() AS TABLE
-SELECT v.model_uid, v.model_id, v.tensor, v.side, v.j, v.max_cos,
-       max(v.j) OVER (PARTITION BY v.model_uid, v.tensor, v.side) AS k_stored,
-       d.min_dim
-FROM vectors AS v
-LEFT JOIN (SELECT model_uid, tensor, min(least(m, n)) AS min_dim FROM matrices GROUP BY model_uid, tensor) AS d
-  ON d.model_uid = v.model_uid AND d.tensor = v.tensor;
+-- min(m, n) per (model, tensor): when that many vectors are stored, every k is answerable.
+CREATE OR REPLACE MACRO _matrix_dims() AS TABLE
+SELECT model_uid, tensor, min(least(m, n)) AS min_dim FROM matrices GROUP BY model_uid, tensor;
+
+-- Per (model, tensor): vectors stored per side (k_stored) and min(m, n) (null without a matrices row).
+CREATE OR REPLACE MACRO _stored() AS TABLE
+SELECT s.model_uid, s.model_id, s.tensor, s.k_stored, d.min_dim
+FROM (SELECT model_uid, model_id, tensor,
+             least(max(j) FILTER (WHERE side = 'U'), max(j) FILTER (WHERE side = 'V')) AS k_stored
+      FROM vectors GROUP BY model_uid, model_id, tensor) AS s
+LEFT JOIN _matrix_dims() AS d ON d.model_uid = s.model_uid AND d.tensor = s.tensor;
 
 -- true when the top k vectors are all stored, else an error that says what to do.
 CREATE OR REPLACE MACRO _k_ok(k, k_stored, min_dim, model_id, tensor) AS
@@ -39,51 +41,65 @@ END;
 -- One row per (model, matrix): intruders among the top k vectors at threshold eps, for U (the
 -- paper's number) and V. Matrices without intruders are included with 0.
 CREATE OR REPLACE MACRO intruders(eps := 0.5, k := 10) AS TABLE
-SELECT model_uid, model_id, tensor,
-       CAST(count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS INTEGER) AS n_intruders,
-       CAST(count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS INTEGER) AS n_intruders_v
-FROM _vectors_checked()
-WHERE _k_ok(k, k_stored, min_dim, model_id, tensor)
-GROUP BY model_uid, model_id, tensor
-ORDER BY model_id, model_uid, tensor;
+WITH counted AS (
+  SELECT model_uid, model_id, tensor,
+         count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_u,
+         count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_v,
+         least(max(j) FILTER (WHERE side = 'U'), max(j) FILTER (WHERE side = 'V')) AS k_stored
+  FROM vectors GROUP BY model_uid, model_id, tensor
+)
+SELECT c.model_uid, c.model_id, c.tensor,
+       CAST(c.n_u AS INTEGER) AS n_intruders, CAST(c.n_v AS INTEGER) AS n_intruders_v
+FROM counted AS c
+LEFT JOIN _matrix_dims() AS d ON d.model_uid = c.model_uid AND d.tensor = c.tensor
+WHERE _k_ok(k, c.k_stored, d.min_dim, c.model_id, c.tensor)
+ORDER BY c.model_id, c.model_uid, c.tensor;
 
 -- Paper Fig. 5: per model, intruders summed over its matrices for eps = 0.1, 0.2, ..., 0.9.
 CREATE OR REPLACE MACRO intruder_curve(k := 10) AS TABLE
-SELECT v.model_uid, v.model_id, e.eps,
-       CAST(count(DISTINCT (v.tensor, v.j)) FILTER (WHERE v.side = 'U' AND v.max_cos < e.eps) AS INTEGER) AS n_intruders,
-       CAST(count(DISTINCT (v.tensor, v.j)) FILTER (WHERE v.side = 'V' AND v.max_cos < e.eps) AS INTEGER) AS n_intruders_v
-FROM (SELECT * FROM _vectors_checked() WHERE j <= k AND _k_ok(k, k_stored, min_dim, model_id, tensor)) AS v
-CROSS JOIN (SELECT i / 10 AS eps FROM range(1, 10) AS t(i)) AS e
-GROUP BY v.model_uid, v.model_id, e.eps
-ORDER BY v.model_id, v.model_uid, e.eps;
+WITH counted AS (
+  SELECT v.model_uid, v.tensor, e.eps,
+         count(DISTINCT v.j) FILTER (WHERE v.side = 'U' AND v.max_cos < e.eps) AS n_u,
+         count(DISTINCT v.j) FILTER (WHERE v.side = 'V' AND v.max_cos < e.eps) AS n_v
+  FROM (SELECT model_uid, tensor, side, j, max_cos FROM vectors WHERE j <= k) AS v
+  CROSS JOIN (SELECT i / 10 AS eps FROM range(1, 10) AS t(i)) AS e
+  GROUP BY v.model_uid, v.tensor, e.eps
+)
+SELECT s.model_uid, s.model_id, c.eps,
+       CAST(sum(c.n_u) AS INTEGER) AS n_intruders, CAST(sum(c.n_v) AS INTEGER) AS n_intruders_v
+FROM _stored() AS s
+JOIN counted AS c ON c.model_uid = s.model_uid AND c.tensor = s.tensor
+WHERE _k_ok(k, s.k_stored, s.min_dim, s.model_id, s.tensor)
+GROUP BY s.model_uid, s.model_id, c.eps
+ORDER BY s.model_id, s.model_uid, c.eps;
 
 -- Paper Fig. 11: k as a fraction of each matrix, k_f = max(1, ceil(fraction * min(m, n))).
 -- Per model and fraction: intruders summed over matrices, the vectors tested (sum of k_f) and
 -- their ratio. Fractions above K_store / min(m, n) need --k-store all.
 CREATE OR REPLACE MACRO intruder_fraction_curve(eps := 0.5, fractions := [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]) AS TABLE
 WITH grid AS (
-  SELECT CAST(unnest(fractions) AS DOUBLE) AS fraction
-), per_matrix AS (
-  SELECT v.model_uid, v.model_id, v.tensor, g.fraction,
-         CAST(greatest(1, ceil(g.fraction * v.min_dim)) AS INTEGER) AS k_f,
-         v.side, v.j, v.max_cos, v.k_stored, v.min_dim
-  FROM _vectors_checked() AS v CROSS JOIN grid AS g
+  SELECT s.model_uid, s.model_id, s.tensor, s.k_stored, s.min_dim, f.fraction,
+         CAST(greatest(1, ceil(f.fraction * s.min_dim)) AS INTEGER) AS k_f
+  FROM _stored() AS s
+  CROSS JOIN (SELECT CAST(unnest(fractions) AS DOUBLE) AS fraction) AS f
 ), counted AS (
-  SELECT model_uid, model_id, tensor, fraction, any_value(k_f) AS k_f,
-         count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k_f AND max_cos < CAST(eps AS DOUBLE)) AS n_u,
-         count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k_f AND max_cos < CAST(eps AS DOUBLE)) AS n_v
-  FROM per_matrix
-  WHERE _k_ok(k_f, k_stored, min_dim, model_id, tensor)
-  GROUP BY model_uid, model_id, tensor, fraction
+  SELECT g.model_uid, g.tensor, g.fraction,
+         count(DISTINCT v.j) FILTER (WHERE v.side = 'U' AND v.max_cos < CAST(eps AS DOUBLE)) AS n_u,
+         count(DISTINCT v.j) FILTER (WHERE v.side = 'V' AND v.max_cos < CAST(eps AS DOUBLE)) AS n_v
+  FROM grid AS g
+  JOIN vectors AS v ON v.model_uid = g.model_uid AND v.tensor = g.tensor AND v.j <= g.k_f
+  GROUP BY g.model_uid, g.tensor, g.fraction
 )
-SELECT model_uid, model_id, fraction, CAST(eps AS DOUBLE) AS eps,
-       CAST(sum(n_u) AS INTEGER) AS n_intruders,
-       CAST(sum(n_v) AS INTEGER) AS n_intruders_v,
-       CAST(sum(k_f) AS BIGINT) AS n_vectors,
-       sum(n_u) / sum(k_f) AS intruder_share
-FROM counted
-GROUP BY model_uid, model_id, fraction
-ORDER BY model_id, model_uid, fraction;
+SELECT g.model_uid, g.model_id, g.fraction, CAST(eps AS DOUBLE) AS eps,
+       CAST(sum(c.n_u) AS INTEGER) AS n_intruders,
+       CAST(sum(c.n_v) AS INTEGER) AS n_intruders_v,
+       CAST(sum(g.k_f) AS BIGINT) AS n_vectors,
+       sum(c.n_u) / sum(g.k_f) AS intruder_share
+FROM grid AS g
+JOIN counted AS c ON c.model_uid = g.model_uid AND c.tensor = g.tensor AND c.fraction = g.fraction
+WHERE _k_ok(g.k_f, g.k_stored, g.min_dim, g.model_id, g.tensor)
+GROUP BY g.model_uid, g.model_id, g.fraction
+ORDER BY g.model_id, g.model_uid, g.fraction;
 
 -- Paper Fig. 6: effective rank of dW per model (level 'model', module null) and per module
 -- (level 'module'), with the mean relative update ||dW||_F / ||W0||_F.

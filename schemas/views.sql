@@ -75,8 +75,16 @@ CREATE OR REPLACE VIEW catalog AS
 SELECT * FROM read_parquet('{root}/catalog/*.parquet', union_by_name = true);
 
 -- view: open_errors
--- Errors whose unit has not been committed since (a rerun that finished the unit closes them).
--- Errors of the plan stage carry unit_id 'plan' and stay open until fixed at the source.
+-- Errors not resolved since: an error about (model, tensor) closes once that pair is in
+-- `matrices` (a later run analysed it, in whatever unit); one about a model only, once the model
+-- has any matrix; one about neither (a whole unit), once its unit is committed. Plan-stage
+-- errors of unknown models (unit_id 'plan') stay open until fixed at the source.
 CREATE OR REPLACE VIEW open_errors AS
 SELECT e.* FROM errors AS e
-WHERE NOT EXISTS (SELECT 1 FROM units AS u WHERE u.unit_id = e.unit_id);
+WHERE CASE
+  WHEN e.model_uid IS NOT NULL AND e.tensor IS NOT NULL THEN NOT EXISTS (
+    SELECT 1 FROM matrices AS m WHERE m.model_uid = e.model_uid AND m.tensor = e.tensor)
+  WHEN e.model_uid IS NOT NULL THEN NOT EXISTS (
+    SELECT 1 FROM matrices AS m WHERE m.model_uid = e.model_uid)
+  ELSE NOT EXISTS (SELECT 1 FROM units AS u WHERE u.unit_id = e.unit_id)
+END;
