@@ -462,6 +462,23 @@ def test_cuda_matches_cpu() -> None:
         assert y.eff_rank == pytest.approx(x.eff_rank, rel=1e-8)
     for x, y in zip(cpu.pairs, gpu.pairs):
         np.testing.assert_allclose(y.phi, x.phi, atol=1e-8)
+    base = base_svd(torch.tensor(w0), cfg, device="cuda:0")  # shared base on the GPU is accepted
+    again = analyze_batch(torch.tensor(w0), updates, cfg, device="cuda", base=base)
+    np.testing.assert_array_equal(again.items[0].u.max_cos, gpu.items[0].u.max_cos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_cuda_float32_counts_match_reference(case: Case) -> None:
+    ref = ref_case(case.name)
+    for eps in (0.3, 0.5, 0.7):
+        cfg = AnalysisConfig(eps=eps, dtype="float32")
+        item = analyze_batch(torch.tensor(case.w0, dtype=torch.float32),
+                             [case.update(dtype=torch.float32)], cfg, device="cuda").items[0]
+        for got, cos in ((item.intruders_u, ref.cos_u), (item.intruders_v, ref.cos_v)):
+            if np.all(np.abs(cos[:10].max(axis=1) - eps) > 1e-2):
+                assert got == ref_intruders(cos, 10, eps)
 
 
 # --- PEFT as the oracle ------------------------------------------------------------------
