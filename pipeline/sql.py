@@ -135,7 +135,7 @@ def format_table(table: pa.Table, fmt: Format = "table", out: str | None = None,
         raise ConfigError(f"output format must be one of {FORMATS}, got {fmt!r}", option="format")
     if fmt == "parquet":
         if not out:
-            raise ConfigError("parquet output needs a file: pass --out FILE.parquet", option="out")
+            raise ConfigError("parquet output needs a file: pass --output FILE.parquet", option="out")
         _write_parquet(table, out)
         return ""
     text = {"table": _as_rich, "csv": _as_csv, "json": _as_json}[fmt](table, max_rows)
