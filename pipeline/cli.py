@@ -186,6 +186,42 @@ def submit(
 
 
 @app.command()
+def crawl(
+    base_model: List[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
+    out: str = typer.Option(..., "--out", "-o", help="Results root."),
+    limit: Optional[int] = typer.Option(None, help="At most N repos per base model and kind."),
+    include: List[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
+    name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
+    mode: str = typer.Option("exact", help="exact or fast."),
+    k_store: str = typer.Option("32", help="Per-vector records kept per side ('all')."),
+    batch_size: int = typer.Option(32, help="Artifacts per unit of work."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
+    spec: Optional[str] = typer.Option(None, help="A YAML job spec instead of the flags above."),
+) -> None:
+    """Discover adapters / fine-tunes of base models on the Hub and analyse what is new."""
+    import json
+    from dataclasses import asdict
+
+    from .jobs.entrypoint import run_crawl
+    from .jobs.spec import CrawlSpec
+
+    bad = [i for i in include if i != "full"]
+    if bad:
+        raise typer.BadParameter(f"--include takes only 'full', got {bad}")
+    if spec:
+        crawl_spec = CrawlSpec.load(spec)
+    else:
+        crawl_spec = CrawlSpec.from_dict({
+            "name": name, "base_models": list(base_model), "out": out, "limit": limit,
+            "include_full": "full" in include, "batch_size": batch_size, "ray_address": address,
+            "analysis": {"mode": mode, "k_store": _k(k_store, "--k-store")},
+        })
+    summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv))
+    typer.echo(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
+
+
+@app.command()
 def demo(
     out: str = typer.Option("results/demo", help="Results root for the demo."),
     cache: str = typer.Option(".zoospectra-cache/zoo", help="Where the sample zoo is built and cached."),

@@ -40,6 +40,12 @@ class AnalysisConfig:
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        for name in ("k", "k_store", "k_spec", "sim_k", "pair_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, got {v!r}", option=name)
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
+            raise ConfigError(f"eps must be a number, got {self.eps!r}", option="eps")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}", option="k")
         if not 0.0 < self.eps < 1.0:

@@ -47,6 +47,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: join its cluster
     if address:
         ray.init(address=address, **kwargs)
     else:
