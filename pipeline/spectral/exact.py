@@ -88,11 +88,13 @@ def analyze_exact(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analys
         base_seconds = 0.0
     base_sigma = base.sigma()
 
-    items, subspaces = [], []
+    items: list[MatrixAnalysis] = []
+    subspaces: list[torch.Tensor] = []  # left singular vectors of each dW, for pairs
     for update in updates:
         item, subspace = _analyze_update(w0, base, base_sigma, update, cfg)
         items.append(item)
-        subspaces.append(subspace if cfg.pairs else None)
+        if cfg.pairs:
+            subspaces.append(subspace)
     return BatchAnalysis(
         tensor=tensor,
         shape=shape,
