@@ -1,0 +1,278 @@
+"""The fast engine (DESIGN.md section 6): same results as exact.py, without an SVD of Wt or dW.
+
+LoRA family (dW = B A, r << p = min(m, n)), with W0 = U0 diag(s0) V0^T shared by the batch:
+  B = Q1 R1, A^T = Q2 R2 (QR)            dW = Q1 (R1 R2^T) Q2^T: an r x r SVD gives all of
+                                          dW's singular values and its top singular vectors
+  G1 = U0^T Q1, G2 = V0^T Q2             one [p, m] x [m, sum r] product per side for the
+                                          whole batch (the only O(m p r) work)
+  Wt = [U0 Qb] M [V0 Qa]^T               M = diag(s0, 0) + Bt At, Bt = [G1 R1; Rb R1],
+                                          At = [(G2 R2)^T, (Ra R2)^T]; Qb, Qa span the parts of
+                                          B, A^T outside span(U0), span(V0) (only when m > p,
+                                          resp. n > p; Rb, Ra are their QR triangles)
+  top-K of M                              krylov.top_triplets on the implicit operator
+  cosines                                 coordinates: max_i |<u_j, u0_i>| = max |x_j[:p]|
+  amplification                           (G1 Ur)^T diag(s0) (G2 Vr)
+Dense updates (full, DoRA, IA3, LoHa, LoKr, modules_to_save): top-K of Wt and of dW with the
+same solver on the explicit matrices (warm start: the base's top right vectors), all of dW's
+singular values with svdvals.
+
+Every accepted singular triplet has residual <= tol * s_1 in float64; a solve that does not
+converge falls back to a dense SVD of the small operator and is logged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ALL, AnalysisConfig
+from ..errors import BaseMismatchError
+from ..updates import MatrixUpdate
+from .base import base_svd, check_base
+from .inputs import batch_tensor, delta, place, resolve_device, torch_dtype
+from .krylov import F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets
+from .pairs import pair_grids
+from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
+from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
+
+log = logging.getLogger(__name__)
+
+TOL = 1e-10          # residual of every used singular vector, relative to s_1 (float64)
+DENSE_FRACTION = 0.35  # a small operator whose Krylov subspace would reach this share of p: dense SVD
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """How many top triplets of Wt each output needs (DESIGN 1.2, 1.5, 1.8)."""
+
+    n_vec: int    # per-vector records (K_store)
+    sim_k: int    # similarity block
+    k_val: int    # singular values (spectrum_wt): >= n_vec
+    all_: bool    # k_store or k_spec is ALL: every triplet
+
+    @property
+    def k_vectors(self) -> int:
+        return max(self.n_vec, self.sim_k)
+
+    @staticmethod
+    def of(cfg: AnalysisConfig, p: int) -> "Wanted":
+        n_vec, sim_k = clip_k(cfg.k_store, p), clip_k(cfg.sim_k, p)
+        k_val = max(n_vec, sim_k, clip_k(cfg.k_spec, p))
+        return Wanted(n_vec, sim_k, k_val, cfg.k_store == ALL or cfg.k_spec == ALL)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One LoRA-family update in the base's singular basis (float64)."""
+
+    q1: torch.Tensor   # [m, r] orthonormal basis of range(B)
+    r1: torch.Tensor   # [r, r]  B = Q1 R1
+    r2: torch.Tensor   # [r, r]  A^T = Q2 R2
+    g1: torch.Tensor   # [p, r]  U0^T Q1
+    g2: torch.Tensor   # [p, r]  V0^T Q2
+    rb: Optional[torch.Tensor]  # [r, r] QR triangle of Q1 - U0 G1 (m > p only)
+    ra: Optional[torch.Tensor]  # [r, r] QR triangle of Q2 - V0 G2 (n > p only)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().to(F64).numpy()
+
+
+def _outside_triangle(q: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """R of the QR of q - basis @ g: the part of span(q) the thin base basis misses."""
+    resid = q - (basis @ g.to(basis.dtype)).to(F64)           # [m, r]
+    return torch.linalg.qr(resid, mode="r")[1]
+
+
+def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Factors]:
+    """QR of each B and A^T, then U0^T Q1 and V0^T Q2 for the whole batch in two products.
+
+    The products run in the base's dtype (float32 by default, like the base SVD itself), the
+    small algebra in float64.
+    """
+    dev, dt = base.device, base.dtype
+    qr1, qr2 = [], []
+    for u in updates:
+        b = place(u.B, "factor B", u.tensor, dev, F64)        # [m, r], scale folded in
+        a = place(u.A, "factor A", u.tensor, dev, F64)        # [r, n]
+        if (b.shape[0], a.shape[1]) != base.shape or b.shape[1] != a.shape[0]:
+            raise BaseMismatchError(
+                f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not make a dW of the base "
+                f"shape {base.shape} (fan_in_fan_out not undone?)", tensor=u.tensor)
+        qr1.append(torch.linalg.qr(b))
+        qr2.append(torch.linalg.qr(a.T))
+    g1_all = (base.U.T @ torch.cat([q for q, _ in qr1], 1).to(dt)).to(F64)   # [p, sum r]
+    g2_all = (base.Vh @ torch.cat([q for q, _ in qr2], 1).to(dt)).to(F64)
+    (m, n), p = base.shape, int(base.S.shape[0])
+    out, col = [], 0
+    for (q1, r1), (q2, r2) in zip(qr1, qr2):
+        r = int(r1.shape[0])
+        g1, g2 = g1_all[:, col : col + r], g2_all[:, col : col + r]
+        col += r
+        rb = _outside_triangle(q1, base.U, g1) if m > p else None
+        ra = _outside_triangle(q2, base.Vh.T, g2) if n > p else None
+        out.append(Factors(q1, r1, r2, g1, g2, rb, ra))
+    return out
+
+
+def reduced_operator(s0: torch.Tensor, f: Factors, head: int) -> LowRankUpdate:
+    """M = diag(s0, 0) + Bt At with Wt = [U0 Qb] M [V0 Qa]^T (module docstring)."""
+    bt = f.g1 @ f.r1                                           # [p, r] = U0^T B
+    if f.rb is not None:
+        bt = torch.cat([bt, f.rb @ f.r1], 0)                   # [p + r, r]
+    at = (f.g2 @ f.r2).T                                       # [r, p] = A V0
+    if f.ra is not None:
+        at = torch.cat([at, (f.ra @ f.r2).T], 1)               # [r, p + r]
+    return LowRankUpdate(s0.to(F64), bt, at, head)
+
+
+def wt_triplets(op: LowRankUpdate, want: Wanted, tol: float = TOL,
+                dense_fraction: float = DENSE_FRACTION) -> Triplets:
+    """Top triplets of M: Krylov when it pays, a dense SVD of the small M when it does not."""
+    p, r = op.p, int(op.bt.shape[1])
+    if want.all_:
+        return dense_triplets(op.dense(), p)
+    if op.head + 2 * r + 2 * want.k_val > dense_fraction * p:
+        return dense_triplets(op.dense(), want.k_val)
+    return top_triplets(op, want.k_val, op.start(), k_vectors=want.k_vectors, tol=tol)
+
+
+def _head(want: Wanted, p: int) -> int:
+    # The top K + margin base directions are spanned exactly; the preconditioner handles the rest.
+    return min(p, want.k_val + 8)
+
+
+def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f: Factors,
+                  cfg: AnalysisConfig, want: Wanted, shared_seconds: float
+                  ) -> tuple[MatrixAnalysis, torch.Tensor]:
+    start = time.perf_counter()
+    shape, p = base.shape, int(base.S.shape[0])
+    s0 = base.S.to(F64)
+    wt = wt_triplets(reduced_operator(s0, f, _head(want, p)), want)
+    _log_fallback(wt, update.tensor)
+    uc, sd, vch = torch.linalg.svd(f.r1 @ f.r2.T)             # dW = (Q1 uc) diag(sd) (Q2 vch^T)^T
+    dw_sigma = np.zeros(p)
+    dw_sigma[: min(p, sd.shape[0])] = _np(sd)[:p]              # the other p - r are exactly 0
+    dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
+    amp_r = amplification_rank(update.rank, dw_rank, cfg.k)
+    norm_dw = float(np.sqrt(np.sum(dw_sigma**2)))
+    amp = None
+    if amp_r > 0:  # Hu et al. 7.3: ||(Q1 Ur)^T U0 diag(s0) V0^T (Q2 Vr)||_F
+        proj = (f.g1 @ uc[:, :amp_r]).T @ (s0[:, None] * (f.g2 @ vch[:amp_r].T))
+        denom = float(torch.linalg.matrix_norm(proj))
+        amp = norm_dw / denom if denom > 0 else None
+    item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
+                     time.perf_counter() - start + shared_seconds)
+    return item, f.q1 @ uc[:, : pair_rank(update.rank, dw_rank, cfg.pair_max)]
+
+
+def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate,
+                cfg: AnalysisConfig, want: Wanted) -> tuple[MatrixAnalysis, torch.Tensor]:
+    start = time.perf_counter()
+    shape, p = base.shape, int(base.S.shape[0])
+    dw = delta(update, w0.device, w0.dtype)                    # [m, n]
+    wt_op = DenseOperator((w0 + dw).to(F64))
+    if want.all_ or 2 * want.k_val > DENSE_FRACTION * p:
+        wt = dense_triplets(wt_op.m, p if want.all_ else want.k_val)
+    else:
+        warm = base.Vh[: min(p, want.k_val + 8)].T.to(F64)    # the base's top right vectors
+        wt = top_triplets(wt_op, want.k_val, warm, k_vectors=want.k_vectors, tol=TOL)
+    _log_fallback(wt, update.tensor)
+    u0, v0 = base.U.to(F64), base.Vh.T.to(F64)
+    # express Wt's vectors in base coordinates so one assembly serves both paths
+    wt = Triplets(wt.sigma, u0.T @ wt.U, v0.T @ wt.V, wt.residual, wt.iterations, wt.method)
+
+    dw_sigma = _np(torch.linalg.svdvals(dw))                   # all p of them (effective rank)
+    dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
+    amp_r = amplification_rank(update.rank, dw_rank, cfg.k)
+    n_pair = pair_rank(update.rank, dw_rank, cfg.pair_max) if cfg.pairs else 0
+    ud, vd = _dw_vectors(dw.to(F64), max(amp_r, n_pair), p)
+    norm_dw = float(np.sqrt(np.sum(dw_sigma**2)))
+    amp = None
+    if amp_r > 0:
+        denom = float(torch.linalg.matrix_norm(ud[:, :amp_r].T @ w0.to(F64) @ vd[:, :amp_r]))
+        amp = norm_dw / denom if denom > 0 else None
+    item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
+                     time.perf_counter() - start)
+    return item, ud[:, :n_pair]
+
+
+def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left/right singular vectors of a dense dW (random but seeded start)."""
+    if k == 0:
+        return dw.new_zeros(dw.shape[0], 0), dw.new_zeros(dw.shape[1], 0)
+    if 2 * k > DENSE_FRACTION * p:
+        t = dense_triplets(dw, k)
+    else:
+        gen = torch.Generator(device=dw.device).manual_seed(0)
+        start = torch.randn(dw.shape[1], k + 8, generator=gen, dtype=F64, device=dw.device)
+        t = top_triplets(DenseOperator(dw), k, start, tol=TOL)
+        _log_fallback(t, "dW")
+    return t.U, t.V
+
+
+def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
+              base_sigma: np.ndarray, wt: Triplets, dw_sigma: np.ndarray, want: Wanted,
+              amp: Optional[float], amp_r: int, seconds: float) -> MatrixAnalysis:
+    """wt.U / wt.V hold Wt's singular vectors in base coordinates: row i <-> u0_i / v0_i."""
+    p = int(base_sigma.shape[0])
+    cos_u = wt.U[:p, : want.n_vec].abs().max(dim=0)
+    cos_v = wt.V[:p, : want.n_vec].abs().max(dim=0)
+    return build_matrix_analysis(
+        tensor=update.tensor, shape=shape, cfg=cfg, base_sigma=base_sigma,
+        wt_sigma=_np(wt.sigma), dw_sigma=dw_sigma,
+        u_cos=(_np(cos_u.values), cos_u.indices.cpu().numpy()),
+        v_cos=(_np(cos_v.values), cos_v.indices.cpu().numpy()),
+        amplification=amp, amp_rank=amp_r if amp_r > 0 else None,
+        similarity=_np(wt.U[: want.sim_k, : want.sim_k].abs()),   # [i, j] = |<u0_i, ut_j>|
+        mode="fast", seconds=seconds,
+    )
+
+
+def _log_fallback(t: Triplets, tensor: str) -> None:
+    if t.method == "dense-fallback":
+        log.warning("fast engine: Krylov solve did not converge for %s; used a dense SVD of the "
+                    "reduced operator instead (results exact, only slower)", tensor)
+
+
+def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
+                 device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
+    """DESIGN.md section 6 on one base matrix and a batch of its updates (same API as exact)."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    shape = (int(w0.shape[0]), int(w0.shape[1]))
+    tensor = batch_tensor(updates, shape)
+    w0 = place(w0, "base matrix W0", tensor, dev, torch_dtype(cfg.dtype))
+    if base is None:
+        base = base_svd(w0, cfg, dev, tensor)
+        base_seconds = base.seconds
+    else:
+        check_base(base, w0, tensor)
+        base_seconds = 0.0
+    base_sigma = base.sigma()
+    want = Wanted.of(cfg, min(shape))
+
+    low = [i for i, u in enumerate(updates) if u.is_low_rank]
+    t0 = time.perf_counter()
+    factors = dict(zip(low, project_factors(base, [updates[i] for i in low]))) if low else {}
+    shared = (time.perf_counter() - t0) / max(len(low), 1)    # batched products, split evenly
+
+    items, subspaces = [], []
+    for i, update in enumerate(updates):
+        if i in factors:
+            item, sub = _lowrank_item(base, base_sigma, update, factors[i], cfg, want, shared)
+        else:
+            item, sub = _dense_item(w0, base, base_sigma, update, cfg, want)
+        items.append(item)
+        subspaces.append(sub)
+    return BatchAnalysis(
+        tensor=tensor, shape=shape,
+        spectrum_w0=base_sigma[: clip_k(cfg.k_spec, base_sigma.size)],
+        items=items, pairs=pair_grids(subspaces) if cfg.pairs else [],
+        mode="fast", dtype=cfg.dtype, device=str(w0.device),
+        seconds=time.perf_counter() - start, base_seconds=base_seconds,
+    )
