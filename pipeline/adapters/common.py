@@ -1,0 +1,253 @@
+"""What every artifact shares: Target records, the Artifact interface, key mapping, safe reads.
+
+Layout convention (DESIGN.md section 1): every matrix handed to the math is [out, in]. A GPT-2
+`Conv1D` weight is stored [in, out]; its Target has `transpose=True`, and `read_base` is the one
+place that turns the stored base weight into [out, in]. `MatrixUpdate`s are always [out, in]
+already, so callers that pass `w0` to `load_update` must pass it as `read_base` returns it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional, Union
+
+import torch
+
+from ..errors import (
+    BaseMismatchError,
+    CheckpointNotFoundError,
+    TensorNotFoundError,
+    UnsupportedDtypeError,
+)
+from ..updates import MatrixUpdate, Role, UpdateKind
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint, FileSource
+
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_HEAD_PARTS = {"lm_head", "classifier", "score", "qa_outputs", "pooler", "pre_classifier", "cls"}
+_EMBED_LEAVES = ("wte", "wpe", "embed_tokens", "word_embeddings", "position_embeddings",
+                 "token_type_embeddings", "embed_positions", "shared")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One base matrix an artifact updates, known from headers and config only.
+
+    tensor:    base checkpoint key.
+    shape:     (m, n) in [out, in] layout.
+    transpose: the base stores this weight as [in, out] (Conv1D); read_base transposes it.
+    source:    the artifact-side name (adapter module path or fine-tune key), for messages.
+    """
+
+    tensor: str
+    shape: tuple[int, int]
+    role: Role
+    kind: UpdateKind
+    transpose: bool = False
+    source: str = ""
+
+
+class Artifact(ABC):
+    """A fine-tuned artifact (PEFT adapter or full fine-tune) relative to a base checkpoint."""
+
+    model_id: str
+    revision: Optional[str]
+    kind: str  # lora|dora|adalora|loha|lokr|vera|ia3|full|mixed
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Fields of the `models` table (schemas/tables.py MODELS) this artifact knows."""
+
+    @abstractmethod
+    def targets(self, base: "Checkpoint") -> list[Target]:
+        """Every base matrix this artifact updates, from headers and config only."""
+
+    @abstractmethod
+    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
+                    w0: Optional[torch.Tensor] = None) -> MatrixUpdate:
+        """The exact dW for one base matrix; `w0` ([out, in], as read_base returns) avoids a re-read."""
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(artifact key, reason) for tensors deliberately not analysed (biases, new heads, ...)."""
+        return list(getattr(self, "_skipped", []))
+
+    # shared by both kinds: resolve a tensor name to the planned Target for this base
+    def _target(self, target_or_tensor: Union[Target, str], base: "Checkpoint") -> Target:
+        if isinstance(target_or_tensor, Target):
+            return target_or_tensor
+        cache = self.__dict__.setdefault("_targets_by_base", {})
+        key = id(base)
+        if key not in cache:
+            cache[key] = (base, {t.tensor: t for t in self.targets(base)})
+        found = cache[key][1].get(target_or_tensor)
+        if found is None:
+            raise TensorNotFoundError(
+                f"{self.model_id} does not update base tensor {target_or_tensor!r}; "
+                "plan with targets(base) and pass one of its tensors",
+                file=self._location, tensor=target_or_tensor,
+            )
+        return found
+
+    _location: str = ""
+
+
+# --- files -------------------------------------------------------------------------------
+class Files:
+    """The artifact's FileSource (a local directory becomes a LocalFileSource) plus helpers."""
+
+    def __init__(self, location: Union[str, os.PathLike, "FileSource"]) -> None:
+        from ..checkpoint import LocalFileSource
+
+        if isinstance(location, (str, os.PathLike)):
+            self.dir: Optional[Path] = Path(location)
+            if not self.dir.is_dir():
+                raise CheckpointNotFoundError(
+                    "not a directory; pass the folder that holds the adapter or model", file=str(location))
+            self.source = LocalFileSource(self.dir)
+        else:
+            self.dir, self.source = None, location
+        self.name = str(getattr(self.source, "name", location))
+
+    def exists(self, filename: str) -> bool:
+        return bool(self.source.exists(filename))
+
+    def read_text(self, filename: str) -> str:
+        return self.source.read_text(filename)
+
+    def read_json(self, filename: str) -> dict:
+        from ..errors import AdapterConfigError
+
+        try:
+            data = json.loads(self.read_text(filename))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterConfigError(f"{filename} is not valid JSON ({err}); re-save it",
+                                     file=self.path(filename)) from err
+        if not isinstance(data, dict):
+            raise AdapterConfigError(f"{filename} must hold a JSON object", file=self.path(filename))
+        return data
+
+    def path(self, filename: str) -> str:
+        return f"{self.name.rstrip('/')}/{filename}"
+
+    def open_checkpoint(self, filename: Optional[str] = None) -> "Checkpoint":
+        from ..checkpoint import Checkpoint
+
+        return Checkpoint.open(self.source, filename)
+
+
+def ckpt_name(ckpt: "Checkpoint") -> str:
+    return str(getattr(getattr(ckpt, "source", None), "name", "base"))
+
+
+# --- reading tensors safely --------------------------------------------------------------
+def where(ckpt: "Checkpoint", key: str, fallback: str) -> str:
+    """The file a tensor lives in, for error messages."""
+    try:
+        return f"{fallback}::{ckpt.info(key).file}"
+    except Exception:  # noqa: BLE001 - only used to decorate an error message
+        return fallback
+
+
+def check_dtype(ckpt: "Checkpoint", key: str, location: str) -> torch.dtype:
+    info = ckpt.info(key)
+    if info.dtype not in FLOAT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"tensor {key!r} has dtype {info.dtype}; zoospectra reads F32/F16/BF16/F64 only "
+            "(quantised or integer weights cannot be analysed: dequantise and re-save in bf16/f32)",
+            file=f"{location}::{info.file}", tensor=key,
+        )
+    return FLOAT_DTYPES[info.dtype]
+
+
+def read(ckpt: "Checkpoint", key: str, location: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One tensor upcast to `dtype`; unknown dtypes refused here, NaN/Inf by Checkpoint.get (file + tensor named)."""
+    check_dtype(ckpt, key, location)
+    return ckpt.get(key, dtype=dtype)
+
+
+def read_base(base: "Checkpoint", target: Target, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The base matrix W0 of a target in [out, in] layout (Conv1D weights transposed)."""
+    w0 = read(base, target.tensor, ckpt_name(base), dtype)
+    return w0.T.contiguous() if target.transpose else w0
+
+
+def checked_w0(w0: Optional[torch.Tensor], base: "Checkpoint", target: Target,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The caller's W0 if given (validated against the target shape), else read it once."""
+    if w0 is None:
+        return read_base(base, target, dtype)
+    if tuple(w0.shape) != tuple(target.shape):
+        raise BaseMismatchError(
+            f"w0 passed for {target.tensor!r} has shape {tuple(w0.shape)}, expected {target.shape} "
+            "([out, in]; transpose Conv1D weights as read_base does)",
+            tensor=target.tensor,
+        )
+    return w0.to(dtype)
+
+
+# --- key mapping -------------------------------------------------------------------------
+def match_base_key(name: str, base_keys: Iterable[str], *, artifact: str, base_name: str) -> Optional[str]:
+    """The base key for an artifact key, matched on whole dotted components.
+
+    Exact match first; else the longest suffix of `name` that is a base key (adapter trained on a
+    wrapper, e.g. "bert.encoder..." or "transformer.h.0..." vs a bare base); else base keys that
+    end with "." + name (base saved with an extra prefix, e.g. "model."). Several equally good
+    candidates -> BaseMismatchError naming them all. None when nothing matches.
+    """
+    keys = base_keys if isinstance(base_keys, (set, frozenset, dict)) else set(base_keys)
+    if name in keys:
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        cand = ".".join(parts[i:])
+        if cand in keys:
+            return cand
+    longer = sorted(k for k in keys if k.endswith("." + name))
+    if len(longer) == 1:
+        return longer[0]
+    if len(longer) > 1:
+        raise BaseMismatchError(
+            f"artifact key {name!r} matches several base keys {longer[:5]}; "
+            "the base checkpoint is ambiguous for this adapter",
+            file=artifact, base=base_name, tensor=name,
+        )
+    return None
+
+
+def nearest_keys(name: str, base_keys: Iterable[str], n: int = 3) -> list[str]:
+    """A few base keys sharing the longest dotted suffix with `name` (for error messages)."""
+    leaf = name.split(".")
+
+    def shared(k: str) -> int:
+        kp, i = k.split("."), 0
+        while i < min(len(kp), len(leaf)) and kp[-1 - i] == leaf[-1 - i]:
+            i += 1
+        return i
+
+    return sorted(base_keys, key=lambda k: (-shared(k), k))[:n]
+
+
+def role_of(key: str) -> Role:
+    """linear / embedding / head, from the key's name (the paper studies the linear layers)."""
+    parts = key.split(".")
+    leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+    if leaf in _EMBED_LEAVES or "embed" in leaf:
+        return "embedding"
+    if any(p in _HEAD_PARTS for p in parts):
+        return "head"
+    return "linear"
+
+
+def mismatch(msg: str, *, artifact: str, base_name: str, tensor: str, base_tensor: str | None = None
+             ) -> BaseMismatchError:
+    return BaseMismatchError(msg, file=artifact, base=base_name, tensor=tensor, base_tensor=base_tensor)
+
+
+def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, **extra: object) -> MatrixUpdate:
+    return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.float().contiguous(),
+                        role=target.role, **extra)

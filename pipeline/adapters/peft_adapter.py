@@ -1,0 +1,512 @@
+"""PEFT adapters on disk (adapter_config.json + adapter_model.safetensors) -> exact dW per matrix.
+
+Formulas follow PEFT 0.21's own merge code (tuners/<type>/layer.py `get_delta_weight`,
+lora/variants.py for DoRA), checked against `merge_and_unload()` in tests/test_adapters.py:
+
+  LoRA      dW = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with use_rslora),
+            r / alpha per module from rank_pattern / alpha_pattern (peft.utils.other.get_pattern_key:
+            the first pattern p with re.match(rf"(.*\\.)?({p})$", module) wins)
+  embedding dW = (B @ A)^T * scale   (lora_embedding_A [r, num_emb], lora_embedding_B [dim, r])
+  DoRA      Wt = m / ||W0 + dW_lora||_row * (W0 + dW_lora), dW = Wt - W0 (embeddings: per column)
+  AdaLoRA   dW = B @ (A * E) * scale / (ranknum + 1e-5), scale = alpha if alpha > 0 else r,
+            ranknum = init_r (PEFT no longer saves it; a saved `ranknum` tensor wins)
+  LoHa      dW = ((w1a @ w1b) * (w2a @ w2b)) * alpha / r
+  LoKr      dW = kron(w1, w2) * alpha / r, w1 = w1_a @ w1_b and w2 = w2_a @ w2_b when decomposed
+  VeRA      dW = (lambda_b * B[:m]) @ (lambda_d * A[:, :n]), shared A/B saved or regenerated from
+            projection_prng_key exactly as VeraModel._init_vera_A_vera_B does
+  IA3       dW = W0 * (l - 1), l [1, in] (feed-forward: scales inputs) or [out, 1] (outputs)
+  modules_to_save  dW = W_saved - W0 (dense replacement)
+Everything is [out, in]: with fan_in_fan_out the stored base weight is [in, out] (Target.transpose).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+
+from ..errors import (
+    AdapterConfigError,
+    BaseMismatchError,
+    UnsupportedAdapterError,
+)
+from ..updates import MatrixUpdate, UpdateKind
+from .common import (
+    Artifact, Files, Target, check_dtype, ckpt_name, checked_w0, dense_update, match_base_key, nearest_keys, read,
+    role_of,
+)
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+_KIND: dict[str, UpdateKind] = {"LORA": "lora", "ADALORA": "adalora", "LOHA": "loha", "LOKR": "lokr",
+                                "VERA": "vera", "IA3": "ia3"}
+_REQUIRED = {"LORA": ("r", "lora_alpha"), "ADALORA": ("init_r", "lora_alpha"), "LOHA": ("r", "alpha"),
+             "LOKR": ("r", "alpha"), "VERA": ("r", "projection_prng_key"), "IA3": ()}
+_SUFFIXES = {
+    "LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector.weight",
+             "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"),
+    "ADALORA": ("lora_A", "lora_B", "lora_E", "ranknum"),
+    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "VERA": ("vera_lambda_b", "vera_lambda_d"),
+    "IA3": ("ia3_l",),
+}
+# init_lora_weights values whose init subtracts B @ A (or a quantisation residual) from the base:
+# the saved factors are then a delta against a modified base (lora/layer.py *_init methods).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoRA variants whose merge is not `W0 + scale * B @ A` (or DoRA), or that change the module set.
+_REFUSED_OPTIONS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
+                    "monteclora_config", "kasa_config", "use_qalora", "layer_replication",
+                    "target_parameters", "trainable_token_indices", "megatron_config")
+PREFIX = "base_model.model."
+
+
+def get_pattern_key(patterns: list[str], module: str) -> Optional[str]:
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first match wins."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass
+class _Module:
+    """The adapter tensors of one targeted module: suffix -> adapter key."""
+
+    path: str
+    keys: dict[str, str] = field(default_factory=dict)
+    replacement: bool = False  # modules_to_save: full tensors under their own names
+
+
+class PeftAdapter(Artifact):
+    def __init__(self, files: Files, *, model_id: Optional[str] = None, revision: Optional[str] = None) -> None:
+        self.files = files
+        self._location = files.path(WEIGHTS)
+        self.config_text = files.read_text(CONFIG)
+        self.config = files.read_json(CONFIG)
+        self.model_id = model_id or files.name.rstrip("/").split("/")[-1]
+        self.revision = revision
+        self.peft_type = self._peft_type()
+        self._validate_config()
+        self.ckpt = files.open_checkpoint(WEIGHTS)
+        self.modules, self.shared = self._group_keys()
+        self.kind = self._artifact_kind()
+        self._skipped: list[tuple[str, str]] = []
+
+    # --- config ---------------------------------------------------------------------------
+    def _cfg_error(self, msg: str, **ctx: Any) -> AdapterConfigError:
+        return AdapterConfigError(msg, file=self.files.path(CONFIG), **ctx)
+
+    def _peft_type(self) -> str:
+        if "peft_type" not in self.config:
+            raise self._cfg_error("missing field 'peft_type'; is this a PEFT adapter_config.json?",
+                                  field="peft_type")
+        ptype = str(self.config["peft_type"]).upper()
+        if ptype not in _KIND:
+            raise UnsupportedAdapterError(
+                f"peft_type {ptype!r} is not supported; zoospectra computes exact updates for "
+                f"{sorted(_KIND)} only", file=self.files.path(CONFIG), peft_type=ptype)
+        return ptype
+
+    def _validate_config(self) -> None:
+        for name in _REQUIRED[self.peft_type]:
+            if self.config.get(name) is None:
+                raise self._cfg_error(f"missing field {name!r} required for {self.peft_type}", field=name)
+        for name in ("r", "init_r"):
+            if name in _REQUIRED[self.peft_type] and not (isinstance(self.config[name], int) and self.config[name] > 0):
+                raise self._cfg_error(f"{name} must be a positive integer, got {self.config[name]!r}", field=name)
+        for name, value in (self.config.get("rank_pattern") or {}).items():
+            if self.peft_type != "ADALORA" and not (isinstance(value, int) and value > 0):
+                raise self._cfg_error(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}",
+                                      field="rank_pattern")
+        if self.peft_type in ("LORA", "ADALORA"):
+            for name in _REFUSED_OPTIONS:
+                if self.config.get(name):
+                    raise UnsupportedAdapterError(
+                        f"LoRA option {name}={self.config[name]!r} changes how the update is applied; "
+                        "zoospectra cannot compute an exact dW for it", file=self.files.path(CONFIG), field=name)
+
+    @property
+    def init(self) -> str:
+        for name in ("init_lora_weights", "init_weights", "init_ia3_weights"):
+            if name in self.config:
+                return str(self.config[name])
+        return "True"
+
+    @property
+    def base_rewritten(self) -> bool:
+        return self.init.lower().startswith(BASE_REWRITING_INITS)
+
+    def describe(self) -> dict:
+        c, pt = self.config, self.peft_type
+        r = c.get("init_r") if pt == "ADALORA" else (None if pt == "IA3" else c.get("r"))
+        alpha = c.get("lora_alpha", c.get("alpha")) if pt not in ("VERA", "IA3") else None
+        targets = c.get("target_modules")
+        return dict(
+            peft_type=pt, r=r, alpha=None if alpha is None else float(alpha),
+            use_rslora=bool(c.get("use_rslora", False)), use_dora=bool(c.get("use_dora", False)),
+            fan_in_fan_out=bool(c.get("fan_in_fan_out", False)),
+            target_modules=None if targets is None else ([targets] if isinstance(targets, str) else list(targets)),
+            init=self.init, base_rewritten=self.base_rewritten, config_json=self.config_text,
+        )
+
+    # --- keys -----------------------------------------------------------------------------
+    def _group_keys(self) -> tuple[dict[str, _Module], dict[str, str]]:
+        suffixes = sorted(_SUFFIXES[self.peft_type], key=len, reverse=True)
+        mts = self.config.get("modules_to_save") or []
+        modules: dict[str, _Module] = {}
+        shared: dict[str, str] = {}
+        for key in self.ckpt.keys():
+            if self.peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
+                shared[key.rsplit(".", 1)[1]] = key
+                continue
+            rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+            if suffix is not None:
+                path = rest[: -len(suffix) - 1]
+                modules.setdefault(path, _Module(path)).keys[suffix] = key
+                continue
+            path, _, leaf = rest.rpartition(".")
+            if path and any(path.endswith(t) for t in mts):
+                mod = modules.setdefault("mts:" + path, _Module(path, replacement=True))
+                mod.keys[leaf] = key
+                continue
+            raise UnsupportedAdapterError(
+                f"tensor {key!r} is not a {self.peft_type} parameter zoospectra knows "
+                f"(expected a suffix in {list(_SUFFIXES[self.peft_type])} or a modules_to_save module)",
+                file=self._location, tensor=key)
+        if not modules:
+            raise AdapterConfigError("adapter holds no adapter tensors", file=self._location)
+        return modules, shared
+
+    def _artifact_kind(self) -> str:
+        kind = _KIND[self.peft_type]
+        if kind == "lora" and (self.config.get("use_dora") or any(
+                "lora_magnitude_vector" in k for m in self.modules.values() for k in m.keys)):
+            kind = "dora"
+        has_mts = any(m.replacement and "weight" in m.keys for m in self.modules.values())
+        return "mixed" if has_mts else kind
+
+    # --- planning -------------------------------------------------------------------------
+    def targets(self, base: "Checkpoint") -> list[Target]:
+        base_keys = set(base.keys())
+        base_name = ckpt_name(base)
+        for key in self.ckpt.keys():  # quantised / integer adapter tensors fail at plan time
+            check_dtype(self.ckpt, key, self._location)
+        out, self._skipped = [], []
+        self._plan: dict[str, tuple[_Module, Target]] = {}
+        for mod in sorted(self.modules.values(), key=lambda m: (m.replacement, m.path)):
+            target = self._plan_module(mod, base, base_keys, base_name)
+            if target is None:
+                continue
+            if target.tensor in self._plan:
+                raise BaseMismatchError(
+                    f"two adapter modules map to base tensor {target.tensor!r}: "
+                    f"{self._plan[target.tensor][0].path!r} and {mod.path!r}",
+                    file=self._location, base=base_name, tensor=target.tensor)
+            self._plan[target.tensor] = (mod, target)
+            out.append(target)
+        return out
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.ckpt.info(key).shape)
+
+    def _plan_module(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
+                     base_name: str) -> Optional[Target]:
+        if mod.replacement:
+            return self._plan_replacement(mod, base, base_keys, base_name)
+        first = next(iter(mod.keys.values()))
+        base_key = match_base_key(mod.path + ".weight", base_keys, artifact=self._location, base_name=base_name)
+        if base_key is None:
+            raise BaseMismatchError(
+                f"adapter module {mod.path!r} (tensor {first!r}) has no weight in the base checkpoint; "
+                f"nearest base keys: {nearest_keys(mod.path + '.weight', base_keys)}. Is this adapter for "
+                "another base model?", file=self._location, base=base_name, tensor=first)
+        stored = tuple(base.info(base_key).shape)
+        if len(stored) != 2:
+            raise UnsupportedAdapterError(
+                f"base tensor {base_key!r} has shape {stored}; only 2-D weights (Linear, Conv1D, Embedding) "
+                "are supported", file=self._location, base=base_name, tensor=first)
+        return self._plan_factors(mod, base_key, stored, base_name)
+
+    def _plan_factors(self, mod: _Module, base_key: str, stored: tuple[int, ...], base_name: str) -> Target:
+        """(m, n) and the layout from the factor shapes; any disagreement with the base is an error."""
+        k, pt = mod.keys, self.peft_type
+        fifo = bool(self.config.get("fan_in_fan_out", False))
+        kind: UpdateKind = _KIND[pt]
+        role = role_of(base_key)
+        if pt == "LORA" and "lora_embedding_A" in k:
+            need = {"lora_embedding_A", "lora_embedding_B"}
+            self._require(mod, need)
+            r, n_emb = self._shape(k["lora_embedding_A"])
+            dim = self._shape(k["lora_embedding_B"])[0]
+            mn, fifo, role = (n_emb, dim), False, "embedding"
+        elif pt in ("LORA", "ADALORA"):
+            a, b = ("lora_A.weight", "lora_B.weight") if pt == "LORA" else ("lora_A", "lora_B")
+            self._require(mod, {a, b} | ({"lora_E"} if pt == "ADALORA" else set()))
+            mn = (self._shape(k[b])[0], self._shape(k[a])[1])
+        elif pt == "LOHA":
+            self._require(mod, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
+            if "hada_t1" in k:
+                raise UnsupportedAdapterError("LoHa CP-decomposed (convolution) factors are not supported",
+                                              file=self._location, tensor=k["hada_t1"])
+            mn, fifo = (self._shape(k["hada_w1_a"])[0], self._shape(k["hada_w1_b"])[1]), False
+        elif pt == "LOKR":
+            if "lokr_t2" in k:
+                raise UnsupportedAdapterError("LoKr CP-decomposed (convolution) factors are not supported",
+                                              file=self._location, tensor=k["lokr_t2"])
+            w1 = self._factor_shape(mod, "lokr_w1")
+            w2 = self._factor_shape(mod, "lokr_w2")
+            mn, fifo = (w1[0] * w2[0], w1[1] * w2[1]), False
+        elif pt == "VERA":
+            self._require(mod, {"vera_lambda_b", "vera_lambda_d"})
+            m = self._shape(k["vera_lambda_b"])[0]
+            mn = (m, stored[0] if fifo else stored[1])
+        else:  # IA3: [1, in] scales inputs (feed-forward), [out, 1] scales outputs
+            l_shape = self._shape(k["ia3_l"])
+            n_or_m = stored[0] if fifo else stored[1]
+            mn = (stored[1] if fifo else stored[0], n_or_m)
+            if l_shape not in ((1, mn[1]), (mn[0], 1)):
+                raise BaseMismatchError(
+                    f"ia3_l {k['ia3_l']!r} has shape {l_shape}, which scales neither the inputs nor the outputs "
+                    f"of base tensor {base_key!r} ([out, in] = {mn})",
+                    file=self._location, base=base_name, tensor=k["ia3_l"], base_tensor=base_key)
+        if kind == "lora" and ("lora_magnitude_vector" in k or "lora_magnitude_vector.weight" in k):
+            kind = "dora"
+        if kind == "lora" and self.config.get("use_dora"):
+            raise AdapterConfigError(f"use_dora is set but module {mod.path!r} has no lora_magnitude_vector",
+                                     file=self._location, tensor=next(iter(k.values())))
+        expect = (mn[1], mn[0]) if fifo else mn
+        if tuple(stored) != tuple(expect):
+            raise BaseMismatchError(
+                f"adapter module {mod.path!r} implies a base weight of shape {tuple(expect)}"
+                f"{' ([in, out], fan_in_fan_out)' if fifo else ''}, but base tensor {base_key!r} has shape "
+                f"{tuple(stored)}. Is this adapter for another base model?",
+                file=self._location, base=base_name, tensor=next(iter(k.values())), base_tensor=base_key)
+        return Target(tensor=base_key, shape=(int(mn[0]), int(mn[1])), role=role, kind=kind,
+                      transpose=fifo, source=mod.path)
+
+    def _factor_shape(self, mod: _Module, name: str) -> tuple[int, int]:
+        k = mod.keys
+        if name in k:
+            return self._shape(k[name])  # type: ignore[return-value]
+        self._require(mod, {f"{name}_a", f"{name}_b"})
+        return (self._shape(k[f"{name}_a"])[0], self._shape(k[f"{name}_b"])[1])
+
+    def _require(self, mod: _Module, names: set[str]) -> None:
+        missing = sorted(names - set(mod.keys))
+        if missing:
+            raise AdapterConfigError(
+                f"module {mod.path!r} lacks tensors {missing} (has {sorted(mod.keys)}); the adapter file is incomplete",
+                file=self._location, tensor=f"{PREFIX}{mod.path}.{missing[0]}")
+
+    def _plan_replacement(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
+                          base_name: str) -> Optional[Target]:
+        for leaf, key in mod.keys.items():
+            if leaf != "weight" or len(self._shape(key)) != 2:
+                self._skipped.append((key, "modules_to_save: not a 2-D weight"))
+        if "weight" not in mod.keys or len(self._shape(mod.keys["weight"])) != 2:
+            return None
+        key = mod.keys["weight"]
+        base_key = match_base_key(mod.path + ".weight", base_keys, artifact=self._location, base_name=base_name)
+        if base_key is None:  # a new task head (e.g. "classifier"): no W0 to compare against
+            self._skipped.append((key, "modules_to_save: not in the base checkpoint (new head)"))
+            return None
+        stored, own = tuple(base.info(base_key).shape), self._shape(key)
+        if stored != own:
+            raise BaseMismatchError(
+                f"modules_to_save tensor {key!r} has shape {own} but base tensor {base_key!r} has {stored}",
+                file=self._location, base=base_name, tensor=key, base_tensor=base_key)
+        return Target(tensor=base_key, shape=(int(own[0]), int(own[1])), role=role_of(base_key),
+                      kind="modules_to_save", transpose=False, source=mod.path)
+
+    # --- per-module rank, alpha, scale -------------------------------------------------------
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        c = self.config
+        r_pat, a_pat = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+        r_key, a_key = get_pattern_key(list(r_pat), path), get_pattern_key(list(a_pat), path)
+        alpha_default = c.get("lora_alpha", c.get("alpha"))
+        r = r_pat[r_key] if r_key is not None else c["r"]
+        alpha = a_pat[a_key] if a_key is not None else alpha_default
+        return int(r), float(alpha)
+
+    def _scale(self, path: str, rank_seen: int, tensor: str) -> tuple[int, float, float]:
+        r, alpha = self.rank_alpha(path)
+        if rank_seen != r:
+            raise AdapterConfigError(
+                f"module {path!r}: config gives r={r} (r/rank_pattern) but {tensor!r} has rank {rank_seen}; "
+                "the scale alpha/r would be wrong", file=self._location, tensor=tensor)
+        rslora = bool(self.config.get("use_rslora", False))
+        return r, alpha, (alpha / math.sqrt(r) if rslora else alpha / r)
+
+    # --- loading ----------------------------------------------------------------------------
+    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
+                    w0: Optional[torch.Tensor] = None) -> MatrixUpdate:
+        target = self._target(target_or_tensor, base)
+        if not hasattr(self, "_plan") or target.tensor not in self._plan:
+            self.targets(base)
+        mod, target = self._plan[target.tensor]
+        upd = self._compute(mod, target, base, w0)
+        if self.base_rewritten:
+            upd.notes["warning"] = (
+                f"init_lora_weights={self.init!r} rewrote the base before training: dW is relative to a "
+                "modified base, not to this checkpoint (save with path_initial_model_for_weight_conversion "
+                "to get a plain LoRA against the original base)")
+        if "lora_B.bias" in mod.keys:
+            upd.notes["bias"] = "lora_bias: the bias is updated too (not part of this matrix)"
+        if "ia3_l" in mod.keys and self._shape(mod.keys["ia3_l"])[1] == 1:
+            upd.notes["bias"] = "IA3 on outputs also scales the bias (not part of this matrix)"
+        return upd
+
+    def _t(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return read(self.ckpt, key, self._location, dtype)
+
+    def _compute(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+        k, pt = mod.keys, self.peft_type
+        if mod.replacement:
+            new = self._t(k["weight"], torch.float64)
+            return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save")
+        if pt == "LORA":
+            return self._lora(mod, t, base, w0)
+        if pt == "ADALORA":
+            return self._adalora(mod, t)
+        if pt == "LOHA":
+            r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
+            w1 = self._t(k["hada_w1_a"]) @ self._t(k["hada_w1_b"])   # [m, r] @ [r, n]
+            w2 = self._t(k["hada_w2_a"]) @ self._t(k["hada_w2_b"])
+            return dense_update(t, (w1 * w2) * scale, "loha", rank=r, alpha=alpha, scale=scale)
+        if pt == "LOKR":
+            return self._lokr(mod, t)
+        if pt == "VERA":
+            return self._vera(mod, t)
+        lvec = self._t(k["ia3_l"], torch.float64)  # [1, n] or [m, 1]: broadcasts over [out, in]
+        return dense_update(t, checked_w0(w0, base, t, torch.float64) * (lvec - 1.0), "ia3")
+
+    def _lora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+        k = mod.keys
+        if "lora_embedding_A" in k:
+            a_raw, b_raw = self._t(k["lora_embedding_A"]), self._t(k["lora_embedding_B"])  # [r, N], [d, r]
+            r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k["lora_embedding_A"])
+            B, A = a_raw.T * scale, b_raw.T       # dW = (B_raw @ A_raw)^T * scale = A_raw^T @ B_raw^T * scale
+        else:
+            a_raw, b_raw = self._t(k["lora_A.weight"]), self._t(k["lora_B.weight"])      # [r, n], [m, r]
+            r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k["lora_A.weight"])
+            B, A = b_raw * scale, a_raw
+        norms = dict(norm_a=float(a_raw.norm()), norm_b=float(b_raw.norm()))
+        if t.kind != "dora":
+            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B.contiguous(), A=A.contiguous(),
+                                role=t.role, rank=r, alpha=alpha, scale=scale, **norms)
+        mag_key = k.get("lora_magnitude_vector", k.get("lora_magnitude_vector.weight"))
+        mag = self._t(mag_key, torch.float64)
+        base64 = checked_w0(w0, base, t, torch.float64)
+        merged = base64 + B.double() @ A.double()                      # [m, n]
+        # Linear: one norm per output row; Embedding (fan_in_fan_out=True in PEFT): per column.
+        dim = 0 if "lora_embedding_A" in k else 1
+        norm = torch.linalg.norm(merged, dim=dim, keepdim=True)
+        if mag.numel() != norm.numel():
+            raise BaseMismatchError(f"lora_magnitude_vector {mag_key!r} has {mag.numel()} entries, expected "
+                                    f"{norm.numel()}", file=self._location, tensor=mag_key, base_tensor=t.tensor)
+        wt = (mag.view(norm.shape) / norm) * merged
+        return dense_update(t, wt - base64, "dora", rank=r, alpha=alpha, scale=scale, **norms)
+
+    def _adalora(self, mod: _Module, t: Target) -> MatrixUpdate:
+        k, c = mod.keys, self.config
+        a, b, e = self._t(k["lora_A"]), self._t(k["lora_B"]), self._t(k["lora_E"])  # [r, n], [m, r], [r, 1]
+        rank, init_r, alpha = a.shape[0], int(c["init_r"]), float(c["lora_alpha"])
+        pruned = self._adalora_pattern_rank(mod.path)
+        if pruned is not None and pruned != rank:
+            raise AdapterConfigError(f"rank_pattern keeps {pruned} ranks of {mod.path!r} but lora_A has {rank}",
+                                     file=self._location, tensor=k["lora_A"])
+        if pruned is None and rank != init_r:
+            raise AdapterConfigError(f"lora_A has rank {rank} but init_r={init_r} and no rank_pattern entry",
+                                     file=self._location, tensor=k["lora_A"])
+        # PEFT: scaling = alpha if alpha > 0 else r at (re)creation; ranknum keeps init_r across resizing.
+        scale = alpha if alpha > 0 else float(rank if pruned is not None else init_r)
+        ranknum = float(self._t(k["ranknum"]).item()) if "ranknum" in k else float(init_r)
+        eff = scale / (ranknum + 1e-5)
+        norms = dict(norm_a=float(a.norm()), norm_b=float(b.norm()))
+        if rank == 0:
+            return dense_update(t, torch.zeros(t.shape), "adalora", rank=0, alpha=alpha, scale=eff, **norms)
+        return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=(b * eff).contiguous(),
+                            A=(a * e).contiguous(), role=t.role, rank=rank, alpha=alpha, scale=eff,
+                            notes={"E": "A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)"},
+                            **norms)
+
+    def _adalora_pattern_rank(self, path: str) -> Optional[int]:
+        """AdaLoRA's rank_pattern maps parameter names ("...query.lora_E") to boolean keep-masks."""
+        for name, mask in (self.config.get("rank_pattern") or {}).items():
+            prefix = name.rsplit(".", 1)[0] if not name.endswith(".default") else name.rsplit(".", 2)[0]
+            if prefix == path or prefix.endswith("." + path) or path.endswith("." + prefix):
+                return int(sum(bool(x) for x in mask))
+        return None
+
+    def _lokr(self, mod: _Module, t: Target) -> MatrixUpdate:
+        k = mod.keys
+        r, alpha = self.rank_alpha(mod.path)
+        for name in ("lokr_w1_a", "lokr_w2_a"):
+            if name in k and self._shape(k[name])[1] != r:
+                self._scale(mod.path, self._shape(k[name])[1], k[name])  # raises with the details
+        w1 = self._t(k["lokr_w1"]) if "lokr_w1" in k else self._t(k["lokr_w1_a"]) @ self._t(k["lokr_w1_b"])
+        w2 = self._t(k["lokr_w2"]) if "lokr_w2" in k else self._t(k["lokr_w2_a"]) @ self._t(k["lokr_w2_b"])
+        scale = alpha / r
+        return dense_update(t, torch.kron(w1, w2).reshape(t.shape) * scale, "lokr", rank=r, alpha=alpha, scale=scale)
+
+    def _vera(self, mod: _Module, t: Target) -> MatrixUpdate:
+        k, r = mod.keys, int(self.config["r"])
+        lam_b, lam_d = self._t(k["vera_lambda_b"]), self._t(k["vera_lambda_d"])   # [m], [r]
+        if lam_d.numel() != r:
+            raise AdapterConfigError(f"vera_lambda_d has {lam_d.numel()} entries but r={r}",
+                                     file=self._location, tensor=k["vera_lambda_d"])
+        vera_a, vera_b = self._vera_projections()                                 # [r, N], [M, r]
+        m, n = t.shape
+        if vera_a.shape[1] < n or vera_b.shape[0] < m:
+            raise BaseMismatchError(f"shared VeRA projections {tuple(vera_b.shape)}/{tuple(vera_a.shape)} are "
+                                    f"smaller than module {mod.path!r} ({m} x {n})",
+                                    file=self._location, tensor=k["vera_lambda_b"], base_tensor=t.tensor)
+        B = lam_b.unsqueeze(-1) * vera_b[:m, :]     # [m, r]
+        A = lam_d.unsqueeze(-1) * vera_a[:, :n]     # [r, n]
+        return MatrixUpdate(tensor=t.tensor, kind="vera", shape=t.shape, B=B.contiguous(), A=A.contiguous(),
+                            role=t.role, rank=r, scale=1.0, norm_a=float(A.norm()), norm_b=float(B.norm()),
+                            notes={"norms": "norm_a/norm_b are of lambda_d * A and lambda_b * B"})
+
+    def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "_vera_ab"):
+            return self._vera_ab
+        if "vera_A" in self.shared and "vera_B" in self.shared:
+            ab = (self._t(self.shared["vera_A"]), self._t(self.shared["vera_B"]))
+        elif self.config.get("save_projection", True):
+            raise AdapterConfigError("save_projection is true but base_model.vera_A / vera_B are missing",
+                                     file=self._location, tensor="base_model.vera_A")
+        else:
+            ab = self._regenerate_vera()
+        self._vera_ab = ab
+        return ab
+
+    def _regenerate_vera(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """VeraModel._init_vera_A_vera_B: kaiming-uniform draws from torch's CPU generator.
+
+        Shapes are (r, max in) then (max out, r) over every targeted module; reproducible exactly
+        with the same torch CPU generator (tests compare against PEFT's own regeneration).
+        """
+        plan = getattr(self, "_plan", None)
+        if not plan:
+            raise AdapterConfigError("plan targets(base) before loading VeRA updates", file=self._location)
+        max_out = max(t.shape[0] for _, t in plan.values())
+        max_in = max(t.shape[1] for _, t in plan.values())
+        r = int(self.config["r"])
+        gen = torch.Generator(device="cpu").manual_seed(int(self.config["projection_prng_key"]))
+        return _kaiming_uniform((r, max_in), gen), _kaiming_uniform((max_out, r), gen)
+
+
+def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """peft.tuners.vera.model._kaiming_init: bound = sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1]."""
+    std = math.sqrt(2) / math.sqrt(shape[1])  # same float operations, same bits as PEFT
+    bound = math.sqrt(3.0) * std
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
