@@ -221,7 +221,7 @@ class _Task:
     def params(self) -> list["torch.nn.Parameter"]:
         return list(self.head.parameters()) if self.head is not None else []
 
-    def loss(self, model: "torch.nn.Module", batch: int = 16) -> "torch.Tensor":
+    def loss(self, model: "torch.nn.Module", batch: int = 8) -> "torch.Tensor":
         import torch
         import torch.nn.functional as F
 
