@@ -301,25 +301,31 @@ def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: in
     """Build every spec under out_dir/<name>/, skipping outputs that are complete and current."""
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # more threads than cores thrash on CI
-    paths = []
-    for spec in specs:
-        s_steps = spec.steps if spec.steps is not None else steps
-        s_seed = spec.seed if spec.seed is not None else seed
-        s_lr = spec.lr if spec.lr is not None else (lr if lr is not None else default_lr(spec))
-        out = Path(out_dir) / spec.name
-        fp = spec.fingerprint(s_steps, s_lr, s_seed)
-        done = out / DONE
-        if not (done.is_file() and done.read_text().strip() == fp):
-            _fresh(out)
-            base_path = base_dir(out_dir, spec.base, spec.base_dtype)
-            build_one(spec, out, base_path, steps=s_steps, lr=s_lr, seed=s_seed)
-            (out / "zoo_spec.json").write_text(json.dumps(
-                {"spec": spec.__dict__, "steps": s_steps, "lr": s_lr, "seed": s_seed,
-                 "base_path": str(base_path)}, indent=2, default=str))
-            done.write_text(fp)
-        paths.append(out)
-    return paths
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin (10x the CPU time on a busy 2-core box)
+    try:
+        return [_build_cached(Path(out_dir), spec, steps, seed, lr) for spec in specs]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> Path:
+    s_steps = spec.steps if spec.steps is not None else steps
+    s_seed = spec.seed if spec.seed is not None else seed
+    s_lr = spec.lr if spec.lr is not None else (lr if lr is not None else default_lr(spec))
+    out = out_dir / spec.name
+    fp = spec.fingerprint(s_steps, s_lr, s_seed)
+    done = out / DONE
+    if done.is_file() and done.read_text().strip() == fp:
+        return out
+    _fresh(out)
+    base_path = base_dir(out_dir, spec.base, spec.base_dtype)
+    build_one(spec, out, base_path, steps=s_steps, lr=s_lr, seed=s_seed)
+    (out / "zoo_spec.json").write_text(json.dumps(
+        {"spec": spec.__dict__, "steps": s_steps, "lr": s_lr, "seed": s_seed, "base_path": str(base_path)},
+        indent=2, default=str))
+    done.write_text(fp)  # last: a killed build leaves no marker and is redone
+    return out
 
 
 def _fresh(path: Path) -> None:

@@ -29,6 +29,16 @@ from zoospectra.errors import (
 from fixtures_zoo import base_path_of, copy_adapter, full_reference, peft_reference, zoo  # noqa: F401
 
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small matmuls: on a busy 2-core box extra threads only spin; restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 PEFT_NAMES = ["lora", "rslora", "dora", "embedding_lora_mts", "adalora", "loha", "lokr", "vera",
               "vera_noproj", "ia3", "gpt2_lora", "gpt2_dora", "gpt2_ia3", "llama_patterns", "llama_bf16_lora"]
 KIND = {"lora": "lora", "rslora": "lora", "dora": "dora", "embedding_lora_mts": "mixed",
