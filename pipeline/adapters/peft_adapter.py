@@ -1,26 +1,17 @@
 """PEFT adapters on disk (adapter_config.json + adapter_model.safetensors) -> exact dW per matrix.
 
-Formulas follow PEFT 0.21's own merge code (tuners/<type>/layer.py `get_delta_weight`,
-lora/variants.py for DoRA), checked against `merge_and_unload()` in tests/test_adapters.py:
-
-  LoRA      dW = scale * B @ A,  scale = alpha / r  (alpha / sqrt(r) with use_rslora),
-            r / alpha per module from rank_pattern / alpha_pattern (peft.utils.other.get_pattern_key:
-            the first pattern p with re.match(rf"(.*\\.)?({p})$", module) wins)
-  embedding dW = (B @ A)^T * scale   (lora_embedding_A [r, num_emb], lora_embedding_B [dim, r])
-  DoRA      Wt = m / ||W0 + dW_lora||_row * (W0 + dW_lora), dW = Wt - W0 (embeddings: per column)
-  AdaLoRA   dW = B @ (A * E) * scale / (ranknum + 1e-5), scale = alpha if alpha > 0 else r,
-            ranknum = init_r (PEFT no longer saves it; a saved `ranknum` tensor wins)
-  LoHa      dW = ((w1a @ w1b) * (w2a @ w2b)) * alpha / r
-  LoKr      dW = kron(w1, w2) * alpha / r, w1 = w1_a @ w1_b and w2 = w2_a @ w2_b when decomposed
-  VeRA      dW = (lambda_b * B[:m]) @ (lambda_d * A[:, :n]), shared A/B saved or regenerated from
-            projection_prng_key exactly as VeraModel._init_vera_A_vera_B does
-  IA3       dW = W0 * (l - 1), l [1, in] (feed-forward: scales inputs) or [out, 1] (outputs)
-  modules_to_save  dW = W_saved - W0 (dense replacement)
-Everything is [out, in]: with fan_in_fan_out the stored base weight is [in, out] (Target.transpose).
+Supported peft_type: LORA (incl. rsLoRA, DoRA, embedding LoRA, modules_to_save), ADALORA, LOHA,
+LOKR, VERA, IA3; the math is in formulas.py. This module reads the config, groups the adapter's
+keys ("base_model.model.<module>.<suffix>") by module, maps modules onto the base's keys, checks
+every shape against the base, and resolves per-module r / alpha exactly like PEFT:
+rank_pattern / alpha_pattern keys are regexes, the first p with re.match(rf"(.*\.)?({p})$", module)
+wins (peft.utils.other.get_pattern_key). AdaLoRA's rank_pattern instead holds keep-masks per
+"<module>.lora_E"; its ranknum is init_r (PEFT no longer saves it; a saved one wins).
+Anything not understood (unknown suffix, LoRA variant options such as arrow/aLoRA/bdlora, CP
+factors of convolutions) raises instead of guessing.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -33,6 +24,7 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from ..updates import MatrixUpdate, UpdateKind
+from . import formulas as F
 from .common import (
     Artifact, Files, Target, check_dtype, ckpt_name, checked_w0, dense_update, match_base_key, nearest_keys, read,
     role_of,
@@ -342,8 +334,7 @@ class PeftAdapter(Artifact):
             raise AdapterConfigError(
                 f"module {path!r}: config gives r={r} (r/rank_pattern) but {tensor!r} has rank {rank_seen}; "
                 "the scale alpha/r would be wrong", file=self._location, tensor=tensor)
-        rslora = bool(self.config.get("use_rslora", False))
-        return r, alpha, (alpha / math.sqrt(r) if rslora else alpha / r)
+        return r, alpha, F.lora_scale(alpha, r, bool(self.config.get("use_rslora", False)))
 
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
@@ -378,42 +369,34 @@ class PeftAdapter(Artifact):
             return self._adalora(mod, t)
         if pt == "LOHA":
             r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
-            w1 = self._t(k["hada_w1_a"]) @ self._t(k["hada_w1_b"])   # [m, r] @ [r, n]
-            w2 = self._t(k["hada_w2_a"]) @ self._t(k["hada_w2_b"])
-            return dense_update(t, (w1 * w2) * scale, "loha", rank=r, alpha=alpha, scale=scale)
+            w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+            return dense_update(t, F.loha_dense(*w, scale), "loha", rank=r, alpha=alpha, scale=scale)
         if pt == "LOKR":
             return self._lokr(mod, t)
         if pt == "VERA":
             return self._vera(mod, t)
-        lvec = self._t(k["ia3_l"], torch.float64)  # [1, n] or [m, 1]: broadcasts over [out, in]
-        return dense_update(t, checked_w0(w0, base, t, torch.float64) * (lvec - 1.0), "ia3")
+        w0_64 = checked_w0(w0, base, t, torch.float64)
+        return dense_update(t, F.ia3_dense(w0_64, self._t(k["ia3_l"], torch.float64)), "ia3")
 
     def _lora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         k = mod.keys
-        if "lora_embedding_A" in k:
-            a_raw, b_raw = self._t(k["lora_embedding_A"]), self._t(k["lora_embedding_B"])  # [r, N], [d, r]
-            r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k["lora_embedding_A"])
-            B, A = a_raw.T * scale, b_raw.T       # dW = (B_raw @ A_raw)^T * scale = A_raw^T @ B_raw^T * scale
-        else:
-            a_raw, b_raw = self._t(k["lora_A.weight"]), self._t(k["lora_B.weight"])      # [r, n], [m, r]
-            r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k["lora_A.weight"])
-            B, A = b_raw * scale, a_raw
-        norms = dict(norm_a=float(a_raw.norm()), norm_b=float(b_raw.norm()))
+        embedding = "lora_embedding_A" in k
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        a_raw, b_raw = self._t(k[a_key]), self._t(k[b_key])
+        r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k[a_key])
+        B, A = (F.embedding_lora_factors if embedding else F.lora_factors)(a_raw, b_raw, scale)
+        info = dict(role=t.role, rank=r, alpha=alpha, scale=scale,
+                    norm_a=float(a_raw.norm()), norm_b=float(b_raw.norm()))
         if t.kind != "dora":
-            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B.contiguous(), A=A.contiguous(),
-                                role=t.role, rank=r, alpha=alpha, scale=scale, **norms)
+            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, **info)
         mag_key = k.get("lora_magnitude_vector", k.get("lora_magnitude_vector.weight"))
         mag = self._t(mag_key, torch.float64)
-        base64 = checked_w0(w0, base, t, torch.float64)
-        merged = base64 + B.double() @ A.double()                      # [m, n]
-        # Linear: one norm per output row; Embedding (fan_in_fan_out=True in PEFT): per column.
-        dim = 0 if "lora_embedding_A" in k else 1
-        norm = torch.linalg.norm(merged, dim=dim, keepdim=True)
-        if mag.numel() != norm.numel():
-            raise BaseMismatchError(f"lora_magnitude_vector {mag_key!r} has {mag.numel()} entries, expected "
-                                    f"{norm.numel()}", file=self._location, tensor=mag_key, base_tensor=t.tensor)
-        wt = (mag.view(norm.shape) / norm) * merged
-        return dense_update(t, wt - base64, "dora", rank=r, alpha=alpha, scale=scale, **norms)
+        if mag.numel() != (t.shape[1] if embedding else t.shape[0]):
+            raise BaseMismatchError(f"lora_magnitude_vector {mag_key!r} has {mag.numel()} entries for a "
+                                    f"{t.shape} weight", file=self._location, tensor=mag_key, base_tensor=t.tensor)
+        dw = F.dora_dense(checked_w0(w0, base, t, torch.float64), B, A, mag, per_column=embedding)
+        info.pop("role")
+        return dense_update(t, dw, "dora", **info)
 
     def _adalora(self, mod: _Module, t: Target) -> MatrixUpdate:
         k, c = mod.keys, self.config
@@ -429,14 +412,13 @@ class PeftAdapter(Artifact):
         # PEFT: scaling = alpha if alpha > 0 else r at (re)creation; ranknum keeps init_r across resizing.
         scale = alpha if alpha > 0 else float(rank if pruned is not None else init_r)
         ranknum = float(self._t(k["ranknum"]).item()) if "ranknum" in k else float(init_r)
-        eff = scale / (ranknum + 1e-5)
-        norms = dict(norm_a=float(a.norm()), norm_b=float(b.norm()))
-        if rank == 0:
-            return dense_update(t, torch.zeros(t.shape), "adalora", rank=0, alpha=alpha, scale=eff, **norms)
-        return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=(b * eff).contiguous(),
-                            A=(a * e).contiguous(), role=t.role, rank=rank, alpha=alpha, scale=eff,
+        B, A, eff = F.adalora_factors(a, b, e, scale, ranknum)
+        info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=float(a.norm()), norm_b=float(b.norm()))
+        if rank == 0:  # every singular value pruned: PEFT keeps an empty module
+            return dense_update(t, torch.zeros(t.shape), "adalora", **info)
+        return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role,
                             notes={"E": "A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)"},
-                            **norms)
+                            **info)
 
     def _adalora_pattern_rank(self, path: str) -> Optional[int]:
         """AdaLoRA's rank_pattern maps parameter names ("...query.lora_E") to boolean keep-masks."""
@@ -450,12 +432,12 @@ class PeftAdapter(Artifact):
         k = mod.keys
         r, alpha = self.rank_alpha(mod.path)
         for name in ("lokr_w1_a", "lokr_w2_a"):
-            if name in k and self._shape(k[name])[1] != r:
-                self._scale(mod.path, self._shape(k[name])[1], k[name])  # raises with the details
+            if name in k:
+                self._scale(mod.path, self._shape(k[name])[1], k[name])  # decomposed factors must have rank r
         w1 = self._t(k["lokr_w1"]) if "lokr_w1" in k else self._t(k["lokr_w1_a"]) @ self._t(k["lokr_w1_b"])
         w2 = self._t(k["lokr_w2"]) if "lokr_w2" in k else self._t(k["lokr_w2_a"]) @ self._t(k["lokr_w2_b"])
         scale = alpha / r
-        return dense_update(t, torch.kron(w1, w2).reshape(t.shape) * scale, "lokr", rank=r, alpha=alpha, scale=scale)
+        return dense_update(t, F.lokr_dense(w1, w2, scale, t.shape), "lokr", rank=r, alpha=alpha, scale=scale)
 
     def _vera(self, mod: _Module, t: Target) -> MatrixUpdate:
         k, r = mod.keys, int(self.config["r"])
@@ -469,10 +451,9 @@ class PeftAdapter(Artifact):
             raise BaseMismatchError(f"shared VeRA projections {tuple(vera_b.shape)}/{tuple(vera_a.shape)} are "
                                     f"smaller than module {mod.path!r} ({m} x {n})",
                                     file=self._location, tensor=k["vera_lambda_b"], base_tensor=t.tensor)
-        B = lam_b.unsqueeze(-1) * vera_b[:m, :]     # [m, r]
-        A = lam_d.unsqueeze(-1) * vera_a[:, :n]     # [r, n]
-        return MatrixUpdate(tensor=t.tensor, kind="vera", shape=t.shape, B=B.contiguous(), A=A.contiguous(),
-                            role=t.role, rank=r, scale=1.0, norm_a=float(A.norm()), norm_b=float(B.norm()),
+        B, A = F.vera_factors(lam_b, lam_d, vera_a, vera_b, m, n)
+        return MatrixUpdate(tensor=t.tensor, kind="vera", shape=t.shape, B=B, A=A, role=t.role, rank=r,
+                            scale=1.0, norm_a=float(A.norm()), norm_b=float(B.norm()),
                             notes={"norms": "norm_a/norm_b are of lambda_d * A and lambda_b * B"})
 
     def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -483,30 +464,9 @@ class PeftAdapter(Artifact):
         elif self.config.get("save_projection", True):
             raise AdapterConfigError("save_projection is true but base_model.vera_A / vera_B are missing",
                                      file=self._location, tensor="base_model.vera_A")
-        else:
-            ab = self._regenerate_vera()
+        else:  # regenerated like PEFT: shapes span every targeted module
+            shapes = [t.shape for _, t in self._plan.values()]
+            ab = F.vera_projections(int(self.config["r"]), max(s[0] for s in shapes), max(s[1] for s in shapes),
+                                    int(self.config["projection_prng_key"]))
         self._vera_ab = ab
         return ab
-
-    def _regenerate_vera(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """VeraModel._init_vera_A_vera_B: kaiming-uniform draws from torch's CPU generator.
-
-        Shapes are (r, max in) then (max out, r) over every targeted module; reproducible exactly
-        with the same torch CPU generator (tests compare against PEFT's own regeneration).
-        """
-        plan = getattr(self, "_plan", None)
-        if not plan:
-            raise AdapterConfigError("plan targets(base) before loading VeRA updates", file=self._location)
-        max_out = max(t.shape[0] for _, t in plan.values())
-        max_in = max(t.shape[1] for _, t in plan.values())
-        r = int(self.config["r"])
-        gen = torch.Generator(device="cpu").manual_seed(int(self.config["projection_prng_key"]))
-        return _kaiming_uniform((r, max_in), gen), _kaiming_uniform((max_out, r), gen)
-
-
-def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """peft.tuners.vera.model._kaiming_init: bound = sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1]."""
-    std = math.sqrt(2) / math.sqrt(shape[1])  # same float operations, same bits as PEFT
-    bound = math.sqrt(3.0) * std
-    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-
