@@ -68,7 +68,10 @@ class ZooSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def lora(name: str, r: int, alpha: float, targets: Iterable[str] = ("query", "key", "value", "output.dense", "intermediate.dense"),
+BERT_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")  # not the unused pooler
+
+
+def lora(name: str, r: int, alpha: float, targets: Iterable[str] = BERT_LINEAR,
          **extra: Any) -> ZooSpec:
     """A LoRA spec on MiniLM (every linear layer of the encoder by default, not the unused pooler)."""
     return ZooSpec(name, {"peft_type": "LORA", "r": r, "lora_alpha": alpha,

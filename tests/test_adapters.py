@@ -6,13 +6,10 @@ fan_in_fan_out, tiny sharded Llama for rank/alpha patterns and bf16), then saved
 from __future__ import annotations
 
 import json
-import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from zoospectra.adapters import PeftAdapter, match_base_key, open_artifact, read_base
 from zoospectra.checkpoint import Checkpoint, LocalFileSource
@@ -56,7 +53,7 @@ def compare(art, base: Checkpoint, ref: dict[str, torch.Tensor]) -> dict[str, fl
     base_keys = set(base.keys())
     ref = {match_base_key(k, base_keys, artifact="ref", base_name="base"): v for k, v in ref.items()}
     targets = {t.tensor: t for t in art.targets(base)}
-    assert set(targets) == set(ref), f"targets differ: missing {set(ref) - set(targets)}, extra {set(targets) - set(ref)}"
+    assert set(targets) == set(ref), f"missing {set(ref) - set(targets)}, extra {set(targets) - set(ref)}"
     errors = {}
     for key, t in targets.items():
         want = ref[key].T if t.transpose else ref[key]
@@ -338,3 +335,13 @@ def test_unknown_tensor_in_adapter_is_refused(zoo, tmp_path) -> None:  # noqa: F
     with pytest.raises(UnsupportedAdapterError) as exc:
         open_artifact(p)
     _assert_names(exc.value, "adapter_model.safetensors", key)
+
+
+def test_zoo_build_is_cached(zoo) -> None:  # noqa: F811
+    from fixtures_zoo import spec_of
+    from zoospectra.zoo import build_zoo
+
+    done = zoo["gpt2_ia3"] / ".zoo_done"
+    stamp = done.stat().st_mtime_ns
+    assert build_zoo(zoo["_root"], [spec_of("gpt2_ia3")], steps=3) == [zoo["gpt2_ia3"]]
+    assert done.stat().st_mtime_ns == stamp

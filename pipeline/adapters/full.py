@@ -13,7 +13,9 @@ import torch
 
 from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
-from .common import Artifact, Files, Target, check_dtype, ckpt_name, checked_w0, dense_update, match_base_key, read, role_of
+from .common import (
+    Artifact, Files, Target, check_dtype, checked_w0, ckpt_name, dense_update, match_base_key, read, role_of,
+)
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -32,7 +34,8 @@ class FullFinetune(Artifact):
         self.config_text = files.read_text("config.json") if files.exists("config.json") else None
         self.config = files.read_json("config.json") if self.config_text is not None else {}
         self.ckpt = files.open_checkpoint()
-        weights = "model.safetensors.index.json" if files.exists("model.safetensors.index.json") else "model.safetensors"
+        index = "model.safetensors.index.json"
+        weights = index if files.exists(index) else "model.safetensors"
         self._location = files.path(weights)
         self._skipped: list[tuple[str, str]] = []
         self._plan: dict[str, tuple[str, Target]] = {}
