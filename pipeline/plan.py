@@ -92,9 +92,12 @@ def build_plan(
         except ZoospectraError as err:
             errors.append(error_row("plan", err, model=ref))
             continue
-        if not cfg.include_embeddings:
+        skipped = [f"{key}: {why}" for key, why in art.skipped]
+        if not cfg.include_embeddings:  # reported, kept apart: the paper studies the linear layers
+            skipped += [f"{t.tensor}: role {t.role} not analysed (pass --embeddings)"
+                        for t in targets if t.role != "linear"]
             targets = [t for t in targets if t.role == "linear"]
-        models.append(_model_row(ref, base, art, len(targets), run_id))
+        models.append(_model_row(ref, base, art, len(targets), run_id, skipped))
         for t in targets:
             if (ref.uid, t.tensor) in done_pairs:
                 skipped += 1
@@ -122,7 +125,8 @@ def build_plan(
     return Plan(base=base, config=cfg, units=units, models=models, errors=errors, skipped_pairs=skipped)
 
 
-def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str) -> dict:
+def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,
+               skipped: list[str]) -> dict:
     row = dict(art.describe())
     row.update(
         run_id=run_id,
@@ -136,6 +140,7 @@ def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str) 
         base_id=base.model_id,
         base_revision=base.revision,
         n_targets=n_targets,
+        skipped=skipped,
         created_at=datetime.now(timezone.utc),
     )
     return row

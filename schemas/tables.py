@@ -53,6 +53,7 @@ MODELS = pa.schema(
         _f("n_targets", _i32, doc="base matrices this artifact updates (planned)"),
         _f("config_json", _str, doc="adapter_config.json as read"),
         _f("created_at", _ts),
+        _f("skipped", pa.list_(_str), doc="tensors of the artifact not analysed, each 'key: reason'"),
     ]
 )
 
