@@ -27,6 +27,23 @@ zoospectra sql {out} "SELECT * FROM intruder_curve(10) WHERE model_id LIKE 'lora
 duckdb -c "SELECT module, avg(eff_rank) FROM read_parquet('{out}/units/*/matrices.parquet') GROUP BY ALL\""""
 
 
+def _quiet_libraries() -> None:
+    """Offline, and no progress bars or deprecation chatter from the fixture builders."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is only needed to build the zoo
+        pass
+
+
 def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
              steps: Optional[int] = None, quiet: bool = False) -> None:
     from .cli import run_analysis
@@ -34,8 +51,7 @@ def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
     from .sql import format_table, query
     from .zoo import build_zoo, demo_specs, minilm_dir
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     specs = demo_specs()
     t0 = time.perf_counter()
     console.print(f"[bold]zoo[/]: {len(specs)} artifacts on {BASE_ID} (cached in {cache})")
