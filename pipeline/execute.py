@@ -33,6 +33,7 @@ class RunSummary:
     n_member_errors: int = 0
     seconds: float = 0.0
     devices: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0        # the largest peak resident memory reported by a worker
 
 
 def new_run_id() -> str:
@@ -76,6 +77,7 @@ def run_plan(
     address: Optional[str] = None,
     max_in_flight: Optional[int] = None,
     gpus_per_task: Optional[float] = None,
+    device: str = "auto",
     command: str = "",
     on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
 ) -> RunSummary:
@@ -97,7 +99,7 @@ def run_plan(
     status = "failed"
     try:
         outcomes = (
-            _run_local(todo, plan.config, run_id, results_root)
+            _run_local(todo, plan.config, run_id, results_root, device)
             if executor == "local"
             else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight, gpus_per_task)
         )
@@ -112,6 +114,8 @@ def run_plan(
             run_id, status,
             n_units=summary.n_units, n_done=summary.n_done,
             n_skipped=summary.n_skipped, n_failed=summary.n_failed,
+            extra={"seconds": round(summary.seconds, 3), "devices": summary.devices,
+                   "worker_peak_rss_mb": round(summary.peak_rss_mb, 1)},
         )
     return summary
 
@@ -125,12 +129,17 @@ def _tally(summary: RunSummary, o: UnitOutcome) -> None:
         summary.n_failed += 1
     summary.n_member_errors += o.n_failed
     summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
+    summary.peak_rss_mb = max(summary.peak_rss_mb, o.peak_rss_mb)
 
 
-def _run_local(units, cfg, run_id, root):
-    """In-process executor, for debugging (same unit code as the Ray path)."""
+def _run_local(units, cfg, run_id, root, device: str):
+    """In-process executor, for debugging and single-GPU boxes (same unit code as the Ray path)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     for u in units:
-        yield process_unit(u, cfg, run_id, root)
+        yield process_unit(u, cfg, run_id, root, device=device)
 
 
 def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task):

@@ -25,6 +25,16 @@ class UnitOutcome:
     seconds: float = 0.0
     device: str = "cpu"
     errors: list[dict] = field(default_factory=list)
+    peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (the worker's, inside a Ray task)."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 @lru_cache(maxsize=8)
