@@ -443,8 +443,6 @@ def test_input_errors_are_typed_and_name_the_tensor() -> None:
         analyze_batch(w0.to(torch.int8), [case.update()], cfg)
     with pytest.raises(ConfigError, match="device"):
         analyze_batch(w0, [case.update()], cfg, device="tpu")
-    with pytest.raises(NotImplementedError, match="exact"):
-        analyze_batch(w0, [case.update()], dataclasses.replace(cfg, mode="fast"))
 
 
 @pytest.mark.gpu
