@@ -1,4 +1,4 @@
-"""PEFT adapters on disk (adapter_config.json + adapter_model.safetensors) -> exact dW per matrix.
+r"""PEFT adapters on disk (adapter_config.json + adapter_model.safetensors) -> exact dW per matrix.
 
 Supported peft_type: LORA (incl. rsLoRA, DoRA, embedding LoRA, modules_to_save), ADALORA, LOHA,
 LOKR, VERA, IA3; the math is in formulas.py. This module reads the config, groups the adapter's
