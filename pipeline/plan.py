@@ -84,7 +84,8 @@ def build_plan(
     base_ckpt = Checkpoint.open(base.open_source())
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
     target_of: dict[str, object] = {}
-    models, errors, skipped = [], [], 0
+    # (hub helper fix) the pair counter had the same name as the per-model `skipped` list below
+    models, errors, n_done_pairs = [], [], 0
     for ref in sorted(set(artifacts)):
         try:
             art = open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
@@ -100,7 +101,7 @@ def build_plan(
         models.append(_model_row(ref, base, art, len(targets), run_id, skipped))
         for t in targets:
             if (ref.uid, t.tensor) in done_pairs:
-                skipped += 1
+                n_done_pairs += 1
                 continue
             by_tensor[t.tensor].append(ref)
             target_of.setdefault(t.tensor, t)
@@ -122,7 +123,7 @@ def build_plan(
                     transpose_w0=bool(getattr(t, "transpose", False)),
                 )
             )
-    return Plan(base=base, config=cfg, units=units, models=models, errors=errors, skipped_pairs=skipped)
+    return Plan(base=base, config=cfg, units=units, models=models, errors=errors, skipped_pairs=n_done_pairs)
 
 
 def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,
