@@ -55,7 +55,7 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
     """One crawl: discovery + catalog + plan + execute, one run per base model."""
     summary = CrawlSummary(spec.name)
     for base in spec.base_models:
-        summary.bases.append(_crawl_base(spec, base, options or HubOptions(), executor, command))
+        summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command))
     return summary
 
 
@@ -73,13 +73,17 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
     errors = list(found.errors)
     try:
         report.base_sha = pin(base, options=options)
-        base_ref = ModelRef(model_id=base, revision=report.base_sha, location=base, source="hub")
-        plan = build_plan(base_ref, [e.ref() for e in found.entries], spec.analysis,
+        # The options ride on every ref: planner and Ray workers read the Hub the same way.
+        base_ref = ModelRef(model_id=base, revision=report.base_sha, location=base, source="hub",
+                            hub_options=options)
+        plan = build_plan(base_ref, [e.ref(options) for e in found.entries], spec.analysis,
                           batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
     except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
         errors.append(error_record(err, base, report.base_sha, stage="plan"))
         plan = None
     if plan is not None:
+        if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
+            executor = "local"
         result = run_plan(plan, spec.out, run_id=run_id, executor=executor,  # type: ignore[arg-type]
                           address=spec.ray_address, command=command)
         report.units, report.units_done = result.n_units, result.n_done

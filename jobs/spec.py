@@ -8,7 +8,10 @@
     schedule: "0 3 * * *"     # documentation for deploy/ (the CronJob carries the real one)
     ray_address: auto         # optional; omitted = a local Ray
     analysis: {k: 10, eps: 0.5, k_store: 32, mode: exact, dtype: float32}
+    hub: {timeout: 30, max_retries: 4, backoff: 1, retry_after_max: 120}   # optional
 
+`hub` tunes the Hub client (zoospectra.hub.HubOptions) for discovery, planning and the Ray
+workers alike; it has no token field on purpose (HF_TOKEN / `hf auth login` supply it).
 Unknown keys are errors: a typo must not silently fall back to a default.
 """
 from __future__ import annotations
@@ -22,9 +25,12 @@ import yaml
 
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.errors import ConfigError
+from zoospectra.hub import HubOptions
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")       # a Kubernetes resource name
+_HUB_NUMBERS = ("timeout", "backoff", "backoff_max", "retry_after_max")
+_HUB_KEYS = (*_HUB_NUMBERS, "max_retries", "endpoint", "cache_dir")
 _ANALYSIS_KEYS = ("k", "eps", "k_store", "k_spec", "sim_k", "pair_max", "pairs", "mode", "dtype",
                   "include_embeddings")
 
@@ -40,6 +46,7 @@ class CrawlSpec:
     batch_size: int = 32
     ray_address: Optional[str] = None
     schedule: Optional[str] = None
+    hub: HubOptions = field(default_factory=HubOptions)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or len(self.name) > 52:
@@ -79,6 +86,7 @@ class CrawlSpec:
         bases = data["base_models"]
         data["base_models"] = tuple([bases] if isinstance(bases, str) else bases or ())
         data["analysis"] = _analysis(data.get("analysis") or {}, where)
+        data["hub"] = _hub(data.get("hub") or {}, where)
         return cls(**data)
 
     @classmethod
@@ -106,6 +114,36 @@ def _analysis(raw: Any, where: str) -> AnalysisConfig:
                           file=where, option="analysis")
     opts = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
     return AnalysisConfig(**opts)
+
+
+def _hub(raw: Any, where: str) -> HubOptions:
+    if isinstance(raw, HubOptions):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: hub must be a mapping", file=where, option="hub")
+    unknown = sorted(set(raw) - set(_HUB_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown hub option(s) {unknown}; known: {list(_HUB_KEYS)} "
+                          "(tokens come from HF_TOKEN or `hf auth login`, never from a spec)",
+                          file=where, option="hub")
+    for key in _HUB_NUMBERS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            raise ConfigError(f"{where}: hub.{key} must be a positive number of seconds, got {value!r}",
+                              file=where, option=f"hub.{key}")
+    retries = raw.get("max_retries")
+    if retries is not None and (not _is_int(retries) or retries < 0):
+        raise ConfigError(f"{where}: hub.max_retries must be an integer >= 0, got {retries!r}",
+                          file=where, option="hub.max_retries")
+    for key in ("endpoint", "cache_dir"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key]):
+            raise ConfigError(f"{where}: hub.{key} must be a non-empty string", file=where,
+                              option=f"hub.{key}")
+    if raw.get("endpoint") and not str(raw["endpoint"]).startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: hub.endpoint must be an http(s) URL, got {raw['endpoint']!r}",
+                          file=where, option="hub.endpoint")
+    return HubOptions(**{k: (float(v) if k in _HUB_NUMBERS else v) for k, v in raw.items()})
 
 
 # --- cron --------------------------------------------------------------------------------

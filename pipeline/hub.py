@@ -389,11 +389,13 @@ class CatalogEntry:
         """What "already analysed" means: the same repo at the same commit."""
         return (self.repo_id, self.sha)
 
-    def ref(self):
-        """The pinned ModelRef the planner consumes (pipeline/refs.py)."""
+    def ref(self, options: Optional[HubOptions] = None):
+        """The pinned ModelRef the planner consumes (pipeline/refs.py); `options` travel with it
+        to the Ray workers that read its files."""
         from .refs import ModelRef
 
-        return ModelRef(model_id=self.repo_id, revision=self.sha, location=self.repo_id, source="hub")
+        return ModelRef(model_id=self.repo_id, revision=self.sha, location=self.repo_id, source="hub",
+                        hub_options=options)
 
     def row(self, run_id: str, discovered_at: Optional[datetime] = None) -> dict:
         """A row of the `catalog` table (schemas/tables.py)."""

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 from .errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    from .hub import HubOptions
 
 Source = Literal["local", "hub"]
 
@@ -23,6 +26,10 @@ class ModelRef:
     revision: str        # commit sha (hub) or content hash (local)
     location: str        # local absolute path, or the repo id for the hub
     source: Source = "local"
+    # (hub layer) How to reach the Hub for this ref: endpoint, cache, timeouts, retries. Travels
+    # with the ref to Ray workers so a crawl's options apply there too; token-free by design.
+    # Not part of the identity (compare=False): repo@sha is the same artifact however it is read.
+    hub_options: Optional["HubOptions"] = field(default=None, compare=False, repr=False)
 
     @property
     def uid(self) -> str:
@@ -33,7 +40,7 @@ class ModelRef:
         if self.source == "hub":
             from .hub import HubFileSource
 
-            return HubFileSource(self.location, self.revision)
+            return HubFileSource(self.location, self.revision, self.hub_options)
         from .checkpoint import LocalFileSource
 
         return LocalFileSource(self.location)

@@ -2,6 +2,9 @@
 
     from fixtures_hub import fake_hub, hub_options, publish_dir, safetensors_bytes  # noqa: F401
 
+(`module_hub` is the same server shared by a whole module; `hub_env` gives a subprocess the
+environment that reaches it.)
+
 `fake_hub` starts a FakeHub (tests/hub_server.py) and points the real huggingface_hub client at
 it the standard way (HF_ENDPOINT), with a private HF cache (HF_HOME / HF_HUB_CACHE) and no
 token. huggingface_hub reads some settings once at import, so those constants are patched too.
@@ -10,6 +13,7 @@ pass HubOptions(endpoint=..., cache_dir=...) explicitly to code that runs there.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -19,27 +23,52 @@ from hub_server import FakeHub
 from zoospectra.hub import HubOptions
 
 
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+@contextmanager
+def serving_hub(mp: pytest.MonkeyPatch, root: Path) -> Iterator[FakeHub]:
+    """A FakeHub on loopback with the client pointed at it (HF_ENDPOINT) and its cache in `root`."""
     from huggingface_hub import constants
 
     hub = FakeHub(page_size=10).start()
-    cache = tmp_path / "hf_home" / "hub"
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    cache = root / "hf_home" / "hub"
+    mp.setenv("HF_ENDPOINT", hub.url)
+    mp.setenv("HF_HOME", str(root / "hf_home"))
+    mp.setenv("HF_HUB_CACHE", str(cache))
+    mp.setenv("HF_HUB_OFFLINE", "0")
+    mp.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        mp.delenv(var, raising=False)
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+    mp.setattr(constants, "HF_TOKEN_PATH", str(root / "hf_home" / "token"))
+    mp.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
     try:
         yield hub
     finally:
         hub.stop()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    with serving_hub(monkeypatch, tmp_path) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def module_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """One FakeHub for a whole test module (state shared by its tests, e.g. crawl after crawl)."""
+    with pytest.MonkeyPatch.context() as mp, serving_hub(mp, tmp_path_factory.mktemp("hub")) as hub:
+        yield hub
+
+
+def hub_env(hub: FakeHub) -> dict[str, str]:
+    """The environment a subprocess (CLI, Ray worker) needs to reach `hub` with the test's cache:
+    huggingface_hub reads these at import, so the in-process patches do not reach it."""
+    import os
+
+    keys = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
+    env = {k: os.environ[k] for k in keys}
+    assert env["HF_ENDPOINT"] == hub.url, "use inside the hub fixture"
+    return env
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,9 +77,13 @@ class Fault:
     retry_after: Optional[int] = None
     delay: float = 0.0
     methods: tuple[str, ...] = ("GET", "HEAD")
+    data_from: Optional[int] = None    # only ranged reads starting at/after this byte (not headers)
     hits: int = 0
 
-    def matches(self, repo_id: str, filename: Optional[str], method: str) -> bool:
+    def matches(self, repo_id: str, filename: Optional[str], method: str,
+                range_start: Optional[int] = None) -> bool:
+        if self.data_from is not None and (range_start is None or range_start < self.data_from):
+            return False
         return (self.repo_id == repo_id and self.times != 0 and method in self.methods
                 and (self.filename is None or self.filename == filename))
 
@@ -114,6 +119,9 @@ class FakeHub:
         self.page_size = page_size
         self.lfs_suffixes = lfs_suffixes
         self._clock = 0
+        # Commit shas are unique per server instance: caches keyed by (repo, sha), like the
+        # checkpoint caches in long-lived Ray workers, must never see two contents for one sha.
+        self._nonce = uuid.uuid4().hex
         self._servers: list[ThreadingHTTPServer] = []
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -180,7 +188,7 @@ class FakeHub:
 
     def _new_commit(self, repo_id: str, files: dict[str, bytes]) -> Commit:
         self._clock += 1
-        sha = hashlib.sha1(f"{repo_id}:{self._clock}".encode()).hexdigest()
+        sha = hashlib.sha1(f"{self._nonce}:{repo_id}:{self._clock}".encode()).hexdigest()
         return Commit(sha, files, _EPOCH + timedelta(minutes=self._clock))
 
     def grant(self, token: str, *repo_ids: str) -> None:
@@ -219,10 +227,11 @@ class FakeHub:
             self.state.served.clear()
             self.state.log.clear()
 
-    def _take_fault(self, repo_id: str, filename: Optional[str], method: str) -> Optional[Fault]:
+    def _take_fault(self, repo_id: str, filename: Optional[str], method: str,
+                    range_start: Optional[int] = None) -> Optional[Fault]:
         with self.state.lock:
             for fault in self.state.faults:
-                if fault.matches(repo_id, filename, method):
+                if fault.matches(repo_id, filename, method, range_start):
                     fault.times -= 1 if fault.times > 0 else 0
                     fault.hits += 1
                     return fault
@@ -252,6 +261,13 @@ def _parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
     if a >= size or b < a:
         raise ValueError(header)
     return a, min(b, size - 1)
+
+
+def _range_start(header: Optional[str]) -> Optional[int]:
+    """First byte of a 'bytes=a-b' request, None without one (or for a suffix range)."""
+    spec = (header or "").partition("=")[2].strip()
+    first = spec.partition("-")[0]
+    return int(first) if first.isdigit() else None
 
 
 def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -329,7 +345,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _fault(self, repo_id: str, filename: Optional[str], method: str) -> bool:
             """Apply an injected fault; True if the reply has been sent."""
-            fault = hub._take_fault(repo_id, filename, method)
+            fault = hub._take_fault(repo_id, filename, method, _range_start(self.headers.get("Range")))
             if fault is None:
                 return False
             if fault.delay:
