@@ -233,6 +233,66 @@ def demo(
     run_demo(out=out, cache=cache, steps=steps or None)
 
 
+# --- studies, report, mitigation (pipeline/studies.py, report.py, mitigate.py) ---------------
+def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
+    from .studies import Scope
+
+    return Scope(base=base_model, kinds=tuple(kinds or ()))
+
+
+@app.command()
+def report(
+    results: str = typer.Argument(..., help="Results root."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory for index.html (self-contained)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
+) -> None:
+    """Every study as one offline HTML page: figures, summary tables and the SQL behind each."""
+    from .report import build_report
+
+    typer.echo(str(build_report(results, out, _scope(base_model, kinds))))
+
+
+@app.command()
+def plot(
+    results: str = typer.Argument(..., help="Results root."),
+    study: str = typer.Argument(..., help="Study name (zoospectra plot RESULTS list: all of them)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output .png or .svg (default: STUDY.png)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Study parameter NAME=VALUE (repeatable)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
+) -> None:
+    """One study's figure as PNG or SVG."""
+    from .studies import STUDIES, parse_param, save_plot
+
+    if study == "list":
+        for s in STUDIES.values():
+            typer.echo(f"{s.name:20s} {s.title} ({s.figure}); params: "
+                       + (", ".join(f"{k}={v}" for k, v in s.defaults) or "none"))
+        return
+    overrides = dict(parse_param(p) for p in param or [])
+    typer.echo(str(save_plot(results, study, out or f"{study}.png", overrides, _scope(base_model, kinds))))
+
+
+@app.command()
+def mitigate(
+    adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
+    lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values (PEFT's mitigation_lambda)."),
+    k: int = typer.Option(10, help="Top-k singular vectors tested (PEFT's top_k)."),
+    eps: float = typer.Option(0.5, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
+    base: Optional[str] = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
+    dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
+) -> None:
+    """Scale intruder dimensions by --lam and write a new PEFT adapter (PEFT's reduce_intruder_dimension)."""
+    from .mitigate import MitigationParams, mitigate_adapter
+
+    result = mitigate_adapter(adapter, out, MitigationParams(lam=lam, k=k, eps=eps, dtype=dtype), base=base)
+    hit = sum(1 for m in result.matrices if m.intruders)
+    console.print(f"[bold]mitigate[/]: {result.n_intruders} intruders in {hit} of "
+                  f"{len(result.matrices)} matrices scaled by {lam} -> {out}")
+
+
 def main() -> None:
     try:
         app()

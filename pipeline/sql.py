@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 Format = Literal["table", "csv", "json", "parquet"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
+# Loaded after the views, in this order: later files may use earlier macros.
+MACRO_FILES: tuple[str, ...] = ("macros.sql", "studies.sql")
 _VIEW_MARK = re.compile(r"^-- view: ([a-z_]+)\s*$", re.MULTILINE)
 # Protocols DuckDB reads itself (httpfs / azure extensions; credentials via CREATE SECRET).
 _DUCKDB_NATIVE = {"s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https", "hf", "az", "azure", "abfss"}
@@ -88,7 +90,7 @@ def render(root: str | os.PathLike) -> str:
         if name in TABLES and not store.has_files(name):
             block = f"\n{empty_view_sql(name)}\n\n"
         out.append(block if name is None else f"-- view: {name}{block.replace('{root}', quoted)}")
-    return "".join(out) + "\n" + _sql_file("macros.sql")
+    return "".join(out) + "".join("\n" + _sql_file(name) for name in MACRO_FILES)
 
 
 def _register_filesystem(con: duckdb.DuckDBPyConnection, uri: str) -> None:

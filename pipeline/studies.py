@@ -1,0 +1,521 @@
+"""Cross-model studies: each paper figure is one table macro in schemas/studies.sql plus a plot.
+
+    con = connect_scoped("results/", Scope(base="sentence-transformers/all-MiniLM-L6-v2"))
+    table = run_study(con, STUDIES["intruders-eps"], {"k": 10})
+    fig = STUDIES["intruders-eps"].plot(table, {"k": 10})      # a matplotlib Figure
+    save_plot("results/", "intruders-eps", "fig5.png")          # the same, in one call
+
+A Scope narrows the views (models, matrices, vectors, spectra, similarity, pairs) to the models
+of one base and/or some kinds, so every macro answers for that subset unchanged. matplotlib is
+imported only when a figure is drawn (the `plot` extra), always with the Agg backend.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+
+import pyarrow as pa
+
+from .errors import ConfigError, ResultsError
+from .refs import ModelRef, local_ref
+
+if TYPE_CHECKING:
+    import duckdb
+    from matplotlib.figure import Figure
+
+Params = Mapping[str, Any]
+SCOPED_TABLES = ("models", "matrices", "vectors", "spectra", "similarity", "pairs")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+# --- checkpoints (paper Fig. 7) -------------------------------------------------------------
+def checkpoint_refs(path: str | os.PathLike, name: Optional[str] = None) -> list[ModelRef]:
+    """A directory of `checkpoint-<N>` folders (the Hugging Face Trainer's layout) as one ModelRef
+    per checkpoint, named "<name>@step<N>" and ordered by N; study_checkpoints parses the step
+    back out of the id. `name` defaults to the directory's name."""
+    root = Path(path)
+    found = sorted((int(m[1]), p) for p in (root.iterdir() if root.is_dir() else [])
+                   if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)))
+    if not found:
+        raise ConfigError(f"{root} holds no checkpoint-<N> folders; pass a training output "
+                          "directory (e.g. the Trainer's output_dir)", option="path")
+    series = name or root.resolve().name
+    return [local_ref(p, f"{series}@step{step}") for step, p in found]
+
+
+# --- scope: which models a session sees ------------------------------------------------------
+@dataclass(frozen=True)
+class Scope:
+    """Models of one base (base_id or base_uid) and/or of some kinds; empty = everything."""
+
+    base: Optional[str] = None
+    kinds: tuple[str, ...] = ()
+
+    @property
+    def is_all(self) -> bool:
+        return self.base is None and not self.kinds
+
+    def describe(self) -> str:
+        parts = ([f"base = {self.base}"] if self.base else []) + (
+            [f"kinds = {', '.join(self.kinds)}"] if self.kinds else [])
+        return "; ".join(parts) or "all models"
+
+
+def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> "duckdb.DuckDBPyConnection":
+    """sql.connect(root), with the per-model views narrowed to `scope` (the originals renamed
+    to _all_<table>): macros resolve view names when called, so they all see the subset."""
+    from .sql import connect
+
+    con = connect(root)
+    if scope.is_all:
+        return con
+    try:
+        conds, params = [], []
+        if scope.base is not None:
+            conds.append("(base_id = ? OR base_uid = ?)")
+            params += [scope.base, scope.base]
+        if scope.kinds:
+            conds.append(f"kind IN ({', '.join('?' for _ in scope.kinds)})")
+            params += list(scope.kinds)
+        con.execute("CREATE TEMP TABLE _scope AS SELECT DISTINCT model_uid FROM models WHERE "
+                    + " AND ".join(conds), params)
+        for table in SCOPED_TABLES:
+            con.execute(f"ALTER VIEW {table} RENAME TO _all_{table}")
+        for table in ("models", "matrices", "vectors", "spectra", "similarity"):
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _all_{table} "
+                        "WHERE model_uid IN (SELECT model_uid FROM _scope)")
+        con.execute("CREATE VIEW pairs AS SELECT * FROM _all_pairs WHERE model_uid_a IN "
+                    "(SELECT model_uid FROM _scope) AND model_uid_b IN (SELECT model_uid FROM _scope)")
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+# --- the registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Study:
+    name: str                                  # CLI name
+    title: str
+    figure: str                                # what it reproduces
+    macro: str                                 # table macro in schemas/studies.sql
+    defaults: tuple[tuple[str, Any], ...]      # macro parameters and their defaults
+    plot: Callable[[pa.Table, Params], "Figure"]
+    needs: str                                 # what the results must hold for rows to exist
+    description: str = ""
+
+    def params(self, overrides: Params | None = None) -> dict[str, Any]:
+        """Defaults updated with `overrides`; unknown names are a ConfigError."""
+        out = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in out:
+                raise ConfigError(f"study {self.name!r} has no parameter {key!r}; its parameters "
+                                  f"are {sorted(out) or 'none'}", option="param")
+            out[key] = value
+        return out
+
+    def sql(self, overrides: Params | None = None) -> str:
+        """The one SELECT behind the figure, with every parameter spelled out."""
+        args = ", ".join(f"{k} := {sql_literal(v)}" for k, v in self.params(overrides).items())
+        return f"SELECT * FROM {self.macro}({args})"
+
+
+def sql_literal(value: Any) -> str:
+    """A parameter as a DuckDB literal: NULL, numbers, 'strings', [lists]."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"parameter value {value} is not finite", option="param")
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(sql_literal(v) for v in value) + "]"
+    raise ConfigError(f"parameter value {value!r} is not a number, string or list", option="param")
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """NAME=VALUE from the command line: VALUE as int, float, null, a comma list, or a string."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not _PARAM_NAME.match(name):
+        raise ConfigError(f"--param takes NAME=VALUE, got {text!r}", option="param")
+    return name, _parse_value(raw.strip())
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("null", "none", ""):
+        return None
+    if "," in raw:
+        return [_parse_value(part.strip()) for part in raw.split(",")]
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def run_study(con: "duckdb.DuckDBPyConnection", study: Study, overrides: Params | None = None) -> pa.Table:
+    """The study's rows, or a ResultsError naming the study when its query fails."""
+    import duckdb
+
+    try:
+        return con.sql(study.sql(overrides)).to_arrow_table()
+    except duckdb.Error as err:
+        raise ResultsError(f"study {study.name!r} failed: {err}", study=study.name) from err
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}", option="study")
+    return STUDIES[name]
+
+
+def save_plot(root: str | os.PathLike, name: str, out: str | os.PathLike,
+              overrides: Params | None = None, scope: Scope = Scope()) -> Path:
+    """Draw one study over `root` into `out` (.png or .svg); ResultsError when it has no rows."""
+    study = get_study(name)
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise ConfigError(f"plot output must end in .png or .svg, got {out.name!r}", option="out")
+    con = connect_scoped(root, scope)
+    try:
+        table = run_study(con, study, overrides)
+    finally:
+        con.close()
+    if table.num_rows == 0:
+        raise ResultsError(f"study {name!r} has no rows for {scope.describe()} in {root}: "
+                           f"{study.needs}", study=name, root=str(root))
+    fig = study.plot(table, study.params(overrides))
+    write_figure(fig, out)
+    return out
+
+
+def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
+            fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def svg_text(fig: "Figure", salt: str) -> str:
+    """The figure as an inline <svg> element (no XML prolog); `salt` keeps ids unique per page."""
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return _prefix_ids(text[text.index("<svg"):], re.sub(r"[^A-Za-z0-9_-]", "_", salt))
+
+
+def _prefix_ids(svg: str, prefix: str) -> str:
+    """Every id and in-document reference (url(#x), href="#x") prefixed: several figures inline
+    in one page would otherwise share ids such as "figure_1" and clip each other's paths."""
+    svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m[1]}"', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}-{m[1]})", svg)
+    return re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}-{m[1]}"', svg)
+
+
+# --- plotting helpers ------------------------------------------------------------------------
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:  # the `plot` extra
+        raise ConfigError("plots need matplotlib: pip install 'zoospectra[plot]'") from e
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return table.to_pylist()
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    return str(row["model_id"])
+
+
+def _group_key(row: Mapping[str, Any]) -> str:
+    kind, r = row.get("kind") or "?", row.get("r")
+    return f"{kind} r={r}" if r is not None else str(kind)
+
+
+def _by(rows: Sequence[dict], key: str) -> dict[Any, list[dict]]:
+    out: dict[Any, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row[key], []).append(row)
+    return out
+
+
+def _colors(n: int) -> list:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def _legend(ax, n: int) -> None:
+    if n:
+        ax.legend(fontsize=7, loc="best", frameon=False, ncol=1 if n <= 8 else 2)
+
+
+# --- the figures -----------------------------------------------------------------------------
+def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
+    """Fig. 5: one panel per kind; one line per model (colour by rank)."""
+    plt = _pyplot()
+    rows = _rows(table)
+    kinds = _by(rows, "kind")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, (kind, krows) in zip(axes[0], sorted(kinds.items(), key=lambda kv: str(kv[0]))):
+        models = _by(krows, "model_uid")
+        for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+            mrows = sorted(mrows, key=lambda r: r["eps"])
+            ax.plot([r["eps"] for r in mrows], [r["n_intruders"] for r in mrows], marker="o",
+                    ms=3, color=color, label=f"{_label(mrows[0])} (r={mrows[0]['r']})"
+                    if mrows[0]["r"] is not None else _label(mrows[0]))
+        ax.set_title(f"{kind}")
+        ax.set_xlabel("eps (max |cos| threshold)")
+        _legend(ax, len(models))
+    axes[0][0].set_ylabel(f"intruders in top {params.get('k')} (sum over matrices)")
+    fig.suptitle("Intruder dimensions vs eps (Shuttleworth et al. Fig. 5)")
+    return fig
+
+
+def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
+    """Fig. 11: share of the examined singular vectors that are intruders, vs the fraction examined."""
+    plt = _pyplot()
+    rows = _rows(table)
+    models = _by(rows, "model_uid")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+        mrows = sorted(mrows, key=lambda r: r["fraction"])
+        ax.plot([r["fraction"] for r in mrows], [r["n_intruders"] for r in mrows], marker="o",
+                ms=3, color=color, label=f"{_label(mrows[0])} ({_group_key(mrows[0])})")
+    ax.set_xscale("log")
+    fractions = sorted({r["fraction"] for r in rows})
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions], rotation=45, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of singular vectors examined (k / min(m, n))")
+    ax.set_ylabel(f"intruders at eps = {params.get('eps')} (sum over matrices)")
+    ax.set_title("Intruders vs fraction examined (Fig. 11)")
+    _legend(ax, len(models))
+    return fig
+
+
+def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
+    """Fig. 6: effective rank of dW by layer, one panel per module, one line per model."""
+    plt = _pyplot()
+    rows = [r for r in _rows(table) if r["eff_rank"] is not None and r["layer"] is not None]
+    modules = sorted({r["module"] for r in rows})
+    ncols = min(3, max(1, len(modules)))
+    nrows = max(1, math.ceil(len(modules) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.8, 3.2 * nrows), squeeze=False,
+                             layout="constrained")
+    model_ids = sorted({(r["model_id"], r["model_uid"]) for r in rows})
+    color_of = dict(zip(model_ids, _colors(len(model_ids))))
+    for ax, module in zip(axes.flat, modules):
+        mrows = [r for r in rows if r["module"] == module]
+        for key, lrows in sorted(_by(mrows, "model_uid").items()):
+            lrows = sorted(lrows, key=lambda r: r["layer"])
+            ax.plot([r["layer"] for r in lrows], [r["eff_rank"] for r in lrows], marker="o", ms=3,
+                    color=color_of[(lrows[0]["model_id"], key)], label=_label(lrows[0]))
+        ax.set_title(module, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_yscale("log")
+    for ax in list(axes.flat)[len(modules):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("effective rank of dW")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7,
+               frameon=False)
+    fig.suptitle("Effective rank of the update by layer and module (Fig. 6)")
+    return fig
+
+
+def plot_similarity(table: pa.Table, params: Params) -> "Figure":
+    """Figs 1 and 3: |U0^T Ut| for the top vectors; columns that are intruders are marked."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows = _rows(table)
+    n_i, n_j = max(r["i"] for r in rows), max(r["j"] for r in rows)
+    grid = np.full((n_i, n_j), np.nan)
+    for r in rows:
+        grid[r["i"] - 1, r["j"] - 1] = r["value"]
+    eps = params.get("eps")
+    intruder_cols = sorted({r["j"] for r in rows if r["intruder_j"]})
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), layout="constrained")
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, origin="upper",
+                      extent=(0.5, n_j + 0.5, n_i + 0.5, 0.5))
+    for j in intruder_cols:
+        ax.axvline(j, color="red", lw=1.0, ls="--", alpha=0.8)
+    fig.colorbar(image, ax=ax, label="|<u0_i, ut_j>|")
+    ax.set_xlabel(f"fine-tuned singular vector j (red: intruder, max |cos| < {eps})", fontsize=8)
+    ax.set_ylabel("pre-trained singular vector i")
+    ax.set_title(f"{rows[0]['model_id']}\n{rows[0]['tensor']}", fontsize=8)
+    return fig
+
+
+def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
+    """Fig. 7: intruders (and effective rank) over training steps, one line per series."""
+    plt = _pyplot()
+    series = _by(_rows(table), "series")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
+    for color, (name, srows) in zip(_colors(len(series)), sorted(series.items())):
+        srows = sorted(srows, key=lambda r: r["step"])
+        steps = [r["step"] for r in srows]
+        ax1.plot(steps, [r["n_intruders"] for r in srows], marker="o", color=color, label=name)
+        ax2.plot(steps, [r["eff_rank_mean"] for r in srows], marker="o", color=color, label=name)
+    ax1.set_xlabel("training step")
+    ax1.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')})")
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("mean effective rank of dW")
+    _legend(ax1, len(series))
+    fig.suptitle("Evolution over checkpoints (Fig. 7)")
+    return fig
+
+
+def plot_alpha(table: pa.Table, params: Params) -> "Figure":
+    """alpha = 2r vs fixed alpha: intruders and relative update against the rank."""
+    plt = _pyplot()
+    rules = _by(_rows(table), "alpha_rule")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
+    for color, (rule, rrows) in zip(_colors(len(rules)), sorted(rules.items())):
+        rrows = sorted(rrows, key=lambda r: (r["r"], r["model_id"]))
+        ax1.plot([r["r"] for r in rrows], [r["n_intruders"] for r in rrows], marker="o",
+                 color=color, label=rule)
+        ax2.plot([r["r"] for r in rrows], [r["rel_update_mean"] for r in rrows], marker="o",
+                 color=color, label=rule)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank r")
+    ax1.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')})")
+    ax2.set_ylabel("mean ||dW||_F / ||W0||_F")
+    _legend(ax1, len(rules))
+    fig.suptitle("alpha = 2r versus fixed alpha")
+    return fig
+
+
+def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
+    """LoRA+: ||B||_F against ||A||_F per matrix; B under-trained sits below the diagonal."""
+    plt = _pyplot()
+    models = _by(_rows(table), "model_uid")
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), layout="constrained")
+    lo, hi = math.inf, 0.0
+    for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+        a = [r["norm_a"] for r in mrows]
+        b = [r["norm_b"] for r in mrows]
+        ax.scatter(a, b, s=14, color=color, label=_label(mrows[0]))
+        positive = [v for v in a + b if v > 0]
+        if positive:
+            lo, hi = min(lo, min(positive)), max(hi, max(positive))
+    if hi > 0:
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label="||B|| = ||A||")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("||A||_F")
+    ax.set_ylabel("||B||_F")
+    ax.set_title("LoRA A/B norm balance (LoRA+)")
+    _legend(ax, len(models) + 1)
+    return fig
+
+
+def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
+    """Hu et al. Fig. 3 style: phi(i, j) heatmaps for the pairs with the largest grids."""
+    import numpy as np
+
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    pairs = _by(_rows(table), "model_uid_a")
+    grids = []
+    for rows_a in pairs.values():
+        for _, rows in _by(rows_a, "model_uid_b").items():
+            grids.append(rows)
+    # prefer adapter-vs-adapter of different ranks, then the largest grids
+    grids.sort(key=lambda g: (g[0]["kind_a"] != g[0]["kind_b"], -len(g), g[0]["model_id_a"],
+                              g[0]["model_id_b"]))
+    grids = grids[:max_pairs]
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids) + 1.0, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, rows in zip(axes[0], grids):
+        n_i, n_j = max(r["i"] for r in rows), max(r["j"] for r in rows)
+        phi = np.full((n_i, n_j), np.nan)
+        for r in rows:
+            phi[r["i"] - 1, r["j"] - 1] = r["phi"]
+        image = ax.imshow(phi, cmap="magma", vmin=0.0, vmax=1.0, origin="upper", aspect="auto",
+                          extent=(0.5, n_j + 0.5, n_i + 0.5, 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(f"j ({rows[0]['model_id_b']})", fontsize=8)
+        ax.set_ylabel(f"i ({rows[0]['model_id_a']})", fontsize=8)
+    fig.colorbar(image, ax=list(axes[0]), label="phi(i, j)")
+    fig.suptitle("Adapter vs adapter subspace similarity (Hu et al. 7.2)")
+    return fig
+
+
+_EPS_K = (("eps", 0.5), ("k", 10))
+
+STUDIES: dict[str, Study] = {s.name: s for s in [
+    Study("intruders-eps", "Intruder dimensions vs eps", "Shuttleworth et al. 2024, Fig. 5",
+          "study_intruders_eps", (("k", 10),), plot_intruders_eps,
+          "any analysed model",
+          "Per model, intruders among the top k singular vectors of every fine-tuned matrix, "
+          "summed over matrices, for eps = 0.1 .. 0.9; grouped by kind, coloured by rank."),
+    Study("intruders-fraction", "Intruders vs fraction of singular vectors examined",
+          "Shuttleworth et al. 2024, Fig. 11", "study_intruders_fraction",
+          (("eps", 0.5), ("fractions", [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0])),
+          plot_intruders_fraction,
+          "any analysed model (fractions above K_store / min(m, n) need --k-store all)",
+          "k as a fraction of each matrix; only fractions every matrix of a model stored "
+          "enough vectors for are shown."),
+    Study("effective-rank", "Effective rank of dW by layer and module",
+          "Shuttleworth et al. 2024, Fig. 6", "study_effective_rank", (), plot_effective_rank,
+          "any analysed model", "Roy-Vetterli effective rank of the update, per layer and module."),
+    Study("similarity", "Similarity of singular vectors, one matrix",
+          "Shuttleworth et al. 2024, Figs 1 and 3", "study_similarity",
+          (("model_name", None), ("tensor_name", None), ("eps", 0.5)), plot_similarity,
+          "a similarity block (analysed with sim_k >= 1)",
+          "|<u0_i, ut_j>| for the top singular vectors of the pre-trained and fine-tuned matrix; "
+          "by default the matrix with the most intruders."),
+    Study("checkpoints", "Evolution over checkpoints", "Shuttleworth et al. 2024, Fig. 7",
+          "study_checkpoints", _EPS_K, plot_checkpoints,
+          "models named <series>@step<N> (analyse a checkpoint-* directory with checkpoint_refs)",
+          "Intruders and effective rank of one adapter's checkpoints, ordered by step."),
+    Study("alpha", "alpha = 2r versus fixed alpha", "LoRA rank/alpha sweeps", "study_alpha",
+          _EPS_K, plot_alpha, "LoRA models with r and alpha",
+          "Intruders and relative update size against rank, for alpha scaled with r or fixed."),
+    Study("ab-balance", "LoRA A/B norm balance", "Hayou et al. 2024 (LoRA+)", "study_ab_balance",
+          (), plot_ab_balance, "LoRA-family matrices (norm_a / norm_b recorded)",
+          "||A||_F and ||B||_F of every LoRA matrix: with one learning rate B tends to stay small."),
+    Study("pairs", "Adapter vs adapter subspace similarity", "Hu et al. 2021, sec. 7.2",
+          "study_pairs", (("model_a", None), ("model_b", None)), plot_pairs,
+          "pairs (analyse with --pairs)",
+          "phi(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j) of the updates' left singular "
+          "vectors, averaged over the matrices both update."),
+]}
