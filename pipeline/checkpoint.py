@@ -190,6 +190,8 @@ def read_header(source: FileSource, filename: str) -> SafetensorsHeader:
                          object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(f"header is not valid UTF-8 JSON ({e})", where) from None
+    except RecursionError:  # e.g. "[[[[...": nesting no safetensors header has
+        raise _corrupt("header JSON is nested too deeply", where) from None
     except _DuplicateKey as e:
         raise _corrupt(f"duplicate key {e} in header", where) from None
     if not isinstance(raw, dict):
@@ -282,8 +284,8 @@ class Checkpoint:
         where = f"{source.name}/{index_file}"
         try:
             weight_map = json.loads(source.read_text(index_file)).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise _corrupt(f"index is not a JSON object ({e})", where) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+            raise _corrupt(f"index is not a JSON object ({type(e).__name__}: {e})", where) from None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise _corrupt("index has no weight_map of tensor name -> shard file", where)

@@ -117,16 +117,26 @@ class Files:
         return bool(self.source.exists(filename))
 
     def read_text(self, filename: str) -> str:
-        return self.source.read_text(filename)
+        from ..errors import AdapterConfigError
+
+        try:
+            return self.source.read_text(filename)
+        except UnicodeDecodeError as err:
+            raise AdapterConfigError(f"{filename} is not UTF-8 text ({err}); re-save it",
+                                     file=self.path(filename)) from None
 
     def read_json(self, filename: str) -> dict:
         from ..errors import AdapterConfigError
 
+        text = self.read_text(filename)
         try:
-            data = json.loads(self.read_text(filename))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
             raise AdapterConfigError(f"{filename} is not valid JSON ({err}); re-save it",
-                                     file=self.path(filename)) from err
+                                     file=self.path(filename)) from None
+        except RecursionError:  # "[[[[...": a config is a flat object, not a stack-buster
+            raise AdapterConfigError(f"{filename} is nested too deeply to be a config; re-save it",
+                                     file=self.path(filename)) from None
         if not isinstance(data, dict):
             raise AdapterConfigError(f"{filename} must hold a JSON object", file=self.path(filename))
         return data
