@@ -106,3 +106,8 @@ class InvalidNameError(ResultsError, ValueError):
 
 class SchemaMismatchError(ResultsError, TypeError):
     """A table handed to the results store does not match its declared schema (schemas/tables.py)."""
+
+
+class AdapterWeightsError(AdapterError, ValueError):
+    """An adapter's tensors do not fit together (factor ranks or dimensions disagree, a factor
+    that must be a matrix is not 2-D): the file cannot describe the update its config claims."""

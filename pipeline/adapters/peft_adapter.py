@@ -12,6 +12,7 @@ factors of convolutions) raises instead of guessing.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import (
     AdapterConfigError,
+    AdapterWeightsError,
     BaseMismatchError,
     UnsupportedAdapterError,
 )
@@ -57,6 +59,22 @@ _REFUSED_OPTIONS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "ve
                     "monteclora_config", "kasa_config", "use_qalora", "layer_replication",
                     "target_parameters", "trainable_token_indices", "megatron_config")
 PREFIX = "base_model.model."
+# Dimensions of each adapter tensor (default 2); None: not checked here (refused or scalar-like).
+_NDIM: dict[str, Optional[int]] = {
+    "lora_B.bias": 1, "lora_magnitude_vector": 1, "lora_magnitude_vector.weight": 1,
+    "vera_lambda_b": 1, "vera_lambda_d": 1, "ranknum": None, "hada_t1": None, "hada_t2": None,
+    "lokr_t2": None,
+}
+_BOOL_OPTIONS = ("use_rslora", "use_dora", "fan_in_fan_out")
+
+
+def _is_pos_int(x: object) -> bool:
+    """A rank: positive, and storable (models.r is int32; no real adapter comes near 2**31)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x < 2**31
+
+
+def _is_finite_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def get_pattern_key(patterns: list[str], module: str) -> Optional[str]:
@@ -111,18 +129,48 @@ class PeftAdapter(Artifact):
             if self.config.get(name) is None:
                 raise self._cfg_error(f"missing field {name!r} required for {self.peft_type}", field=name)
         for name in ("r", "init_r"):
-            if name in _REQUIRED[self.peft_type] and not (isinstance(self.config[name], int) and self.config[name] > 0):
-                raise self._cfg_error(f"{name} must be a positive integer, got {self.config[name]!r}", field=name)
-        for name, value in (self.config.get("rank_pattern") or {}).items():
-            if self.peft_type != "ADALORA" and not (isinstance(value, int) and value > 0):
-                raise self._cfg_error(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}",
-                                      field="rank_pattern")
+            if name in _REQUIRED[self.peft_type] and not _is_pos_int(self.config[name]):
+                raise self._cfg_error(f"{name} must be a positive integer below 2**31, got {self.config[name]!r}",
+                                      field=name)
+        targets = self.config.get("target_modules")
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise self._cfg_error(f"target_modules must be a string or a list of strings, got {targets!r}",
+                                  field="target_modules")
+        for name in ("lora_alpha", "alpha"):  # NaN/Inf/strings would reach the scale silently
+            if self.config.get(name) is not None and not _is_finite_number(self.config[name]):
+                raise self._cfg_error(f"{name} must be a finite number, got {self.config[name]!r}", field=name)
+        for name in _BOOL_OPTIONS:  # bool("false") is True: a string here would flip the math
+            if self.config.get(name) is not None and not isinstance(self.config[name], bool):
+                raise self._cfg_error(f"{name} must be true or false, got {self.config[name]!r}", field=name)
+        self._validate_patterns()
         if self.peft_type in ("LORA", "ADALORA"):
             for name in _REFUSED_OPTIONS:
                 if self.config.get(name):
                     raise UnsupportedAdapterError(
                         f"LoRA option {name}={self.config[name]!r} changes how the update is applied; "
                         "zoospectra cannot compute an exact dW for it", file=self.files.path(CONFIG), field=name)
+
+    def _validate_patterns(self) -> None:
+        """rank_pattern / alpha_pattern: regex -> positive rank / finite alpha (AdaLoRA's
+        rank_pattern instead maps parameter names to keep-masks)."""
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            pattern = self.config.get(field_name) or {}
+            if not isinstance(pattern, dict):
+                raise self._cfg_error(f"{field_name} must map module regexes to values, got {pattern!r}",
+                                      field=field_name)
+            if field_name == "rank_pattern" and self.peft_type == "ADALORA":
+                continue
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise self._cfg_error(f"{field_name} key {key!r} is not a valid regular expression ({err})",
+                                          field=field_name) from None
+                ok = _is_pos_int(value) if field_name == "rank_pattern" else _is_finite_number(value)
+                if not ok:
+                    want = "a positive integer below 2**31" if field_name == "rank_pattern" else "a finite number"
+                    raise self._cfg_error(f"{field_name}[{key!r}] must be {want}, got {value!r}", field=field_name)
 
     @property
     def init(self) -> str:
@@ -230,6 +278,7 @@ class PeftAdapter(Artifact):
     def _plan_factors(self, mod: _Module, base_key: str, stored: tuple[int, ...], base_name: str) -> Target:
         """(m, n) and the layout from the factor shapes; any disagreement with the base is an error."""
         k, pt = mod.keys, self.peft_type
+        self._check_factors(mod)
         fifo = bool(self.config.get("fan_in_fan_out", False))
         kind: UpdateKind = _KIND[pt]
         role = role_of(base_key)
@@ -283,6 +332,28 @@ class PeftAdapter(Artifact):
                 file=self._location, base=base_name, tensor=next(iter(k.values())), base_tensor=base_key)
         return Target(tensor=base_key, shape=(int(mn[0]), int(mn[1])), role=role, kind=kind,
                       transpose=fifo, source=mod.path)
+
+    def _check_factors(self, mod: _Module) -> None:
+        """Factors that cannot be multiplied are refused from headers, before any compute."""
+        k, pt = mod.keys, self.peft_type
+        for suffix, key in k.items():
+            want = _NDIM.get(suffix, 2)
+            if want is not None and len(self._shape(key)) != want:
+                raise AdapterWeightsError(f"{key!r} has shape {self._shape(key)}; a {pt} {suffix} must be "
+                                          f"{want}-D: the adapter file is malformed", file=self._location, tensor=key)
+        pairs = {"LORA": [("lora_B.weight", "lora_A.weight"), ("lora_embedding_B", "lora_embedding_A")],
+                 "ADALORA": [("lora_B", "lora_A")],
+                 "LOHA": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")],
+                 "LOKR": [("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")]}.get(pt, [])
+        for left, right in pairs:  # left @ right must be defined
+            if left in k and right in k and self._shape(k[left])[1] != self._shape(k[right])[0]:
+                raise AdapterWeightsError(
+                    f"{k[left]!r} {self._shape(k[left])} and {k[right]!r} {self._shape(k[right])} disagree on "
+                    "the rank: their product is undefined; the adapter file is malformed",
+                    file=self._location, tensor=k[right])
+        if pt == "ADALORA" and {"lora_A", "lora_E"} <= set(k) and self._shape(k["lora_E"])[0] != self._shape(k["lora_A"])[0]:
+            raise AdapterWeightsError(f"lora_E {k['lora_E']!r} has {self._shape(k['lora_E'])[0]} rows but lora_A has "
+                                      f"rank {self._shape(k['lora_A'])[0]}", file=self._location, tensor=k["lora_E"])
 
     def _factor_shape(self, mod: _Module, name: str) -> tuple[int, int]:
         k = mod.keys
