@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 from .config import AnalysisConfig
-from .errors import ZoospectraError
 from .refs import ModelRef
 
 
@@ -48,6 +49,20 @@ def unit_id_for(base: ModelRef, tensor: str, members: Sequence[ModelRef], cfg: A
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def redact(text: str) -> str:
+    """`text` with Hub tokens masked: this process's own (HF_TOKEN) and anything token-like.
+    Error rows and model rows quote files written by strangers; none of it may carry a secret."""
+    for var in _TOKEN_VARS:
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
 def error_row(stage: str, err: BaseException, *, model: ModelRef | None = None,
               tensor: str | None = None) -> dict:
     """An `errors` row (run_id / unit_id are filled in by whoever writes it)."""
@@ -58,8 +73,8 @@ def error_row(stage: str, err: BaseException, *, model: ModelRef | None = None,
         "tensor": tensor or ctx.get("tensor"),
         "stage": stage,
         "error_type": type(err).__name__,
-        "message": str(err),
-        "context_json": json.dumps({k: str(v) for k, v in ctx.items()}, sort_keys=True),
+        "message": redact(str(err)),
+        "context_json": redact(json.dumps({k: str(v) for k, v in ctx.items()}, sort_keys=True)),
         "at": datetime.now(timezone.utc),
     }
 
@@ -90,15 +105,16 @@ def build_plan(
         try:
             art = open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
             targets = art.targets(base_ckpt)
-        except ZoospectraError as err:
+            skipped = [f"{key}: {why}" for key, why in art.skipped]
+            if not cfg.include_embeddings:  # reported, kept apart: the paper studies the linear layers
+                skipped += [f"{t.tensor}: role {t.role} not analysed (pass --embeddings)"
+                            for t in targets if t.role != "linear"]
+                targets = [t for t in targets if t.role == "linear"]
+            row = _model_row(ref, base, art, len(targets), run_id, skipped)
+        except Exception as err:  # noqa: BLE001 - any failure of one artifact is its own row
             errors.append(error_row("plan", err, model=ref))
             continue
-        skipped = [f"{key}: {why}" for key, why in art.skipped]
-        if not cfg.include_embeddings:  # reported, kept apart: the paper studies the linear layers
-            skipped += [f"{t.tensor}: role {t.role} not analysed (pass --embeddings)"
-                        for t in targets if t.role != "linear"]
-            targets = [t for t in targets if t.role == "linear"]
-        models.append(_model_row(ref, base, art, len(targets), run_id, skipped))
+        models.append(row)
         for t in targets:
             if (ref.uid, t.tensor) in done_pairs:
                 n_done_pairs += 1
@@ -129,6 +145,8 @@ def build_plan(
 def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,
                skipped: list[str]) -> dict:
     row = dict(art.describe())
+    if row.get("config_json"):  # a config is the author's text: never let it carry a token
+        row["config_json"] = redact(row["config_json"])
     row.update(
         run_id=run_id,
         model_uid=ref.uid,
@@ -144,4 +162,20 @@ def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,
         skipped=skipped,
         created_at=datetime.now(timezone.utc),
     )
+    _check_model_row(row, ref)
     return row
+
+
+def _check_model_row(row: dict, ref: ModelRef) -> None:
+    """A config field that cannot be stored (r beyond int32, target_modules of numbers, ...) is
+    this artifact's plan error: written later with every other model row, it would sink the run."""
+    import pyarrow as pa
+
+    from .errors import AdapterConfigError
+    from .schemas.tables import schema_for, to_table
+
+    try:
+        to_table("models", [row]).cast(schema_for("models"))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as err:
+        raise AdapterConfigError(f"adapter_config.json holds values the models table cannot store "
+                                 f"({type(err).__name__}: {err}); fix the config", file=ref.location) from None

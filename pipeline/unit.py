@@ -1,7 +1,8 @@
 """One unit of work, end to end, with no knowledge of where it runs (Ray task or in-process).
 
 Read W0 once, load each member's exact update, analyse the batch, commit all rows atomically.
-A member that fails to load becomes an `errors` row; the rest of the batch is still analysed.
+A member that fails to load, or that the math refuses, becomes an `errors` row; the rest of the
+batch is still analysed.
 """
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING, Optional
 
 from .config import AnalysisConfig
 from .errors import ZoospectraError
 from .plan import WorkUnit, error_row
 from .refs import ModelRef
+
+if TYPE_CHECKING:
+    import torch
+
+    from .spectral import BatchAnalysis
+    from .updates import MatrixUpdate
 
 
 @dataclass
@@ -66,7 +74,6 @@ def _maybe_crash_for_tests() -> None:
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
                  device: str = "cpu") -> UnitOutcome:
     from .records import UnitContext, unit_tables
-    from .spectral import analyze_batch
     from .store import ResultsStore
 
     t0 = time.perf_counter()
@@ -90,15 +97,14 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
         try:
             updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0))
             members.append(ref)
-        except ZoospectraError as err:
+        except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))
     if not updates:
         return _failed(store, run_id, unit, errors, t0, device)
 
-    try:
-        analysis = analyze_batch(w0, updates, cfg, device=device)
-    except ZoospectraError as err:
-        errors += [error_row("analyze", err, model=m, tensor=unit.tensor) for m in members]
+    analysis, updates, members, bad = _analyze(w0, updates, members, cfg, device, unit.tensor)
+    errors += bad
+    if analysis is None:
         return _failed(store, run_id, unit, errors, t0, device)
 
     ctx = UnitContext(
@@ -113,6 +119,40 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
     )
+
+
+def _analyze(w0: "torch.Tensor", updates: list["MatrixUpdate"], members: list[ModelRef], cfg: AnalysisConfig,
+             device: str, tensor: str
+             ) -> tuple[Optional["BatchAnalysis"], list["MatrixUpdate"], list[ModelRef], list[dict]]:
+    """analyze_batch, where one member that the math refuses (e.g. a scale that overflows to Inf)
+    costs only its own row: on a batch failure each member is tried alone against one shared base
+    SVD, then the survivors are analysed together again. Returns (analysis or None, updates,
+    members, error rows)."""
+    from .spectral import analyze_batch, base_svd
+
+    try:
+        return analyze_batch(w0, updates, cfg, device=device), updates, members, []
+    except ZoospectraError as err:
+        if len(updates) == 1:
+            return None, [], [], [error_row("analyze", err, model=members[0], tensor=tensor)]
+    try:
+        base = base_svd(w0, cfg, device, tensor=tensor)
+    except ZoospectraError as err:  # the base matrix itself: every member fails
+        return None, [], [], [error_row("analyze", err, model=m, tensor=tensor) for m in members]
+    keep_u, keep_m, errors = [], [], []
+    for update, ref in zip(updates, members):
+        try:
+            analyze_batch(w0, [update], cfg, device=device, base=base)
+            keep_u.append(update)
+            keep_m.append(ref)
+        except ZoospectraError as err:
+            errors.append(error_row("analyze", err, model=ref, tensor=tensor))
+    if not keep_u:
+        return None, [], [], errors
+    try:
+        return analyze_batch(w0, keep_u, cfg, device=device, base=base), keep_u, keep_m, errors
+    except ZoospectraError as err:  # only together (e.g. pairs): the batch fails as a whole
+        return None, [], [], errors + [error_row("analyze", err, model=m, tensor=tensor) for m in keep_m]
 
 
 def _fill(rows: list[dict], run_id: str, unit_id: str) -> list[dict]:
