@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from zoospectra.errors import HubError, ZoospectraError
-from zoospectra.hub import HubOptions, discover, error_record, pin
+from zoospectra.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
 
 from .spec import CrawlSpec
 
@@ -73,6 +73,10 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
     errors = list(found.errors)
     try:
         report.base_sha = pin(base, options=options)
+        # One HEAD on the base's weights: a gated/unreadable base is one error row for the base,
+        # not one per adapter when the planner first touches its header.
+        base_source = HubFileSource(base, report.base_sha, options)
+        base_source.check_access(weights_file(base_source))
         # The options ride on every ref: planner and Ray workers read the Hub the same way.
         base_ref = ModelRef(model_id=base, revision=report.base_sha, location=base, source="hub",
                             hub_options=options)

@@ -227,9 +227,17 @@ class HubFileSource:
         return self._sizes
 
     def exists(self, filename: str) -> bool:
+        # A pinned snapshot never changes: a file in the cache exists at this revision, and
+        # answering from it saves one API call per repo per worker on incremental crawls.
+        if self._sizes is None and self.cached_path(filename) is not None:
+            return True
         return filename in self.files()
 
     def size(self, filename: str) -> int:
+        if self._sizes is None:
+            path = self.cached_path(filename)
+            if path is not None:
+                return os.path.getsize(path)
         sizes = self.files()
         if filename not in sizes:
             raise HubNotFoundError(f"{filename!r} is not in {self.name}; check the file name",
@@ -504,6 +512,11 @@ def _check_adapter(source: HubFileSource, names: set[str], base: str) -> None:
         raise BaseMismatchError(
             f"adapter_config.json names base {named!r}, but the repo is listed as an adapter of "
             f"{base!r}; it is skipped: crawl {named!r} to analyse it", base=base, **ctx)
+
+
+def weights_file(source: HubFileSource) -> str:
+    """The file that holds (or indexes) a full checkpoint's safetensors weights at this revision."""
+    return _full_weights(source, set(source.files()))
 
 
 def _full_weights(source: HubFileSource, names: set[str]) -> str:

@@ -199,8 +199,10 @@ class FakeHub:
     # --- faults and counters ---------------------------------------------------------------
     def inject(self, repo_id: str, filename: Optional[str] = None, *, status: Optional[int] = None,
                times: int = 1, retry_after: Optional[int] = None, delay: float = 0.0,
-               methods: tuple[str, ...] = ("GET", "HEAD")) -> Fault:
-        fault = Fault(repo_id, filename, status, times, retry_after, delay, methods)
+               methods: tuple[str, ...] = ("GET", "HEAD"), data_from: Optional[int] = None) -> Fault:
+        """`data_from`: fault only ranged reads starting at/after this byte, e.g. a safetensors
+        file's tensor data but not its header."""
+        fault = Fault(repo_id, filename, status, times, retry_after, delay, methods, data_from)
         with self.state.lock:
             self.state.faults.append(fault)
         return fault
