@@ -224,8 +224,6 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
                      params: MitigationParams = MitigationParams(),
                      base: Optional[str | os.PathLike] = None) -> MitigationResult:
     """Write the mitigated adapter to `out` (a new directory, replaced atomically if present)."""
-    from safetensors.torch import save_file
-
     adapter = Path(adapter)
     where = str(adapter / ADAPTER_WEIGHTS)
     if not (adapter / ADAPTER_CONFIG).is_file():
@@ -250,7 +248,7 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
             stored = tensors[layer.key_b].dtype  # keep the file's dtype, as PEFT keeps W's
             tensors[layer.key_b] = factors[0].to(stored).contiguous()
             tensors[layer.key_a] = factors[1].to(stored).contiguous()
-    _publish(Path(out), art.config_text, tensors, result, save_file)
+    _publish(Path(out), art.config_text, tensors, result)
     return result
 
 
@@ -274,8 +272,10 @@ def _mitigate_layer(layer: LoraMatrix, tensors: dict[str, torch.Tensor], base_ck
 
 
 def _publish(out: Path, config_text: str, tensors: dict[str, torch.Tensor],
-             result: MitigationResult, save_file) -> None:
+             result: MitigationResult) -> None:
     """Write into a sibling temp directory, then swap it in: `out` is never half written."""
+    from safetensors.torch import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

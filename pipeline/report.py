@@ -12,13 +12,16 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import pyarrow as pa
 
 from . import __version__
 from .errors import ResultsError
 from .studies import STUDIES, Scope, Study, connect_scoped, run_study, svg_text
+
+if TYPE_CHECKING:
+    import duckdb
 
 REPORT_FILE = "index.html"
 MAX_TABLE_ROWS = 40
@@ -100,7 +103,7 @@ def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[
     return report
 
 
-def _section(con, study: Study, overrides: Mapping[str, Any]) -> StudySection:
+def _section(con: "duckdb.DuckDBPyConnection", study: Study, overrides: Mapping[str, Any]) -> StudySection:
     section = StudySection(study, study.sql(overrides))
     try:
         table = run_study(con, study, overrides)

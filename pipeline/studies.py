@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
@@ -24,7 +24,10 @@ from .errors import ConfigError, ResultsError
 from .refs import ModelRef, local_ref
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import duckdb
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 Params = Mapping[str, Any]
@@ -241,7 +244,7 @@ def _prefix_ids(svg: str, prefix: str) -> str:
 
 
 # --- plotting helpers ------------------------------------------------------------------------
-def _pyplot():
+def _pyplot() -> "ModuleType":
     try:
         import matplotlib
     except ImportError as e:  # the `plot` extra
@@ -278,7 +281,7 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
 
 
-def _legend(ax, n: int) -> None:
+def _legend(ax: "Axes", n: int) -> None:
     if n:
         ax.legend(fontsize=7, loc="best", frameon=False, ncol=1 if n <= 8 else 2)
 

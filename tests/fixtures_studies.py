@@ -89,11 +89,17 @@ def build_study_zoo(zoo_dir: Path) -> dict[str, Path]:
     return paths
 
 
+# Test modules import these fixtures, and pytest makes one fixture per importing module, so a
+# "session" fixture would be built once per module: memoise here to build it once per session.
+_SESSION: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def study_zoo(tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
-    zoo_dir = _cache_dir(tmp_path_factory)
-    with one_thread():
-        return _analysed_zoo(zoo_dir, tmp_path_factory)
+    if "zoo" not in _SESSION:
+        with one_thread():
+            _SESSION["zoo"] = _analysed_zoo(_cache_dir(tmp_path_factory), tmp_path_factory)
+    return _SESSION["zoo"]  # type: ignore[return-value]
 
 
 def _analysed_zoo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
@@ -136,8 +142,10 @@ class EngineNumbers:
 @pytest.fixture(scope="session")
 def engine(study_zoo: StudyZoo) -> EngineNumbers:
     """spectral.analyze_batch on W0 and each artifact's exact update, one batch per base tensor."""
-    with one_thread():
-        return _engine_numbers(study_zoo)
+    if "engine" not in _SESSION:
+        with one_thread():
+            _SESSION["engine"] = _engine_numbers(study_zoo)
+    return _SESSION["engine"]  # type: ignore[return-value]
 
 
 def _engine_numbers(study_zoo: StudyZoo) -> EngineNumbers:

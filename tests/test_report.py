@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from fixtures_studies import BASE_ID, StudyZoo, study_zoo  # noqa: F401
 from zoospectra.report import build_report
-from zoospectra.studies import STUDIES, Scope
+from zoospectra.studies import STUDIES
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -47,16 +46,7 @@ def test_report_embeds_one_valid_svg_per_study(report: Path) -> None:
     assert "lora_r8_a16" in text and "full_ft" in text     # the model summary table
 
 
-def test_report_scope_and_missing_studies(study_zoo: StudyZoo, tmp_path: Path) -> None:
-    page = build_report(study_zoo.root, tmp_path, Scope(kinds=("full",))).read_text(encoding="utf-8")
-    assert "kinds = full" in page
-    assert "lora_r8_a16" not in page and "full_ft" in page
-    # a full fine-tune alone has no checkpoints, pairs, alpha sweep or A/B norms: said, not drawn
-    assert page.count('class="note"') == 4
-    assert len(re.findall(r"<svg\b", page)) == len(STUDIES) - 4
-
-
-def test_cli_report_and_plot(study_zoo: StudyZoo, tmp_path: Path) -> None:
+def test_cli_scoped_report_and_plot(study_zoo: StudyZoo, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from zoospectra.cli import app
@@ -67,6 +57,10 @@ def test_cli_report_and_plot(study_zoo: StudyZoo, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
     assert f"base = {BASE_ID}; kinds = full" in page
+    assert "lora_r8_a16" not in page and "full_ft" in page
+    # a full fine-tune alone has no checkpoints, pairs, alpha sweep or A/B norms: said, not drawn
+    assert page.count('class="note"') == 4
+    assert len(re.findall(r"<svg\b", page)) == len(STUDIES) - 4
     res = runner.invoke(app, ["plot", str(study_zoo.root), "intruders-eps", "--out",
                               str(tmp_path / "f5.svg"), "--param", "k=5"])
     assert res.exit_code == 0, res.output
@@ -94,3 +88,17 @@ def test_report_renders_in_headless_chromium_offline(report: Path, tmp_path: Pat
     assert np.mean(np.any(rgb < 200, axis=1)) > 0.02          # text, tables and a figure drawn
     # the first figure's colours (matplotlib's tab10 blue) made it to the screen
     assert np.any(np.all(np.abs(rgb.astype(int) - [31, 119, 180]) < 12, axis=1))
+
+
+def test_a_failing_study_is_reported_not_fatal(study_zoo: StudyZoo) -> None:
+    from zoospectra.report import Report, _section, render_html
+    from zoospectra.studies import Scope, connect_scoped
+
+    con = connect_scoped(study_zoo.root)
+    try:  # k = 40 is more than the 32 vectors stored per matrix: the macro refuses
+        section = _section(con, STUDIES["intruders-eps"], {"k": 40})
+    finally:
+        con.close()
+    assert section.svg is None and "--k-store" in section.error
+    page = render_html(Report(root=str(study_zoo.root), scope=Scope(), sections=[section]))
+    assert page.count('class="error"') == 1 and "k := 40" in page

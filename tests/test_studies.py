@@ -244,6 +244,12 @@ def test_parameters_reach_the_query(study_zoo: StudyZoo, engine: EngineNumbers) 
         assert got[model] == sum(_count(it.u.max_cos, 3, 0.5) for it in engine.of(model).values())
     with pytest.raises(ConfigError, match="no parameter 'kk'"):
         study.sql({"kk": 3})
+    con = connect_scoped(study_zoo.root)
+    try:  # more vectors than the analysis stored (K_store = 32): refused, not undercounted
+        with pytest.raises(ResultsError, match="intruders-eps.*--k-store"):
+            run_study(con, study, {"k": 40})
+    finally:
+        con.close()
 
 
 def test_param_parsing_and_literals() -> None:
