@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# One BLAS thread per process: the suite runs Ray workers and CLI subprocesses beside pytest on
+# 2 cores, and oversubscribed LAPACK SVDs run 10-50x slower (subprocesses inherit this).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
