@@ -57,6 +57,7 @@ def analyze(
     batch_size: int = typer.Option(32, help="Artifacts per unit of work (sharing one base SVD)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
+    device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
     max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
@@ -69,14 +70,15 @@ def analyze(
         name, _, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
         refs.append(local_ref(path, name or None))
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
-                           executor="local" if local else "ray", max_in_flight=max_in_flight)
+                           executor="local" if local else "ray", max_in_flight=max_in_flight,
+                           device=device)
     if summary.n_failed or summary.n_member_errors:
         raise typer.Exit(code=3)
 
 
 def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
                  address: Optional[str] = None, executor: str = "ray",
-                 max_in_flight: Optional[int] = None, quiet: bool = False):
+                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto"):
     """Plan + execute with a progress bar; shared by analyze, demo and crawl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -109,12 +111,14 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
                 progress.console.print(f"  [red]{e['error_type']}[/] {e.get('model_id')} {e.get('tensor')}: {e['message']}")
 
         summary = run_plan(plan, out, run_id=run_id, executor=executor, address=address,
-                           max_in_flight=max_in_flight, command=shlex.join(sys.argv), on_progress=tick)
+                           max_in_flight=max_in_flight, command=shlex.join(sys.argv), on_progress=tick,
+                           device=device)
     if not quiet:
         console.print(
             f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "
             f"{summary.n_failed} failed, {summary.n_member_errors + len(plan.errors)} error rows "
-            f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} -> {out}"
+            f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
+            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {out}"
         )
     return summary
 
