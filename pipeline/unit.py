@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .config import AnalysisConfig
 from .errors import ZoospectraError
@@ -18,9 +20,11 @@ from .plan import WorkUnit, error_row
 from .refs import ModelRef
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import torch
 
     from .spectral import BatchAnalysis
+    from .store import ResultsStore
     from .updates import MatrixUpdate
 
 
@@ -114,7 +118,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     tables = unit_tables(ctx, updates, analysis, cfg)
     if errors:
         store.write_errors(run_id, unit.unit_id, _fill(errors, run_id, unit.unit_id))
-    committed = store.commit_unit(unit.unit_id, tables, done=[(m.uid, unit.tensor) for m in members])
+    committed, members = _commit_new_pairs(results_root, unit, tables, members)
     return UnitOutcome(
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
@@ -153,6 +157,70 @@ def _analyze(w0: "torch.Tensor", updates: list["MatrixUpdate"], members: list[Mo
         return analyze_batch(w0, keep_u, cfg, device=device, base=base), keep_u, keep_m, errors
     except ZoospectraError as err:  # only together (e.g. pairs): the batch fails as a whole
         return None, [], [], errors + [error_row("analyze", err, model=m, tensor=tensor) for m in keep_m]
+
+
+# --- committing: each (model, tensor) pair lands once, even when runs overlap ------------------
+def _commit_new_pairs(results_root: str, unit: WorkUnit, tables: dict[str, "pa.Table"],
+                      members: list[ModelRef]) -> tuple[bool, list[ModelRef]]:
+    """Publish the unit minus members whose pair another unit committed since planning.
+
+    Two runs over overlapping sets of artifacts batch them differently, so their unit ids differ
+    and the atomic unit rename alone cannot stop both from writing the shared pairs. The check
+    and the publish hold one lock (flock on the root's units/ directory, local roots), so of two
+    concurrent writers of a pair exactly one lands it. Remote roots have no lock: the check then
+    narrows the race to the few milliseconds of a commit.
+    """
+    store = _store(results_root)
+    with _commit_lock(store):
+        done = store.done_pairs()
+        dup = {m.uid for m in members if (m.uid, unit.tensor) in done}
+        if dup:
+            tables = {name: _without_models(t, dup) for name, t in tables.items()}
+            members = [m for m in members if m.uid not in dup]
+        if not members:
+            return False, []
+        return store.commit_unit(unit.unit_id, tables, done=[(m.uid, unit.tensor) for m in members]), members
+
+
+@lru_cache(maxsize=16)
+def _store(results_root: str) -> "ResultsStore":
+    """One store per root and process: its cache of committed units' pairs outlives a unit."""
+    from .store import ResultsStore
+
+    return ResultsStore(results_root)
+
+
+@contextmanager
+def _commit_lock(store: "ResultsStore") -> Iterator[None]:
+    if not store.is_local:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the check alone still applies
+        yield
+        return
+    units = Path(store.uri) / "units"
+    units.mkdir(parents=True, exist_ok=True)
+    fd = os.open(units, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _without_models(table: "pa.Table", uids: set[str]) -> "pa.Table":
+    """Rows of `table` not about any model in `uids` (pairs: neither side)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = None
+    for col in ("model_uid", "model_uid_a", "model_uid_b"):
+        if col in table.schema.names:
+            ok = pc.invert(pc.is_in(table[col], value_set=pa.array(sorted(uids), pa.string())))
+            keep = ok if keep is None else pc.and_(keep, ok)
+    return table if keep is None else table.filter(keep)
 
 
 def _fill(rows: list[dict], run_id: str, unit_id: str) -> list[dict]:
