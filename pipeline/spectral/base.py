@@ -7,14 +7,14 @@ import torch
 
 from ..config import AnalysisConfig
 from ..errors import AnalysisError
-from .inputs import place, resolve_device, torch_dtype
+from .inputs import place, resolve_device, svd, torch_dtype
 from .results import BaseSVD
 
 
 def thin_svd(x: torch.Tensor, what: str, tensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U [m, p], S [p], Vh [p, n]: torch.linalg.svd(full_matrices=False), PEFT's convention."""
     try:
-        return torch.linalg.svd(x, full_matrices=False)
+        return svd(x, full_matrices=False)
     except RuntimeError as e:  # torch.linalg.LinAlgError: no convergence
         raise AnalysisError(
             f"SVD of {what} {tuple(x.shape)} in {x.dtype} did not converge ({e}); "

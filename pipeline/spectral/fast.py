@@ -33,7 +33,7 @@ from ..config import ALL, AnalysisConfig
 from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .base import base_svd, check_base
-from .inputs import batch_tensor, delta, place, resolve_device, torch_dtype
+from .inputs import batch_tensor, delta, place, resolve_device, svd, svdvals, torch_dtype
 from .krylov import F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
@@ -154,7 +154,7 @@ def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f
     s0 = base.S.to(F64)
     wt = wt_triplets(reduced_operator(s0, f, _head(want, p)), want)
     _log_fallback(wt, update.tensor)
-    uc, sd, vch = torch.linalg.svd(f.r1 @ f.r2.T)             # dW = (Q1 uc) diag(sd) (Q2 vch^T)^T
+    uc, sd, vch = svd(f.r1 @ f.r2.T)             # dW = (Q1 uc) diag(sd) (Q2 vch^T)^T
     dw_sigma = np.zeros(p)
     dw_sigma[: min(p, sd.shape[0])] = _np(sd)[:p]              # the other p - r are exactly 0
     dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
@@ -186,7 +186,7 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     # express Wt's vectors in base coordinates so one assembly serves both paths
     wt = Triplets(wt.sigma, u0.T @ wt.U, v0.T @ wt.V, wt.residual, wt.iterations, wt.method)
 
-    dw_sigma = _np(torch.linalg.svdvals(dw))                   # all p of them (effective rank)
+    dw_sigma = _np(svdvals(dw))                   # all p of them (effective rank)
     dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
     amp_r = amplification_rank(update.rank, dw_rank, cfg.k)
     n_pair = pair_rank(update.rank, dw_rank, cfg.pair_max) if cfg.pairs else 0

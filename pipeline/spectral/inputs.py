@@ -20,6 +20,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"device must be 'cpu' or 'cuda[:n]', got {name!r}", option="device")
     dev = torch.device(name)
     if dev.type == "cuda":
+        # float32 means IEEE float32 here: TF32 matmuls (10-bit mantissa) would move cosines by
+        # ~1e-3, far outside the tolerances the engines are tested to.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} asked for but torch sees no CUDA device; use 'cpu'",
                               option="device")
@@ -27,6 +31,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise ConfigError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPUs)",
                               option="device")
     return dev
+
+
+def svd(x: torch.Tensor, full_matrices: bool = False):
+    """torch.linalg.svd, with cuSOLVER's QR-based gesvd on CUDA (the default heuristics may pick
+    the Jacobi or approximate drivers, less accurate in float32)."""
+    if x.is_cuda:
+        return torch.linalg.svd(x, full_matrices=full_matrices, driver="gesvd")
+    return torch.linalg.svd(x, full_matrices=full_matrices)
+
+
+def svdvals(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(x, driver="gesvd") if x.is_cuda else torch.linalg.svdvals(x)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import torch
 
+from .inputs import svd
+
 F64 = torch.float64
 
 
@@ -141,7 +143,7 @@ def orthonormal_extension(z: torch.Tensor | None, t: torch.Tensor, rtol: float =
 
 
 def dense_triplets(m: torch.Tensor, k: int, method: str = "dense", iterations: int = 0) -> Triplets:
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = svd(m, full_matrices=False)
     k = min(k, int(s.shape[0]))
     return Triplets(sigma=s[:k], U=u[:, :k], V=vh[:k].T, residual=0.0, iterations=iterations,
                     method=method)
