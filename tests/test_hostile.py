@@ -39,7 +39,8 @@ from zoospectra.execute import run_plan
 from zoospectra.plan import build_plan
 from zoospectra.refs import local_ref
 from zoospectra.spectral import analyze_batch
-from zoospectra.zoo import build_zoo, lora
+
+from fixtures_faults import tiny_loras  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -53,10 +54,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # --- building blocks ------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def goods(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two real LoRAs (r=4) on MiniLM's query matrices, trained a few steps."""
-    specs = [lora("good1", 4, 8, targets=("query",)), lora("good2", 4, 8, targets=("query",), use_rslora=True)]
-    return build_zoo(tmp_path_factory.mktemp("hostile_zoo"), specs, steps=3)
+def goods(tiny_loras: list[Path]) -> list[Path]:
+    """Two real LoRAs (r=4, one with rsLoRA) on MiniLM's query matrices, named good1 and good2."""
+    return tiny_loras[:2]
 
 
 def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
@@ -407,7 +407,8 @@ def reference_root(goods: list[Path], minilm_dir: Path, tmp_path_factory: pytest
     """The good adapters alone, in-process."""
     out = tmp_path_factory.mktemp("reference") / "results"
     cfg = AnalysisConfig()
-    plan = build_plan(local_ref(minilm_dir), [local_ref(p) for p in goods], cfg, batch_size=64)
+    plan = build_plan(local_ref(minilm_dir), [local_ref(goods[0], "good1"), local_ref(goods[1], "good2")], cfg,
+                      batch_size=64)
     run_plan(plan, str(out), executor="local", device="cpu")
     return out
 
@@ -421,7 +422,8 @@ def test_one_local_job_turns_every_case_into_error_rows(goods: list[Path], hosti
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    refs = [local_ref(goods[0])] + [local_ref(hostile[c.name], c.name) for c in CASES] + [local_ref(goods[1])]
+    refs = [local_ref(goods[0], "good1"), *[local_ref(hostile[c.name], c.name) for c in CASES],
+            local_ref(goods[1], "good2")]
     plan = build_plan(local_ref(minilm_dir), refs, AnalysisConfig(), batch_size=64)
     out = tmp_path / "results"
     summary = run_plan(plan, str(out), executor="local", device="cpu")
@@ -439,7 +441,8 @@ def test_a_model_row_that_does_not_fit_the_schema_is_a_plan_error(goods: list[Pa
     describe = PeftAdapter.describe
     monkeypatch.setattr(PeftAdapter, "describe", lambda self: dict(describe(self), r=2**40)
                         if self.model_id == "bad" else describe(self))
-    plan = build_plan(local_ref(minilm_dir), [local_ref(goods[0], "bad"), local_ref(goods[1])], AnalysisConfig())
+    plan = build_plan(local_ref(minilm_dir), [local_ref(goods[0], "bad"), local_ref(goods[1], "good2")],
+                      AnalysisConfig())
     assert [m["model_id"] for m in plan.models] == ["good2"]
     (err,) = plan.errors
     assert err["model_id"] == "bad" and err["error_type"] == "AdapterConfigError" and "models table" in err["message"]
@@ -573,7 +576,6 @@ def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
                    "the Hub client refuses escapes as a crash instead of an errors row (see report)")
 def test_a_hub_listing_odd_repo_ids_gives_error_rows(goods: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     from fixtures_hub import serving_hub
     from zoospectra.hub import HubOptions, discover
 
