@@ -55,7 +55,7 @@ class CrawlSpec:
         if not self.base_models:
             raise ConfigError("base_models is empty: list at least one Hub repo id", option="base_models")
         for repo in self.base_models:
-            if not isinstance(repo, str) or not _REPO_ID.match(repo):
+            if not isinstance(repo, str) or not _REPO_ID.match(repo) or not _hub_valid(repo):
                 raise ConfigError(f"base model {repo!r} is not a Hub repo id like 'org/name'",
                                   option="base_models")
         if not isinstance(self.out, str) or not self.out:
@@ -99,6 +99,17 @@ class CrawlSpec:
         except yaml.YAMLError as e:
             raise ConfigError(f"job spec {p} is not valid YAML: {e}", file=str(p)) from None
         return cls.from_dict(raw, str(p))
+
+
+def _hub_valid(repo: str) -> bool:
+    """What huggingface_hub itself accepts ('..', '--', over 96 characters are refused)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _is_int(x: object) -> bool:

@@ -22,6 +22,13 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def esc(x: object) -> str:
+    """Untrusted text (model ids, messages) printed literally, never as rich markup."""
+    from rich.markup import escape
+
+    return escape(str(x))
+
+
 def _k(value: str, name: str) -> int:
     if value.lower() == "all":
         return ALL
@@ -72,8 +79,8 @@ def analyze(
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
                            executor="local" if local else "ray", max_in_flight=max_in_flight,
                            device=device)
-    if summary.n_failed or summary.n_member_errors:
-        raise typer.Exit(code=3)
+    if summary.n_failed or summary.n_member_errors or summary.n_plan_errors:
+        raise typer.Exit(code=3)  # the run completed, but some artifacts became errors rows
 
 
 def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
@@ -96,7 +103,7 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
             f"{len(plan.errors)} planning errors"
         )
         for e in plan.errors:
-            console.print(f"  [red]{e['error_type']}[/] {e['model_id']}: {e['message']}")
+            console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e['model_id'])}: {esc(e['message'])}")
     progress = Progress(
         TextColumn("[bold blue]analyse"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
@@ -108,7 +115,8 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
         def tick(i: int, n: int, outcome) -> None:
             progress.update(bar, total=n, completed=i)
             for e in outcome.errors:
-                progress.console.print(f"  [red]{e['error_type']}[/] {e.get('model_id')} {e.get('tensor')}: {e['message']}")
+                progress.console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e.get('model_id'))} "
+                                       f"{esc(e.get('tensor'))}: {esc(e['message'])}")
 
         summary = run_plan(plan, out, run_id=run_id, executor=executor, address=address,
                            max_in_flight=max_in_flight, command=shlex.join(sys.argv), on_progress=tick,
@@ -118,7 +126,7 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
             f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "
             f"{summary.n_failed} failed, {summary.n_member_errors + len(plan.errors)} error rows "
             f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
-            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {out}"
+            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
         )
     return summary
 
@@ -294,14 +302,14 @@ def mitigate(
     result = mitigate_adapter(adapter, out, MitigationParams(lam=lam, k=k, eps=eps, dtype=dtype), base=base)
     hit = sum(1 for m in result.matrices if m.intruders)
     console.print(f"[bold]mitigate[/]: {result.n_intruders} intruders in {hit} of "
-                  f"{len(result.matrices)} matrices scaled by {lam} -> {out}")
+                  f"{len(result.matrices)} matrices scaled by {lam} -> {esc(out)}")
 
 
 def main() -> None:
     try:
         app()
     except ZoospectraError as err:
-        console.print(f"[red]error[/] ({err.kind}): {err}")
+        console.print(f"[red]error[/] ({err.kind}): {esc(err)}")
         sys.exit(2)
 
 

@@ -31,6 +31,7 @@ class RunSummary:
     n_skipped: int = 0
     n_failed: int = 0
     n_member_errors: int = 0
+    n_plan_errors: int = 0          # artifacts that could not be planned (each an errors row)
     seconds: float = 0.0
     devices: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float = 0.0        # the largest peak resident memory reported by a worker
@@ -94,7 +95,8 @@ def run_plan(
 
     done = store.done_units()
     todo = [u for u in plan.units if u.unit_id not in done]
-    summary = RunSummary(run_id, n_units=len(plan.units), n_skipped=len(plan.units) - len(todo))
+    summary = RunSummary(run_id, n_units=len(plan.units), n_skipped=len(plan.units) - len(todo),
+                         n_plan_errors=len(plan.errors))
     t0 = time.perf_counter()
     status = "failed"
     try:

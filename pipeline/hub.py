@@ -364,10 +364,22 @@ def _range_body(response: object, start: int, end: int, where: str) -> bytearray
     return data
 
 
+def check_repo_id(repo_id: object) -> str:
+    """A repo id the Hub client accepts ('org/name'), else a HubError naming it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"not a valid Hub repo id: {e}", repo=str(repo_id)) from None
+    return str(repo_id)
+
+
 def pin(repo_id: str, revision: str = "main", options: Optional[HubOptions] = None) -> str:
     """The commit sha that `revision` (branch, tag or sha) of `repo_id` points to now."""
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
     opts = options or HubOptions()
     api = HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
     info = with_retries(lambda: api.model_info(repo_id, revision=revision, expand=["sha"],
@@ -482,6 +494,7 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
 
 def _admit(info: object, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
     """Check one listed repo and pin it; raise a ZoospectraError saying why it can't be used."""
+    check_repo_id(info.id)
     if not info.sha:
         raise HubError("the listing gave no commit sha; cannot pin this repo", repo=info.id)
     names = {s.rfilename for s in info.siblings or []}

@@ -543,8 +543,6 @@ def test_quoted_results_root_is_not_sql(goods: list[Path], minilm_dir: Path, tmp
     assert not marker.exists() and not (Path.cwd() / marker.name).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/cli.py prints model ids and messages as rich markup: '[/]' "
-                   "raises MarkupError and '[file=..., tensor=...]' context vanishes (see report)")
 def test_markup_in_a_model_name_is_printed_not_interpreted(hostile: dict[str, Path], minilm_dir: Path,
                                                            tmp_path: Path) -> None:
     code, text = invoke("analyze", str(minilm_dir), f"[/]={hostile['truncated']}", "--out", str(tmp_path / "r"),
@@ -553,11 +551,8 @@ def test_markup_in_a_model_name_is_printed_not_interpreted(hostile: dict[str, Pa
 
 
 # --- odd repo ids ---------------------------------------------------------------------------
-SPEC_GAP = pytest.mark.xfail(strict=True, reason="jobs/spec.py _REPO_ID admits ids the Hub client refuses "
-                             "('..' names, '--', > 96 chars); they fail later, untyped (see report)")
 ODD_IDS = ["../evil", "a/b/c", "org/name with space", "", "/abs", "org/%2e%2e", "org/ok\nInjected: header",
-           pytest.param("org/..", marks=SPEC_GAP), pytest.param("org/x--y", marks=SPEC_GAP),
-           pytest.param("org/" + "a" * 120, marks=SPEC_GAP)]
+           "org/..", "org/x--y", "org/" + "a" * 120]
 
 
 @pytest.mark.parametrize("repo", ODD_IDS)
@@ -572,8 +567,6 @@ def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
         CrawlSpec.from_dict({"name": "n", "base_models": [repo], "out": "/tmp/x"})
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/hub.py discover(): HFValidationError from a listed repo id "
-                   "the Hub client refuses escapes as a crash instead of an errors row (see report)")
 def test_a_hub_listing_odd_repo_ids_gives_error_rows(goods: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from fixtures_hub import serving_hub
