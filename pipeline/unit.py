@@ -63,6 +63,19 @@ def _artifact(ref: ModelRef):
     return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
 
 
+@lru_cache(maxsize=1)
+def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, device: str):
+    """W0 [out, in] and its SVD, kept for the next unit: the planner emits the units of one tensor
+    back to back, so a worker usually gets the next batch of the same base matrix and skips both
+    the read and the decomposition (one entry: bounded memory)."""
+    from .spectral import base_svd
+
+    w0 = _checkpoint(ref).get(tensor)
+    if transpose:
+        w0 = w0.T.contiguous()
+    return w0, base_svd(w0, cfg, device, tensor=tensor)
+
+
 def _maybe_crash_for_tests() -> None:
     """Fault injection for the worker-crash test: the first task to claim the marker dies hard."""
     marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
@@ -89,9 +102,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     errors: list[dict] = []
     try:
         base = _checkpoint(unit.base)
-        w0 = base.get(unit.tensor)
-        if unit.transpose_w0:
-            w0 = w0.T.contiguous()
+        w0, w0_svd = _base_matrix(unit.base, unit.tensor, unit.transpose_w0, cfg, device)
     except ZoospectraError as err:  # the base matrix is unreadable: every member fails
         errors = [error_row("load", err, model=m, tensor=unit.tensor) for m in unit.members]
         return _failed(store, run_id, unit, errors, t0, device)
@@ -106,7 +117,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     if not updates:
         return _failed(store, run_id, unit, errors, t0, device)
 
-    analysis, updates, members, bad = _analyze(w0, updates, members, cfg, device, unit.tensor)
+    analysis, updates, members, bad = _analyze(w0, w0_svd, updates, members, cfg, device, unit.tensor)
     errors += bad
     if analysis is None:
         return _failed(store, run_id, unit, errors, t0, device)
@@ -125,24 +136,20 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     )
 
 
-def _analyze(w0: "torch.Tensor", updates: list["MatrixUpdate"], members: list[ModelRef], cfg: AnalysisConfig,
-             device: str, tensor: str
+def _analyze(w0: "torch.Tensor", base, updates: list["MatrixUpdate"], members: list[ModelRef],
+             cfg: AnalysisConfig, device: str, tensor: str
              ) -> tuple[Optional["BatchAnalysis"], list["MatrixUpdate"], list[ModelRef], list[dict]]:
     """analyze_batch, where one member that the math refuses (e.g. a scale that overflows to Inf)
     costs only its own row: on a batch failure each member is tried alone against one shared base
     SVD, then the survivors are analysed together again. Returns (analysis or None, updates,
     members, error rows)."""
-    from .spectral import analyze_batch, base_svd
+    from .spectral import analyze_batch
 
     try:
-        return analyze_batch(w0, updates, cfg, device=device), updates, members, []
+        return analyze_batch(w0, updates, cfg, device=device, base=base), updates, members, []
     except ZoospectraError as err:
         if len(updates) == 1:
             return None, [], [], [error_row("analyze", err, model=members[0], tensor=tensor)]
-    try:
-        base = base_svd(w0, cfg, device, tensor=tensor)
-    except ZoospectraError as err:  # the base matrix itself: every member fails
-        return None, [], [], [error_row("analyze", err, model=m, tensor=tensor) for m in members]
     keep_u, keep_m, errors = [], [], []
     for update, ref in zip(updates, members):
         try:

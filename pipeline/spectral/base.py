@@ -38,8 +38,8 @@ def check_base(base: BaseSVD, w0: torch.Tensor, tensor: str) -> None:
             f"precomputed base SVD ({base.shape}, {base.dtype}, {base.device}) does not match W0 "
             f"({tuple(w0.shape)}, {w0.dtype}, {w0.device}); compute it with base_svd(w0, cfg, device)",
             tensor=tensor)
-    norm_svd = float(torch.linalg.vector_norm(base.S))
-    norm_w0 = float(torch.linalg.vector_norm(w0))
+    norm_svd = float(torch.linalg.vector_norm(base.S, dtype=torch.float64))
+    norm_w0 = float(torch.linalg.vector_norm(w0, dtype=torch.float64))  # float32 sums drift ~1e-3
     tol = 1e-3 if w0.dtype == torch.float32 else 1e-8
     if abs(norm_svd - norm_w0) > tol * max(norm_w0, 1e-30):
         raise AnalysisError(
