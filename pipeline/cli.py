@@ -1,10 +1,8 @@
 """The `zoospectra` command. Options are validated here, once, into typed config."""
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer

@@ -5,7 +5,6 @@ bounded number in flight, retries tasks whose worker died, and records the run's
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
-from . import __version__
 from .config import AnalysisConfig
 from .plan import Plan, WorkUnit, error_row
 from .unit import UnitOutcome, process_unit
@@ -147,6 +145,8 @@ def _run_local(units, cfg, run_id, root, device: str):
 def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task):
     import ray
 
+    if not units:  # nothing to do: no cluster to start or join
+        return
     ensure_ray(address)
     task = _ray_task()
     n_gpus = ray.cluster_resources().get("GPU", 0)

@@ -45,3 +45,20 @@ def check_base(base: BaseSVD, w0: torch.Tensor, tensor: str) -> None:
         raise AnalysisError(
             f"precomputed base SVD has ||S|| = {norm_svd:.6g} but ||W0||_F = {norm_w0:.6g}: it is "
             "the SVD of another matrix", tensor=tensor)
+
+
+def prepare_batch(w0: torch.Tensor, updates, cfg: AnalysisConfig, device: str | torch.device,
+                  base: BaseSVD | None):
+    """What every engine does first: validate the batch, place W0, compute or check its SVD.
+
+    Returns (w0 placed, tensor key, base SVD, seconds spent on it here)."""
+    from .inputs import batch_tensor
+
+    dev = resolve_device(device)
+    tensor = batch_tensor(updates, (int(w0.shape[0]), int(w0.shape[1])))
+    w0 = place(w0, "base matrix W0", tensor, dev, torch_dtype(cfg.dtype))
+    if base is None:
+        base = base_svd(w0, cfg, dev, tensor)
+        return w0, tensor, base, base.seconds
+    check_base(base, w0, tensor)
+    return w0, tensor, base, 0.0

@@ -10,8 +10,8 @@ import torch
 
 from ..config import AnalysisConfig
 from ..updates import MatrixUpdate
-from .base import base_svd, check_base, thin_svd
-from .inputs import batch_tensor, delta, place, resolve_device, torch_dtype
+from .base import prepare_batch, thin_svd
+from .inputs import delta
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
 from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
@@ -76,16 +76,8 @@ def analyze_exact(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analys
                   device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
     """The paper's method on one base matrix and a batch of its updates."""
     start = time.perf_counter()
-    dev = resolve_device(device)
     shape = (int(w0.shape[0]), int(w0.shape[1]))
-    tensor = batch_tensor(updates, shape)
-    w0 = place(w0, "base matrix W0", tensor, dev, torch_dtype(cfg.dtype))
-    if base is None:
-        base = base_svd(w0, cfg, dev, tensor)
-        base_seconds = base.seconds
-    else:
-        check_base(base, w0, tensor)
-        base_seconds = 0.0
+    w0, tensor, base, base_seconds = prepare_batch(w0, updates, cfg, device, base)
     base_sigma = base.sigma()
 
     items: list[MatrixAnalysis] = []

@@ -32,8 +32,8 @@ import torch
 from ..config import ALL, AnalysisConfig
 from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
-from .base import base_svd, check_base
-from .inputs import batch_tensor, delta, place, resolve_device, svd, svdvals, torch_dtype
+from .base import prepare_batch
+from .inputs import delta, place, svd, svdvals
 from .krylov import F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
@@ -243,16 +243,8 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
                  device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
     """DESIGN.md section 6 on one base matrix and a batch of its updates (same API as exact)."""
     start = time.perf_counter()
-    dev = resolve_device(device)
     shape = (int(w0.shape[0]), int(w0.shape[1]))
-    tensor = batch_tensor(updates, shape)
-    w0 = place(w0, "base matrix W0", tensor, dev, torch_dtype(cfg.dtype))
-    if base is None:
-        base = base_svd(w0, cfg, dev, tensor)
-        base_seconds = base.seconds
-    else:
-        check_base(base, w0, tensor)
-        base_seconds = 0.0
+    w0, tensor, base, base_seconds = prepare_batch(w0, updates, cfg, device, base)
     base_sigma = base.sigma()
     want = Wanted.of(cfg, min(shape))
 
