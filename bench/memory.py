@@ -25,12 +25,13 @@ def llama_modules(h: int, f: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def write_checkpoint(root: Path, h: int, f: int, layers: int, n_adapters: int, r: int) -> tuple[Path, list[Path]]:
+def write_checkpoint(root: Path, h: int, f: int, layers: int, n_adapters: int, r: int,
+                     modules: list[str] | None = None) -> tuple[Path, list[Path]]:
     from safetensors.torch import save_file
 
     base = root / "base"
     base.mkdir(parents=True)
-    mods = llama_modules(h, f)
+    mods = {k: v for k, v in llama_modules(h, f).items() if not modules or k.split(".")[-1] in modules}
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
     for i in range(layers):  # one shard per layer: reading a matrix must not load the rest
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--mode", default="fast", choices=["exact", "fast"])
+    p.add_argument("--modules", nargs="*", default=None,
+                   help="only these modules (e.g. down_proj: the largest matrix sets the peak)")
     args = p.parse_args(argv)
 
     from zoospectra.config import AnalysisConfig
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        base, adapters = write_checkpoint(root, args.hidden, args.intermediate, args.layers, args.adapters, args.rank)
+        base, adapters = write_checkpoint(root, args.hidden, args.intermediate, args.layers,
+                                         args.adapters, args.rank, args.modules)
         size = sum(f.stat().st_size for f in base.iterdir()) / 2**30
         print(f"checkpoint: {size:.2f} GiB bf16 in {args.layers} shards, {args.adapters} adapters "
               f"(r={args.rank}), written in {time.perf_counter() - t0:.0f}s", flush=True)
