@@ -138,7 +138,8 @@ def wt_triplets(op: LowRankUpdate, want: Wanted, tol: float = TOL,
         return dense_triplets(op.dense(), p)
     if op.head + 2 * r + 2 * want.k_val > dense_fraction * p:
         return dense_triplets(op.dense(), want.k_val)
-    return top_triplets(op, want.k_val, op.start(), k_vectors=want.k_vectors, tol=tol)
+    return top_triplets(op, want.k_val, op.start(), k_vectors=want.k_vectors, tol=tol,
+                        exact_head=op.head)
 
 
 def _head(want: Wanted, p: int) -> int:

@@ -161,7 +161,7 @@ def _ritz(z: torch.Tensor, mz: torch.Tensor, g: torch.Tensor, k: int
 
 def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | None = None,
                  tol: float = 1e-10, tol_values: float = 1e-8, max_cols: int | None = None,
-                 max_iter: int = 60) -> Triplets:
+                 max_iter: int = 60, exact_head: int = 0) -> Triplets:
     """The top k singular triplets of `op` (float64).
 
     The first k_vectors (default all k) are held to residual <= tol * s_1, the rest, whose
@@ -169,12 +169,17 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
     whatever the gaps, while a vector's error is residual / gap.
     start [P2, c]: a subspace believed close to the top right singular vectors.
     max_cols: subspace budget; past it (or after max_iter expansions) a dense SVD is used.
+    exact_head: the first exact_head columns of start are e_1..e_h and the others vanish on those
+    rows (LowRankUpdate.start), so they are orthogonal already and skip the Gram passes.
     """
     p1, p2 = op.shape
     k = min(k, p1, p2)
     k_vec = k if k_vectors is None else min(k_vectors, k)
     budget = min(p2, max_cols if max_cols is not None else p2 // 2)
-    z = orthonormal_extension(None, start)
+    if exact_head:  # start = [E_head, F] with F zero on the head rows: only F needs orthonormalising
+        z = torch.cat([start[:, :exact_head], orthonormal_extension(None, start[:, exact_head:])], 1)
+    else:
+        z = orthonormal_extension(None, start)
     mz = op.matmat(z)
     g = mz.T @ mz
     worst = float("inf")
