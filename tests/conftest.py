@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 # One BLAS thread per process: the suite runs Ray workers and CLI subprocesses beside pytest on
-# 2 cores, and oversubscribed LAPACK SVDs run 10-50x slower (subprocesses inherit this).
+# 2 cores, and oversubscribed LAPACK SVDs run 10-50x slower (subprocesses inherit this; torch
+# reads it at import, so test modules need no thread fixtures of their own).
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from rows import assert_rows_close
 import torch
 
 from fixtures_hub import fake_hub, hub_env, hub_options, module_hub, safetensors_bytes  # noqa: F401
@@ -156,17 +157,6 @@ def table_rows(root: Path, table: str, run_id: Optional[str] = None) -> list[tup
         rel = rel.filter(f"run_id = '{run_id}'")
     rows = rel.select(", ".join(f'"{c}"' for c in cols)).fetchall()
     return sorted(rows, key=lambda r: repr(tuple(x for x in r if not isinstance(x, float))))
-
-
-def assert_rows_close(got: list[tuple], want: list[tuple], rel: float = 1e-4) -> None:
-    """Same rows; floats equal to float32-SVD precision (thread counts change LAPACK's rounding)."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
-            if isinstance(a, float) and isinstance(b, float):
-                assert a == pytest.approx(b, rel=rel, abs=1e-6), (g, w)
-            else:
-                assert a == b, (g, w)
 
 
 def error_rows(root: Path) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from rows import assert_rows_close
 
 from zoospectra.store import ResultsStore
 from zoospectra.zoo import ZooSpec, build_zoo, lora
@@ -108,17 +109,6 @@ def test_worker_killed_mid_task_is_retried(minilm_dir, small_zoo, reference_run,
     assert ResultsStore(out).status()["units_done"] == 66
     for t in TABLES:
         assert table_rows(out, t) == table_rows(reference_run, t), t
-
-
-def assert_rows_close(got: list[tuple], want: list[tuple], rel: float = 1e-4) -> None:
-    """Same rows; floats equal to float32-SVD precision (thread counts change LAPACK's rounding)."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
-            if isinstance(a, float) and isinstance(b, float):
-                assert a == pytest.approx(b, rel=rel, abs=1e-6), (g, w)
-            else:
-                assert a == b, (g, w)
 
 
 def test_local_executor_matches_ray(minilm_dir, small_zoo, reference_run, tmp_path):

@@ -20,13 +20,6 @@ TENSOR = "model.layers.3.self_attn.q_proj.weight"
 M, N = 40, 56  # m < n: left vectors are the short side
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("key,layer,module", [
     ("encoder.layer.3.attention.self.query.weight", 3, "attention.self.query"),

@@ -27,14 +27,6 @@ EPS_SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
 TENSOR = "encoder.layer.2.attention.self.query.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """LAPACK with 2 threads on a busy 2-core box spins for seconds per SVD; 1 thread does not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- test matrices -----------------------------------------------------------------------
 @dataclass
