@@ -28,6 +28,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedDtypeError,
 )
+from .numeric import all_finite
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library: a larger "header" is garbage
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -361,6 +362,8 @@ class Checkpoint:
 
 
 def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
+    if all_finite(tensor):
+        return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(tensor).sum())

@@ -25,6 +25,7 @@ from ..errors import (
     BaseMismatchError,
     UnsupportedAdapterError,
 )
+from ..numeric import frobenius
 from ..updates import MatrixUpdate, UpdateKind
 from . import formulas as F
 from .common import (
@@ -545,4 +546,4 @@ class PeftAdapter(Artifact):
 
 def _fro(x: torch.Tensor) -> float:
     """Frobenius norm accumulated in float64 (a float32 reduction loses digits on big factors)."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    return frobenius(x)

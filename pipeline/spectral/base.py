@@ -7,6 +7,7 @@ import torch
 
 from ..config import AnalysisConfig
 from ..errors import AnalysisError
+from ..numeric import frobenius
 from .inputs import place, resolve_device, svd, torch_dtype
 from .results import BaseSVD
 
@@ -39,7 +40,7 @@ def check_base(base: BaseSVD, w0: torch.Tensor, tensor: str) -> None:
             f"({tuple(w0.shape)}, {w0.dtype}, {w0.device}); compute it with base_svd(w0, cfg, device)",
             tensor=tensor)
     norm_svd = float(torch.linalg.vector_norm(base.S, dtype=torch.float64))
-    norm_w0 = float(torch.linalg.vector_norm(w0, dtype=torch.float64))  # float32 sums drift ~1e-3
+    norm_w0 = frobenius(w0)
     tol = 1e-3 if w0.dtype == torch.float32 else 1e-8
     if abs(norm_svd - norm_w0) > tol * max(norm_w0, 1e-30):
         raise AnalysisError(

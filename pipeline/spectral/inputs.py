@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BaseMismatchError, ConfigError, NonFiniteWeightsError, UnsupportedDtypeError
+from ..numeric import all_finite
 from ..updates import MatrixUpdate
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -56,7 +57,7 @@ def place(x: torch.Tensor, what: str, tensor: str, device: torch.device, dtype: 
             f"{what} has dtype {x.dtype}; only floating-point weights can be analysed "
             "(dequantise quantised checkpoints first)", tensor=tensor)
     x = x.detach().to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise NonFiniteWeightsError(f"{what} contains NaN or Inf; check the checkpoint", tensor=tensor)
     return x
 
