@@ -20,7 +20,7 @@ import torch
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.spectral import analyze_batch, base_svd
 from zoospectra.spectral import fast as fast_mod
-from zoospectra.spectral.krylov import DenseOperator, LowRankUpdate, top_triplets
+from zoospectra.spectral.krylov import DenseOperator, LowRankUpdate, orthonormal_extension, top_triplets
 from zoospectra.updates import MatrixUpdate
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
@@ -228,9 +228,11 @@ def test_zero_update_and_rank_deficient_factors(krylov_always) -> None:
 
 
 # --- the solver itself ------------------------------------------------------------------------
+@pytest.mark.parametrize("exact_head", [0, 40])
 @pytest.mark.parametrize("rows,cols", [(300, 300), (308, 300), (300, 308)])
-def test_top_triplets_residual_guarantee(rows: int, cols: int) -> None:
-    """Triplets of M = D + Bt At (augmented shapes too) vs numpy's dense SVD of M."""
+def test_top_triplets_residual_guarantee(rows: int, cols: int, exact_head: int) -> None:
+    """Triplets of M = D + Bt At (augmented shapes too) vs numpy's dense SVD of M, with the start
+    as a general block and as the structured [E_h, F] basis the engine uses."""
     rng = np.random.default_rng(rows + cols)
     p, r = 300, 8
     d = torch.tensor(np.sort(rng.uniform(1.0, 1.2, p))[::-1].copy())   # a flat, hard bulk
@@ -238,7 +240,7 @@ def test_top_triplets_residual_guarantee(rows: int, cols: int) -> None:
     bt = torch.tensor(rng.standard_normal((rows, r)) * 0.05)
     at = torch.tensor(rng.standard_normal((r, cols)) * 0.05)
     op = LowRankUpdate(d, bt, at, head=40)
-    t = top_triplets(op, 32, op.start(), tol=1e-11, max_cols=cols)
+    t = top_triplets(op, 32, op.start(), tol=1e-11, max_cols=cols, exact_head=exact_head)
     assert t.method == "krylov" and t.residual <= 1e-11
     u, s, vh = np.linalg.svd(op.dense().numpy())
     np.testing.assert_allclose(t.sigma.numpy(), s[:32], rtol=1e-12)
@@ -248,6 +250,65 @@ def test_top_triplets_residual_guarantee(rows: int, cols: int) -> None:
     np.testing.assert_allclose(overlap[ok], 1.0, atol=1e-8)
     dense = top_triplets(DenseOperator(op.dense()), 8, torch.eye(cols, 16, dtype=torch.float64))
     np.testing.assert_allclose(dense.sigma.numpy(), s[:8], rtol=1e-12)
+
+
+def _orthonormal_and_spanning(q: torch.Tensor, z: Optional[torch.Tensor], t: torch.Tensor) -> None:
+    eye = torch.eye(q.shape[1], dtype=q.dtype)
+    assert float((q.T @ q - eye).abs().max()) < 1e-12
+    if z is not None:
+        assert float((z.T @ q).abs().max()) < 1e-12
+        t = t - z @ (z.T @ t)
+    # every direction of t outside span(z) that is not negligible is kept
+    lost = t - q @ (q.T @ t)
+    assert float(lost.norm()) < 1e-6 * float(t.norm())
+
+
+def test_orthonormal_extension_one_pass_when_safe_two_when_not(monkeypatch) -> None:
+    rng = np.random.default_rng(5)
+    z = torch.linalg.qr(torch.tensor(rng.standard_normal((500, 40))))[0]
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda g: calls.append(g.shape[0]) or real_eigh(g))
+    easy = torch.tensor(rng.standard_normal((500, 12)))          # well conditioned: one pass
+    q = orthonormal_extension(z, easy)
+    assert q.shape[1] == 12 and len(calls) == 1
+    _orthonormal_and_spanning(q, z, easy)
+    # nearly inside span(z), columns of very different sizes and nearly dependent: two passes
+    hard = z @ torch.tensor(rng.standard_normal((40, 6))) + 1e-5 * torch.tensor(rng.standard_normal((500, 6)))
+    hard[:, 1] = hard[:, 0] * 1e3 + 1e-1 * torch.tensor(rng.standard_normal(500))
+    calls.clear()
+    q = orthonormal_extension(z, hard)
+    assert q.shape[1] == 6 and len(calls) == 2
+    _orthonormal_and_spanning(q, z, hard)
+    # exactly dependent, zero and in-span columns are dropped, not normalised into noise
+    bad = torch.cat([easy[:, :3], easy[:, :1] * 2.0, torch.zeros(500, 1), z[:, :2]], 1)
+    q = orthonormal_extension(z, bad)
+    assert q.shape[1] == 3
+    _orthonormal_and_spanning(q, z, bad)
+    assert orthonormal_extension(z, torch.zeros(500, 2)).shape[1] == 0
+
+
+def test_batch_results_do_not_depend_on_threads(krylov_always) -> None:
+    """With 2 threads the low-rank items of a batch run side by side (fast._each_core)."""
+    w0 = torch.tensor(decaying_base(384, 384, 11))
+    ups = [lora_update(384, 384, r, 0.2, 11 + r) for r in (4, 8, 16, 32)]
+    cfg = AnalysisConfig(dtype="float64", mode="fast", pairs=True, pair_max=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = analyze_batch(w0, ups, cfg)
+        assert torch.get_num_threads() == 2          # restored after the side-by-side phase
+        torch.set_num_threads(1)
+        one = analyze_batch(w0, ups, cfg)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one.items, two.items):
+        np.testing.assert_allclose(a.spectrum_wt, b.spectrum_wt, rtol=1e-12)
+        np.testing.assert_allclose(a.u.max_cos, b.u.max_cos, atol=1e-10)
+        np.testing.assert_allclose(a.v.max_cos, b.v.max_cos, atol=1e-10)
+        assert a.amplification == pytest.approx(b.amplification, rel=1e-10)
+    for a, b in zip(one.pairs, two.pairs):
+        np.testing.assert_allclose(a.phi, b.phi, atol=1e-10)
 
 
 def test_solver_falls_back_to_dense_when_budget_is_exhausted() -> None:

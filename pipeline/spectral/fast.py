@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -40,8 +41,13 @@ from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
 from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOL = 1e-10          # residual of every used singular vector, relative to s_1 (float64)
+# A singular value's error is at most its residual. In a float32 run W0's SVD and the products
+# U0^T B, A V0 that build the operator carry errors ~1e-7 s_1 already, as do the exact engine's
+# float32 singular values; float64 runs hold the values 10x tighter.
+TOL_VALUES, TOL_VALUES_FLOAT32 = 1e-8, 1e-7
 DENSE_FRACTION = 0.35  # a small operator whose Krylov subspace would reach this share of p: dense SVD
 
 
@@ -53,6 +59,8 @@ class Wanted:
     sim_k: int    # similarity block
     k_val: int    # singular values (spectrum_wt): >= n_vec
     all_: bool    # k_store or k_spec is ALL: every triplet
+    tol: float = TOL                # residual / s_1 of every used singular vector
+    tol_values: float = TOL_VALUES  # residual / s_1 of the values whose vectors are not used
 
     @property
     def k_vectors(self) -> int:
@@ -62,40 +70,60 @@ class Wanted:
     def of(cfg: AnalysisConfig, p: int) -> "Wanted":
         n_vec, sim_k = clip_k(cfg.k_store, p), clip_k(cfg.sim_k, p)
         k_val = max(n_vec, sim_k, clip_k(cfg.k_spec, p))
-        return Wanted(n_vec, sim_k, k_val, cfg.k_store == ALL or cfg.k_spec == ALL)
+        tol_values = TOL_VALUES if cfg.dtype == "float64" else TOL_VALUES_FLOAT32
+        return Wanted(n_vec, sim_k, k_val, cfg.k_store == ALL or cfg.k_spec == ALL,
+                      TOL, tol_values)
 
 
 @dataclass(frozen=True)
 class Factors:
-    """One LoRA-family update in the base's singular basis (float64)."""
+    """One LoRA-family update dW = B A in the base's singular basis (float64).
 
-    q1: torch.Tensor   # [m, r] orthonormal basis of range(B)
-    r1: torch.Tensor   # [r, r]  B = Q1 R1
+    Wt = [U0 Qb] M [V0 Qa]^T with M = diag(s0, 0) + bt @ at (module docstring).
+    """
+
+    b: torch.Tensor    # [m, r]  B, scale folded in
+    r1: torch.Tensor   # [r, r]  B = Q1 R1 (Q1 never formed)
     r2: torch.Tensor   # [r, r]  A^T = Q2 R2
-    g1: torch.Tensor   # [p, r]  U0^T Q1
-    g2: torch.Tensor   # [p, r]  V0^T Q2
-    rb: Optional[torch.Tensor]  # [r, r] QR triangle of Q1 - U0 G1 (m > p only)
-    ra: Optional[torch.Tensor]  # [r, r] QR triangle of Q2 - V0 G2 (n > p only)
+    bt: torch.Tensor   # [p (+ r), r]  U0^T B, then Rb (B's part outside span(U0) = Qb Rb; m > p)
+    at: torch.Tensor   # [r, p (+ r)]  A V0, then Ra^T (A^T's part outside span(V0); n > p)
+
+    def dw_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dW = Q1 (R1 R2^T) Q2^T = (Q1 uc) diag(sd) (Q2 vch^T)^T: all of dW's singular values."""
+        return svd(self.r1 @ self.r2.T)
+
+    def dw_left(self, uc_sd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int,
+                coords: torch.Tensor) -> torch.Tensor:
+        """Top-k left singular vectors of dW, Q1 uc[:, :k] = B R2^T vch^T[:, :k] / sd[:k] (as A Q2 =
+        R2^T), with `coords` = B (in R^m) or U0^T B (in the base's coordinates)."""
+        _, sd, vch = uc_sd
+        return coords @ (self.r2.T @ vch[:k].T / sd[:k])
+
+    def dw_right_base(self, uc_sd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int,
+                      p: int) -> torch.Tensor:
+        """V0^T of dW's top-k right singular vectors, V0^T A^T R1^T uc[:, :k] / sd[:k] (as B^T Q1 =
+        R1^T)."""
+        uc, sd, _ = uc_sd
+        return self.at[:, :p].T @ (self.r1.T @ uc[:, :k] / sd[:k])
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().to(F64).numpy()
 
 
-def _outside_triangle(q: torch.Tensor, basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """R of the QR of q - basis @ g: the part of span(q) the thin base basis misses."""
-    resid = q - (basis @ g.to(basis.dtype)).to(F64)           # [m, r]
+def _outside(x: torch.Tensor, basis: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """R of the QR of x - basis @ coords: the part of span(x) a thin base basis misses."""
+    resid = x - (basis @ coords.to(basis.dtype)).to(F64)      # [m, r]
     return torch.linalg.qr(resid, mode="r")[1]
 
 
 def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Factors]:
-    """QR of each B and A^T, then U0^T Q1 and V0^T Q2 for the whole batch in two products.
-
-    The products run in the base's dtype (float32 by default, like the base SVD itself), the
-    small algebra in float64.
+    """R of B and A^T (float64, Q never formed), then U0^T B and A V0 for the whole batch in two
+    products: the only O(m p r) work, run in the base's dtype (float32 by default, like the base
+    SVD itself); the small algebra is float64.
     """
     dev, dt = base.device, base.dtype
-    qr1, qr2 = [], []
+    bs, as_ = [], []
     for u in updates:
         b = place(u.B, "factor B", u.tensor, dev, F64)        # [m, r], scale folded in
         a = place(u.A, "factor A", u.tensor, dev, F64)        # [r, n]
@@ -103,43 +131,38 @@ def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Fact
             raise BaseMismatchError(
                 f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not make a dW of the base "
                 f"shape {base.shape} (fan_in_fan_out not undone?)", tensor=u.tensor)
-        qr1.append(torch.linalg.qr(b))
-        qr2.append(torch.linalg.qr(a.T))
-    g1_all = (base.U.T @ torch.cat([q for q, _ in qr1], 1).to(dt)).to(F64)   # [p, sum r]
-    g2_all = (base.Vh @ torch.cat([q for q, _ in qr2], 1).to(dt)).to(F64)
+        bs.append(b)
+        as_.append(a)
+    ub_all = (base.U.T @ torch.cat(bs, 1).to(dt)).to(F64)     # [p, sum r] = U0^T B
+    av_all = (base.Vh @ torch.cat([a.T for a in as_], 1).to(dt)).to(F64)   # [p, sum r] = V0^T A^T
     (m, n), p = base.shape, int(base.S.shape[0])
     out, col = [], 0
-    for (q1, r1), (q2, r2) in zip(qr1, qr2):
-        r = int(r1.shape[0])
-        g1, g2 = g1_all[:, col : col + r], g2_all[:, col : col + r]
+    for b, a in zip(bs, as_):
+        r = int(b.shape[1])
+        ub, av = ub_all[:, col : col + r], av_all[:, col : col + r]
         col += r
-        rb = _outside_triangle(q1, base.U, g1) if m > p else None
-        ra = _outside_triangle(q2, base.Vh.T, g2) if n > p else None
-        out.append(Factors(q1, r1, r2, g1, g2, rb, ra))
+        bt = torch.cat([ub, _outside(b, base.U, ub)], 0) if m > p else ub
+        at = torch.cat([av, _outside(a.T, base.Vh.T, av)], 0).T if n > p else av.T
+        r1 = torch.linalg.qr(b, mode="r")[1]
+        r2 = torch.linalg.qr(a.T, mode="r")[1]
+        out.append(Factors(b, r1, r2, bt.contiguous(), at.contiguous()))
     return out
 
 
 def reduced_operator(s0: torch.Tensor, f: Factors, head: int) -> LowRankUpdate:
     """M = diag(s0, 0) + Bt At with Wt = [U0 Qb] M [V0 Qa]^T (module docstring)."""
-    bt = f.g1 @ f.r1                                           # [p, r] = U0^T B
-    if f.rb is not None:
-        bt = torch.cat([bt, f.rb @ f.r1], 0)                   # [p + r, r]
-    at = (f.g2 @ f.r2).T                                       # [r, p] = A V0
-    if f.ra is not None:
-        at = torch.cat([at, (f.ra @ f.r2).T], 1)               # [r, p + r]
-    return LowRankUpdate(s0.to(F64), bt, at, head)
+    return LowRankUpdate(s0.to(F64), f.bt, f.at, head)
 
 
-def wt_triplets(op: LowRankUpdate, want: Wanted, tol: float = TOL,
-                dense_fraction: float = DENSE_FRACTION) -> Triplets:
+def wt_triplets(op: LowRankUpdate, want: Wanted, dense_fraction: float = DENSE_FRACTION) -> Triplets:
     """Top triplets of M: Krylov when it pays, a dense SVD of the small M when it does not."""
     p, r = op.p, int(op.bt.shape[1])
     if want.all_:
         return dense_triplets(op.dense(), p)
     if op.head + 2 * r + 2 * want.k_val > dense_fraction * p:
         return dense_triplets(op.dense(), want.k_val)
-    return top_triplets(op, want.k_val, op.start(), k_vectors=want.k_vectors, tol=tol,
-                        exact_head=op.head)
+    return top_triplets(op, want.k_val, op.start(), k_vectors=want.k_vectors, tol=want.tol,
+                        tol_values=want.tol_values, exact_head=op.head)
 
 
 def _head(want: Wanted, p: int) -> int:
@@ -155,7 +178,8 @@ def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f
     s0 = base.S.to(F64)
     wt = wt_triplets(reduced_operator(s0, f, _head(want, p)), want)
     _log_fallback(wt, update.tensor)
-    uc, sd, vch = svd(f.r1 @ f.r2.T)             # dW = (Q1 uc) diag(sd) (Q2 vch^T)^T
+    dw = f.dw_svd()
+    sd = dw[1]
     dw_sigma = np.zeros(p)
     dw_sigma[: min(p, sd.shape[0])] = _np(sd)[:p]              # the other p - r are exactly 0
     dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
@@ -163,12 +187,13 @@ def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f
     norm_dw = float(np.sqrt(np.sum(dw_sigma**2)))
     amp = None
     if amp_r > 0:  # Hu et al. 7.3: ||(Q1 Ur)^T U0 diag(s0) V0^T (Q2 Vr)||_F
-        proj = (f.g1 @ uc[:, :amp_r]).T @ (s0[:, None] * (f.g2 @ vch[:amp_r].T))
+        proj = f.dw_left(dw, amp_r, f.bt[:p]).T @ (s0[:, None] * f.dw_right_base(dw, amp_r, p))
         denom = float(torch.linalg.matrix_norm(proj))
         amp = norm_dw / denom if denom > 0 else None
     item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
                      time.perf_counter() - start + shared_seconds)
-    return item, f.q1 @ uc[:, : pair_rank(update.rank, dw_rank, cfg.pair_max)]
+    n_pair = pair_rank(update.rank, dw_rank, cfg.pair_max) if cfg.pairs else 0
+    return item, f.dw_left(dw, n_pair, f.b)
 
 
 def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate,
@@ -181,7 +206,8 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
         wt = dense_triplets(wt_op.m, p if want.all_ else want.k_val)
     else:
         warm = base.Vh[: min(p, want.k_val + 8)].T.to(F64)    # the base's top right vectors
-        wt = top_triplets(wt_op, want.k_val, warm, k_vectors=want.k_vectors, tol=TOL)
+        wt = top_triplets(wt_op, want.k_val, warm, k_vectors=want.k_vectors, tol=want.tol,
+                          tol_values=want.tol_values)
     _log_fallback(wt, update.tensor)
     u0, v0 = base.U.to(F64), base.Vh.T.to(F64)
     # express Wt's vectors in base coordinates so one assembly serves both paths
@@ -240,6 +266,30 @@ def _log_fallback(t: Triplets, tensor: str) -> None:
                     "reduced operator instead (results exact, only slower)", tensor)
 
 
+def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) -> list[T]:
+    """fn over jobs, one job per CPU core at a time, each on one BLAS thread.
+
+    A low-rank item is a chain of small float64 products (p x ~300 blocks) and eigh calls that
+    two BLAS threads barely speed up; two items side by side on one thread each use the cores
+    fully. On CUDA, or with one thread, the jobs run in order. Each job's arithmetic is the same
+    either way (one job never spans threads), so the results do not depend on the scheduling.
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+
+    def one_thread(j: int) -> T:
+        torch.set_num_threads(1)     # this worker thread's OpenMP/MKL setting
+        return fn(j)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(n, len(jobs)), thread_name_prefix="zs-fast") as pool:
+            return list(pool.map(one_thread, jobs))
+    finally:
+        torch.set_num_threads(n)
+
+
 def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
                  device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
     """DESIGN.md section 6 on one base matrix and a batch of its updates (same API as exact)."""
@@ -254,12 +304,12 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
     factors = dict(zip(low, project_factors(base, [updates[i] for i in low]))) if low else {}
     shared = (time.perf_counter() - t0) / max(len(low), 1)    # batched products, split evenly
 
+    done = dict(zip(low, _each_core(
+        lambda i: _lowrank_item(base, base_sigma, updates[i], factors[i], cfg, want, shared),
+        low, w0.device)))
     items, subspaces = [], []
     for i, update in enumerate(updates):
-        if i in factors:
-            item, sub = _lowrank_item(base, base_sigma, update, factors[i], cfg, want, shared)
-        else:
-            item, sub = _dense_item(w0, base, base_sigma, update, cfg, want)
+        item, sub = done[i] if i in done else _dense_item(w0, base, base_sigma, update, cfg, want)
         items.append(item)
         subspaces.append(sub)
     return BatchAnalysis(

@@ -39,6 +39,7 @@ class Triplets:
 
 class Operator(Protocol):
     shape: tuple[int, int]
+    cheap_matmat: bool    # M @ x cheaper than re-using the stored M Z
 
     def matmat(self, x: torch.Tensor) -> torch.Tensor: ...          # M @ x
 
@@ -56,6 +57,8 @@ class LowRankUpdate:
     preconditioner only acts on the tail, where (s^2 - d_i^2) stays away from zero.
     """
 
+    cheap_matmat = True   # M x costs O((P1 + P2) r c), less than a product with a stored M Z
+
     def __init__(self, d: torch.Tensor, bt: torch.Tensor, at: torch.Tensor, head: int) -> None:
         self.d, self.bt, self.at, self.head = d, bt, at, head   # [p], [P1, r], [r, P2]
         self.p = int(d.shape[0])
@@ -72,6 +75,19 @@ class LowRankUpdate:
         x = self.at.T @ (self.bt.T @ y)                          # [P2, c]
         x[: self.p] += self.d[:, None] * y[: self.p]
         return x
+
+    def head_columns(self, h: int) -> torch.Tensor:
+        """M E_h: the first h columns of M, without multiplying by unit vectors."""
+        y = self.bt @ self.at[:, :h]                             # [P1, h]
+        idx = torch.arange(h, device=y.device)
+        y[idx, idx] += self.d[:h]
+        return y
+
+    def matmat_tail(self, h: int, x: torch.Tensor) -> torch.Tensor:
+        """M (0; x) for x [P2 - h, c]: a block that vanishes on the first h coordinates."""
+        y = self.bt @ (self.at[:, h:] @ x)                       # [P1, c]
+        y[h : self.p] += self.d[h:, None] * x[: self.p - h]
+        return y
 
     def precondition(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """(s_j^2 - d_i^2)^-1 r_ij on the tail: the exact correction for the diagonal part."""
@@ -102,6 +118,8 @@ class LowRankUpdate:
 class DenseOperator:
     """An explicit matrix; no preconditioner (the expansion is then a block Lanczos step)."""
 
+    cheap_matmat = False
+
     def __init__(self, m: torch.Tensor) -> None:
         self.m = m
         self.shape = (int(m.shape[0]), int(m.shape[1]))
@@ -119,27 +137,68 @@ class DenseOperator:
         return self.m
 
 
-def orthonormal_extension(z: torch.Tensor | None, t: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
-    """Orthonormal columns spanning the part of span(t) orthogonal to span(z).
+def orthonormal_extension(z: torch.Tensor | None, t: torch.Tensor, rtol: float = 1e-10,
+                          loss: float = 1e-12) -> torch.Tensor:
+    """Orthonormal columns spanning the part of span(t) orthogonal to span(z) (z orthonormal).
 
-    Block CGS2 against z, then two Gram-eigh passes (rank-revealing, GEMM-bound unlike an SVD):
-    the first drops directions below rtol * ||t||_F, the second restores orthonormality.
+    The columns are scaled to unit norm (the span is unchanged), then block classical
+    Gram-Schmidt with a Gram-eigh normalisation (rank-revealing and GEMM-bound, unlike an SVD)
+    drops every direction that keeps less than max(rtol, 1e-7) of a unit column: dependent, or
+    in span(z) (far above what one projection leaves). A second pass ("twice is enough", Giraud et al. 2005) runs only
+    when the rounding the first one can leave exceeds `loss`: eps * ||t|| / sqrt(w_min) against
+    z (the projection's error, magnified by the rescaling) or eps * w_max / w_min among the new
+    columns. Any loss left would show in top_triplets' residuals, which are computed against the
+    operator itself, so this cannot pass a wrong triplet; it only saves work.
     """
-    if t.shape[1] == 0:
-        return t
-    scale = float(torch.linalg.vector_norm(t))
-    if scale == 0.0:
+    norms = torch.linalg.vector_norm(t, dim=0)
+    live = norms > 0
+    if not bool(live.any()):
         return t[:, :0]
-    for _ in range(2):  # twice is enough (Giraud et al. 2005)
-        if z is not None and z.shape[1]:
-            t = t - z @ (z.T @ t)
-    for cut in (max(rtol, 1e-7) * scale, 0.5):
-        w, y = torch.linalg.eigh(t.T @ t)
-        keep = w > cut * cut if cut < 0.5 else w > 0.25
-        t = t @ (y[:, keep] / w[keep].sqrt())
-        if z is not None and z.shape[1]:
-            t = t - z @ (z.T @ t)
-    return t
+    t = t[:, live] / norms[live]          # unit columns: the Gram's spread is then dependence only
+    scale = float(t.shape[1]) ** 0.5
+    has_z = z is not None and z.shape[1] > 0
+    if has_z:
+        t = t - z @ (z.T @ t)
+    w, y = torch.linalg.eigh(t.T @ t)
+    keep = w > max(rtol, 1e-7) ** 2      # a unit column keeping less than this is dependent
+    if not bool(keep.any()):
+        return t[:, :0]
+    w, y = w[keep], y[:, keep]
+    t = t @ (y / w.sqrt())
+    eps = 4 * torch.finfo(t.dtype).eps     # measured: max|t^T t - I| ~ 1.5 eps w_max / w_min
+    w_min, w_max = float(w[0]), float(w[-1])
+    drift = eps * max(w_max / w_min, scale / w_min**0.5 if has_z else 0.0)
+    if drift <= loss:
+        return t
+    if has_z:
+        t = t - z @ (z.T @ t)
+    w, y = torch.linalg.eigh(t.T @ t)
+    keep = w > 0.25                      # t was orthonormal up to drift: a tiny w is a lost column
+    return t @ (y[:, keep] / w[keep].sqrt())
+
+
+class _Columns:
+    """A [rows, c] block that grows by appending columns (amortised doubling, no re-copy per step)."""
+
+    def __init__(self, *first: torch.Tensor) -> None:
+        cols = sum(int(b.shape[1]) for b in first)
+        self.buf = first[0].new_empty(first[0].shape[0], max(2 * cols, 64))
+        self.n = 0
+        for block in first:
+            self.append(block)
+
+    def append(self, cols: torch.Tensor) -> None:
+        need = self.n + cols.shape[1]
+        if need > self.buf.shape[1]:
+            grown = self.buf.new_empty(self.buf.shape[0], max(need, 2 * self.buf.shape[1]))
+            grown[:, : self.n] = self.buf[:, : self.n]
+            self.buf = grown
+        self.buf[:, self.n : need] = cols
+        self.n = need
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.buf[:, : self.n]
 
 
 def dense_triplets(m: torch.Tensor, k: int, method: str = "dense", iterations: int = 0) -> Triplets:
@@ -147,16 +206,6 @@ def dense_triplets(m: torch.Tensor, k: int, method: str = "dense", iterations: i
     k = min(k, int(s.shape[0]))
     return Triplets(sigma=s[:k], U=u[:, :k], V=vh[:k].T, residual=0.0, iterations=iterations,
                     method=method)
-
-
-def _ritz(z: torch.Tensor, mz: torch.Tensor, g: torch.Tensor, k: int
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k Ritz triplets of M on span(z) from the Gram matrix g = (MZ)^T MZ."""
-    w, y = torch.linalg.eigh(g)                       # ascending
-    w, y = w.flip(0)[:k], y.flip(1)[:, :k]
-    sigma = w.clamp_min(0.0).sqrt()
-    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    return sigma, mz @ y / safe, z @ y
 
 
 def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | None = None,
@@ -169,25 +218,38 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
     whatever the gaps, while a vector's error is residual / gap.
     start [P2, c]: a subspace believed close to the top right singular vectors.
     max_cols: subspace budget; past it (or after max_iter expansions) a dense SVD is used.
-    exact_head: the first exact_head columns of start are e_1..e_h and the others vanish on those
-    rows (LowRankUpdate.start), so they are orthogonal already and skip the Gram passes.
+    exact_head: h > 0 when start = [E_h, F] with F zero on the first h rows
+    (LowRankUpdate.start; the operator then provides head_columns and matmat_tail). The basis is then kept as Z = [E_h, (0; T)] and only the tail block T
+    [P2 - h, c] is stored and orthogonalised: E_h needs no work and a correction is made
+    orthogonal to it by dropping its first h rows.
     """
     p1, p2 = op.shape
     k = min(k, p1, p2)
     k_vec = k if k_vectors is None else min(k_vectors, k)
     budget = min(p2, max_cols if max_cols is not None else p2 // 2)
-    if exact_head:  # start = [E_head, F] with F zero on the head rows: only F needs orthonormalising
-        z = torch.cat([start[:, :exact_head], orthonormal_extension(None, start[:, exact_head:])], 1)
-    else:
-        z = orthonormal_extension(None, start)
-    mz = op.matmat(z)
-    g = mz.T @ mz
+    h = exact_head
+
+    def m_tail(tail: torch.Tensor) -> torch.Tensor:        # M (0; tail)
+        return op.matmat_tail(h, tail) if h else op.matmat(tail)   # type: ignore[attr-defined]
+
+    tail = orthonormal_extension(None, start[h:, h:] if h else start)
+    z_tail = _Columns(tail)                                 # T
+    mt = m_tail(tail)
+    mz = _Columns(op.head_columns(h), mt) if h else _Columns(mt)   # type: ignore[attr-defined]
+    g = mz.value.T @ mz.value                               # (MZ)^T MZ
     worst = float("inf")
     for it in range(max_iter):
-        if z.shape[1] >= k:
-            sigma, u, v = _ritz(z, mz, g, k)
+        c = h + z_tail.n
+        if c >= k:
+            w, y = torch.linalg.eigh(g)                     # Ritz pairs of M^T M on span(Z)
+            w, y = w.flip(0)[:k], y.flip(1)[:, :k]
+            sigma = w.clamp_min(0.0).sqrt()
             if float(sigma[0]) == 0.0:          # M = 0 on the subspace: nothing to iterate on
                 break
+            v = torch.cat([y[:h], z_tail.value @ y[h:]], 0)
+            safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+            # u = M v / s: through the operator when that is cheaper than MZ y (low-rank M)
+            u = (op.matmat(v) if op.cheap_matmat else mz.value @ y) / safe
             r = op.rmatmat(u) - v * sigma[None, :]
             res = torch.linalg.vector_norm(r, dim=0)
             limit = torch.full_like(res, tol_values)
@@ -198,12 +260,13 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
                 return Triplets(sigma=sigma, U=u, V=v, residual=worst, iterations=it, method="krylov")
             t = op.precondition(r[:, bad], sigma[bad])
         else:                                    # start too thin: grow it like a Krylov space
-            t = op.rmatmat(mz)
-        t = orthonormal_extension(z, t)
-        if t.shape[1] == 0 or z.shape[1] + t.shape[1] > budget:
+            t = op.rmatmat(mz.value)
+        t = orthonormal_extension(z_tail.value, t[h:])
+        if t.shape[1] == 0 or c + t.shape[1] > budget:
             break
-        mt = op.matmat(t)
-        cross = mz.T @ mt
+        mt = m_tail(t)
+        cross = mz.value.T @ mt
         g = torch.cat([torch.cat([g, cross], 1), torch.cat([cross.T, mt.T @ mt], 1)], 0)
-        z, mz = torch.cat([z, t], 1), torch.cat([mz, mt], 1)
+        z_tail.append(t)
+        mz.append(mt)
     return dense_triplets(op.dense(), k, method="dense-fallback", iterations=max_iter)
