@@ -364,14 +364,13 @@ class Checkpoint:
 def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
     if all_finite(tensor):
         return
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(tensor).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise NonFiniteWeightsError(
-            f"tensor {key!r} has {n_nan} NaN and {n_inf} Inf values (as {tensor.dtype}); the "
-            "weights are broken (diverged training or a bad conversion): exclude this model or "
-            "fix the checkpoint", file=where, tensor=key, nan=n_nan, inf=n_inf)
+    finite = torch.isfinite(tensor)      # only on the failure path: count what is broken
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    raise NonFiniteWeightsError(
+        f"tensor {key!r} has {n_nan} NaN and {n_inf} Inf values (as {tensor.dtype}); the "
+        "weights are broken (diverged training or a bad conversion): exclude this model or "
+        "fix the checkpoint", file=where, tensor=key, nan=n_nan, inf=n_inf)
 
 
 def _refuse_pickles(source: FileSource, name: Optional[str]) -> None:

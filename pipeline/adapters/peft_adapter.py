@@ -458,7 +458,7 @@ class PeftAdapter(Artifact):
         r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k[a_key])
         B, A = (F.embedding_lora_factors if embedding else F.lora_factors)(a_raw, b_raw, scale)
         info = dict(role=t.role, rank=r, alpha=alpha, scale=scale,
-                    norm_a=_fro(a_raw), norm_b=_fro(b_raw))
+                    norm_a=frobenius(a_raw), norm_b=frobenius(b_raw))
         if t.kind != "dora":
             return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, **info)
         mag_key = k.get("lora_magnitude_vector", k.get("lora_magnitude_vector.weight"))
@@ -485,7 +485,7 @@ class PeftAdapter(Artifact):
         scale = alpha if alpha > 0 else float(rank if pruned is not None else init_r)
         ranknum = float(self._t(k["ranknum"]).item()) if "ranknum" in k else float(init_r)
         B, A, eff = F.adalora_factors(a, b, e, scale, ranknum)
-        info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=_fro(a), norm_b=_fro(b))
+        info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=frobenius(a), norm_b=frobenius(b))
         if rank == 0:  # every singular value pruned: PEFT keeps an empty module
             return dense_update(t, torch.zeros(t.shape), "adalora", **info)
         return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role,
@@ -525,7 +525,7 @@ class PeftAdapter(Artifact):
                                     file=self._location, tensor=k["vera_lambda_b"], base_tensor=t.tensor)
         B, A = F.vera_factors(lam_b, lam_d, vera_a, vera_b, m, n)
         return MatrixUpdate(tensor=t.tensor, kind="vera", shape=t.shape, B=B, A=A, role=t.role, rank=r,
-                            scale=1.0, norm_a=_fro(A), norm_b=_fro(B),
+                            scale=1.0, norm_a=frobenius(A), norm_b=frobenius(B),
                             notes={"norms": "norm_a/norm_b are of lambda_d * A and lambda_b * B"})
 
     def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,8 +542,3 @@ class PeftAdapter(Artifact):
                                     int(self.config["projection_prng_key"]))
         self._vera_ab = ab
         return ab
-
-
-def _fro(x: torch.Tensor) -> float:
-    """Frobenius norm accumulated in float64 (a float32 reduction loses digits on big factors)."""
-    return frobenius(x)

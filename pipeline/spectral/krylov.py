@@ -232,7 +232,7 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
     def m_tail(tail: torch.Tensor) -> torch.Tensor:        # M (0; tail)
         return op.matmat_tail(h, tail) if h else op.matmat(tail)   # type: ignore[attr-defined]
 
-    tail = orthonormal_extension(None, start[h:, h:] if h else start)
+    tail = orthonormal_extension(None, start[h:, h:])
     z_tail = _Columns(tail)                                 # T
     mt = m_tail(tail)
     mz = _Columns(op.head_columns(h), mt) if h else _Columns(mt)   # type: ignore[attr-defined]
