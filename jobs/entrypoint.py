@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from zoospectra.errors import HubError, ZoospectraError
-from zoospectra.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
+from zoospectra.io.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
 
 from .spec import CrawlSpec
 
@@ -61,10 +61,10 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
 
 def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
                 command: str) -> BaseCrawl:
-    from zoospectra.execute import new_run_id, run_plan
-    from zoospectra.plan import build_plan
-    from zoospectra.refs import ModelRef
-    from zoospectra.store import ResultsStore
+    from zoospectra.run.execute import new_run_id, run_plan
+    from zoospectra.run.plan import build_plan
+    from zoospectra.io.refs import ModelRef
+    from zoospectra.run.store import ResultsStore
 
     store = ResultsStore(spec.out)
     run_id = new_run_id()

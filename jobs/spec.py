@@ -10,7 +10,7 @@
     analysis: {k: 10, eps: 0.5, k_store: 32, mode: exact, dtype: float32}
     hub: {timeout: 30, max_retries: 4, backoff: 1, retry_after_max: 120}   # optional
 
-`hub` tunes the Hub client (zoospectra.hub.HubOptions) for discovery, planning and the Ray
+`hub` tunes the Hub client (zoospectra.io.hub.HubOptions) for discovery, planning and the Ray
 workers alike; it has no token field on purpose (HF_TOKEN / `hf auth login` supply it).
 Unknown keys are errors: a typo must not silently fall back to a default.
 """
@@ -25,7 +25,7 @@ import yaml
 
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.errors import ConfigError
-from zoospectra.hub import HubOptions
+from zoospectra.io.hub import HubOptions
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")       # a Kubernetes resource name

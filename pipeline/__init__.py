@@ -1,18 +1,14 @@
 """zoospectra: what did fine-tuning do to these weights?
 
-Module map (pipeline/ installs as the `zoospectra` package):
-  errors       typed error hierarchy
-  config       AnalysisConfig (what is computed)
-  checkpoint   lazy safetensors access: headers first, one tensor's bytes at a time
-  adapters     PEFT adapter formats and full fine-tunes -> exact per-matrix MatrixUpdate
-  updates      MatrixUpdate, the one object the math consumes
-  spectral/    the math: exact (paper) and fast (structured) analyses, no I/O
-  records      analysis results -> Arrow tables (schemas/tables.py)
-  store        results root: atomic per-unit commits, manifests, skip/resume
-  sql          DuckDB views and macros over the Parquet tree (schemas/*.sql)
-  plan         frozen work units from headers and configs only
-  execute      Ray executor (local Ray on demand, or a cluster)
-  zoo          builds real PEFT adapters / fine-tunes on the shipped MiniLM base (demo, tests)
-  cli          the `zoospectra` command
+The package tree (pipeline/ installs as `zoospectra`):
+  errors, config, updates, numeric   the shared vocabulary: typed errors, AnalysisConfig, MatrixUpdate
+  io/        checkpoint (lazy safetensors), refs (what an artifact is and where), hub (Hub transport)
+  adapters/  PEFT formats and full fine-tunes -> the exact per-matrix MatrixUpdate
+  spectral/  the math: exact (the paper's) and fast (structured) analyses; no I/O, no Ray
+  run/       plan (frozen units) -> execute (Ray or in-process) -> unit -> records -> store
+  study/     sql (DuckDB views and macros), studies (named figures), report (offline HTML)
+  mitigate   intruder scaling written back as a PEFT adapter
+  demo/      the sample zoo builder and `zoospectra demo`
+  cli        the `zoospectra` command
 """
 __version__ = "0.1.0"

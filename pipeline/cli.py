@@ -66,7 +66,7 @@ def analyze(
     max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
-    from .refs import local_ref
+    from .io.refs import local_ref
 
     cfg = _config(k, eps, k_store, k_spec, sim_k, mode, dtype, pairs, embeddings)
     base_ref = local_ref(base, base_name)
@@ -87,9 +87,9 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
     """Plan + execute with a progress bar; shared by analyze, demo and crawl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .execute import new_run_id, run_plan
-    from .plan import build_plan
-    from .store import ResultsStore
+    from .run.execute import new_run_id, run_plan
+    from .run.plan import build_plan
+    from .run.store import ResultsStore
 
     store = ResultsStore(out)
     run_id = new_run_id()
@@ -137,7 +137,7 @@ def sql(
     output: Optional[str] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
 ) -> None:
     """Run one SQL query over the results with zoospectra's views and macros."""
-    from .sql import format_table, query as run_query
+    from .study.sql import format_table, query as run_query
 
     text = format_table(run_query(results, query), fmt, output)
     if text:
@@ -147,7 +147,7 @@ def sql(
 @app.command()
 def shell(results: str = typer.Argument(..., help="Results root.")) -> None:
     """Interactive DuckDB session with the views and macros loaded."""
-    from .sql import shell as open_shell
+    from .study.sql import shell as open_shell
 
     open_shell(results)
 
@@ -157,7 +157,7 @@ def status(results: str = typer.Argument(..., help="Results root.")) -> None:
     """Runs, units done/failed and error counts of a results root."""
     import json
 
-    from .store import ResultsStore
+    from .run.store import ResultsStore
 
     typer.echo(json.dumps(ResultsStore(results).status(), indent=2, default=str))
 
@@ -238,14 +238,14 @@ def demo(
     steps: int = typer.Option(0, help="Training steps per artifact (0: the demo's default)."),
 ) -> None:
     """Offline demo: build a sample zoo on all-MiniLM-L6-v2, analyse it on local Ray, summarise."""
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(out=out, cache=cache, steps=steps or None)
 
 
 # --- studies, report, mitigation (pipeline/studies.py, report.py, mitigate.py) ---------------
 def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
-    from .studies import Scope
+    from .study.studies import Scope
 
     return Scope(base=base_model, kinds=tuple(kinds or ()))
 
@@ -258,7 +258,7 @@ def report(
     kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
 ) -> None:
     """Every study as one offline HTML page: figures, summary tables and the SQL behind each."""
-    from .report import build_report
+    from .study.report import build_report
 
     typer.echo(str(build_report(results, out, _scope(base_model, kinds))))
 
@@ -273,7 +273,7 @@ def plot(
     kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
 ) -> None:
     """One study's figure as PNG or SVG."""
-    from .studies import STUDIES, parse_param, save_plot
+    from .study.studies import STUDIES, parse_param, save_plot
 
     if study == "list":
         for s in STUDIES.values():

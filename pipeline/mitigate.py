@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from .adapters import PeftAdapter, match_base_key, open_artifact
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .errors import (
     AdapterConfigError,
     BaseMismatchError,

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import duckdb
 import pytest
 
-from zoospectra.zoo import build_zoo, lora
+from zoospectra.demo.zoo import build_zoo, lora
 
 # Columns that differ between runs of the same work: bookkeeping, and the batch a row came from.
 VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at"}

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import pytest
 
 from hub_server import FakeHub
-from zoospectra.hub import HubOptions
+from zoospectra.io.hub import HubOptions
 
 
 @contextmanager

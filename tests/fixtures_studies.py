@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from zoospectra.config import AnalysisConfig
-from zoospectra.refs import ModelRef, local_ref
-from zoospectra.zoo import ZooSpec, build_zoo, minilm_dir
+from zoospectra.io.refs import ModelRef, local_ref
+from zoospectra.demo.zoo import ZooSpec, build_zoo, minilm_dir
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS = [0, 1, 2]
@@ -103,10 +103,10 @@ def study_zoo(tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
 
 
 def _analysed_zoo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
-    from zoospectra.execute import run_plan
-    from zoospectra.plan import build_plan
-    from zoospectra.store import ResultsStore
-    from zoospectra.studies import checkpoint_refs
+    from zoospectra.run.execute import run_plan
+    from zoospectra.run.plan import build_plan
+    from zoospectra.run.store import ResultsStore
+    from zoospectra.study.studies import checkpoint_refs
 
     import torch
 
@@ -152,7 +152,7 @@ def _engine_numbers(study_zoo: StudyZoo) -> EngineNumbers:
     from collections import defaultdict
 
     from zoospectra.adapters import open_artifact
-    from zoospectra.checkpoint import Checkpoint
+    from zoospectra.io.checkpoint import Checkpoint
     from zoospectra.spectral import analyze_batch
 
     base = Checkpoint.open(study_zoo.base.location)

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from zoospectra.zoo import ZooSpec, base_dir, build_zoo, load_model
+from zoospectra.demo.zoo import ZooSpec, base_dir, build_zoo, load_model
 
 STEPS = 3  # a few Adam steps: every factor (A and B, E, lambdas, ...) leaves its init
 

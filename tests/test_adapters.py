@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zoospectra.adapters import PeftAdapter, match_base_key, open_artifact, read_base
-from zoospectra.checkpoint import Checkpoint, LocalFileSource
+from zoospectra.io.checkpoint import Checkpoint, LocalFileSource
 from zoospectra.errors import (
     AdapterConfigError,
     BaseMismatchError,
@@ -339,7 +339,7 @@ def test_unknown_tensor_in_adapter_is_refused(zoo, tmp_path) -> None:  # noqa: F
 
 def test_zoo_build_is_cached(zoo) -> None:  # noqa: F811
     from fixtures_zoo import spec_of
-    from zoospectra.zoo import build_zoo
+    from zoospectra.demo.zoo import build_zoo
 
     done = zoo["gpt2_ia3"] / ".zoo_done"
     stamp = done.stat().st_mtime_ns

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zoospectra.checkpoint import (
+from zoospectra.io.checkpoint import (
     Checkpoint, FileSource, LocalFileSource, TensorInfo, read_header,
 )
 from zoospectra.errors import (

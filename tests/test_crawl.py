@@ -25,13 +25,13 @@ import torch
 
 from fixtures_hub import fake_hub, hub_env, hub_options, module_hub, safetensors_bytes  # noqa: F401
 from hub_server import FakeHub
-from zoospectra.checkpoint import Checkpoint
-from zoospectra.hub import HubOptions
+from zoospectra.io.checkpoint import Checkpoint
+from zoospectra.io.hub import HubOptions
 from zoospectra.jobs.entrypoint import BaseCrawl, run_crawl
 from zoospectra.jobs.spec import CrawlSpec
-from zoospectra.refs import ModelRef, local_ref
-from zoospectra.store import ResultsStore
-from zoospectra.zoo import build_zoo, lora
+from zoospectra.io.refs import ModelRef, local_ref
+from zoospectra.run.store import ResultsStore
+from zoospectra.demo.zoo import build_zoo, lora
 
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
 N_REPOS = 52
@@ -255,8 +255,8 @@ def test_unchanged_hub_analyses_nothing_and_a_new_commit_only_its_repo(
 def _analyse_locally(base: ModelRef, refs: list[ModelRef], out: Path) -> None:
     """The analyze command's path, in-process and single-threaded like a Ray task."""
     from zoospectra.config import AnalysisConfig
-    from zoospectra.execute import run_plan
-    from zoospectra.plan import build_plan
+    from zoospectra.run.execute import run_plan
+    from zoospectra.run.plan import build_plan
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

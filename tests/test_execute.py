@@ -13,8 +13,8 @@ import duckdb
 import pytest
 from rows import assert_rows_close
 
-from zoospectra.store import ResultsStore
-from zoospectra.zoo import ZooSpec, build_zoo, lora
+from zoospectra.run.store import ResultsStore
+from zoospectra.demo.zoo import ZooSpec, build_zoo, lora
 
 VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at"}
 TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.checkpoint import Checkpoint
+from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.spectral import analyze_batch, base_svd
 from zoospectra.spectral import fast as fast_mod

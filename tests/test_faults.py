@@ -29,11 +29,11 @@ import torch
 from fixtures_faults import MEMBER_TABLES, duplicates, table_rows, tiny_loras  # noqa: F401
 from fixtures_hub import fake_hub  # noqa: F401
 from zoospectra.config import AnalysisConfig
-from zoospectra.execute import run_plan
-from zoospectra.plan import build_plan
-from zoospectra.refs import local_ref
-from zoospectra.sql import connect
-from zoospectra.store import ResultsStore
+from zoospectra.run.execute import run_plan
+from zoospectra.run.plan import build_plan
+from zoospectra.io.refs import local_ref
+from zoospectra.study.sql import connect
+from zoospectra.run.store import ResultsStore
 
 torch.set_num_threads(1)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -45,10 +45,10 @@ DRIVER = """
 import sys, torch
 torch.set_num_threads(1)
 from zoospectra.config import AnalysisConfig
-from zoospectra.execute import run_plan
-from zoospectra.plan import build_plan
-from zoospectra.refs import local_ref
-from zoospectra.store import ResultsStore
+from zoospectra.run.execute import run_plan
+from zoospectra.run.plan import build_plan
+from zoospectra.io.refs import local_ref
+from zoospectra.run.store import ResultsStore
 base, out, batch, *arts = sys.argv[1:]
 refs = [local_ref(p, n) for n, p in (a.split("=", 1) for a in arts)]
 plan = build_plan(local_ref(base), refs, AnalysisConfig(), batch_size=int(batch),
@@ -208,7 +208,7 @@ class DiskFull:
 def test_write_failures_never_show_partial_files(fail_from: int, err: int, once: bool, minilm_dir: Path,
                                                  tiny_loras: list[Path], reference: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import zoospectra.store as store_mod
+    import zoospectra.run.store as store_mod
 
     out = tmp_path / "results"
     fault = DiskFull(store_mod._write_synced, fail_from, err, once)
@@ -268,7 +268,7 @@ def test_flaky_hub_bounded_retries_then_error_rows(fake_hub, minilm_dir: Path, t
     from huggingface_hub import constants
 
     from fixtures_hub import publish_dir
-    from zoospectra.hub import HubOptions
+    from zoospectra.io.hub import HubOptions
     from zoospectra.jobs.entrypoint import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
 

@@ -33,11 +33,11 @@ import torch
 
 from zoospectra import errors as E
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.checkpoint import Checkpoint
+from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import AnalysisConfig
-from zoospectra.execute import run_plan
-from zoospectra.plan import build_plan
-from zoospectra.refs import local_ref
+from zoospectra.run.execute import run_plan
+from zoospectra.run.plan import build_plan
+from zoospectra.io.refs import local_ref
 from zoospectra.spectral import analyze_batch
 
 from fixtures_faults import tiny_loras  # noqa: F401
@@ -570,7 +570,7 @@ def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
 def test_a_hub_listing_odd_repo_ids_gives_error_rows(goods: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from fixtures_hub import serving_hub
-    from zoospectra.hub import HubOptions, discover
+    from zoospectra.io.hub import HubOptions, discover
 
     base = "sentence-transformers/all-MiniLM-L6-v2"
     cfg = json.loads((goods[0] / CONFIG).read_text()) | {"base_model_name_or_path": base}

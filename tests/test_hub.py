@@ -12,7 +12,7 @@ import torch
 from fixtures_hub import fake_hub, hub_options, safetensors_bytes  # noqa: F401
 from hub_server import LISTING, FakeHub
 from zoospectra.errors import HubAccessError, HubNotFoundError, HubUnavailableError
-from zoospectra.hub import HubFileSource, HubOptions, discover, error_record, pin, unanalysed
+from zoospectra.io.hub import HubFileSource, HubOptions, discover, error_record, pin, unanalysed
 from zoospectra.schemas.tables import to_table
 
 BASE = "org/tiny-base"
@@ -76,7 +76,7 @@ def test_model_info_and_files_by_revision(fake_hub: FakeHub, hub_options: HubOpt
 # --- ranged reads ------------------------------------------------------------------------
 def test_ranged_reads_return_exact_bytes_and_only_those(fake_hub: FakeHub, hub_options: HubOptions,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from zoospectra.checkpoint import Checkpoint
+    from zoospectra.io.checkpoint import Checkpoint
 
     tensors = _base_tensors()
     blob = safetensors_bytes(tensors)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zoospectra.config import AnalysisConfig
-from zoospectra.records import TABLE_NAMES, UnitContext, split_tensor_key, unit_tables
+from zoospectra.run.records import TABLE_NAMES, UnitContext, split_tensor_key, unit_tables
 from zoospectra.schemas.tables import schema_for
 from zoospectra.spectral import analyze_batch
 from zoospectra.updates import MatrixUpdate

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fixtures_studies import BASE_ID, StudyZoo, study_zoo  # noqa: F401
-from zoospectra.report import build_report
-from zoospectra.studies import STUDIES
+from zoospectra.study.report import build_report
+from zoospectra.study.studies import STUDIES
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -91,8 +91,8 @@ def test_report_renders_in_headless_chromium_offline(report: Path, tmp_path: Pat
 
 
 def test_a_failing_study_is_reported_not_fatal(study_zoo: StudyZoo) -> None:
-    from zoospectra.report import Report, _section, render_html
-    from zoospectra.studies import Scope, connect_scoped
+    from zoospectra.study.report import Report, _section, render_html
+    from zoospectra.study.studies import Scope, connect_scoped
 
     con = connect_scoped(study_zoo.root)
     try:  # k = 40 is more than the 32 vectors stored per matrix: the macro refuses

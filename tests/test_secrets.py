@@ -30,7 +30,7 @@ from fixtures_faults import tiny_loras  # noqa: F401
 from fixtures_hub import hub_env, module_hub  # noqa: F401
 from hub_server import FakeHub
 from zoospectra.errors import InvalidNameError
-from zoospectra.store import ResultsStore, model_file_name
+from zoospectra.run.store import ResultsStore, model_file_name
 
 torch.set_num_threads(1)
 BASE = "sentence-transformers/all-MiniLM-L6-v2"

@@ -19,10 +19,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from zoospectra import sql
+from zoospectra.study import sql
 from zoospectra.errors import ConfigError, ResultsError
 from zoospectra.schemas.tables import TABLES, schema_for
-from zoospectra.store import TABLE_GLOBS, ResultsStore
+from zoospectra.run.store import TABLE_GLOBS, ResultsStore
 
 from fixtures_store import MODELS, RUN_ID, TENSORS, Zoo, build_zoo, one_unit, unit_id_for
 

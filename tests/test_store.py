@@ -14,10 +14,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-import zoospectra.store as store_mod
+import zoospectra.run.store as store_mod
 from zoospectra.errors import InvalidNameError, ResultsError, SchemaMismatchError
 from zoospectra.schemas.tables import META_TABLE, META_VERSION, SCHEMA_VERSION, to_table
-from zoospectra.store import ResultsStore
+from zoospectra.run.store import ResultsStore
 
 from fixtures_store import RUN_ID, model_row, one_unit
 

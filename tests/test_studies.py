@@ -20,7 +20,7 @@ from fixtures_studies import (BASE_ID, CFG, CKPT_STEPS, EngineNumbers, StudyZoo,
                               engine, one_thread, study_zoo)
 from fixtures_hub import fake_hub, hub_options  # noqa: F401
 from zoospectra.errors import ConfigError, ResultsError
-from zoospectra.studies import (STUDIES, Scope, checkpoint_refs, connect_scoped, parse_param,
+from zoospectra.study.studies import (STUDIES, Scope, checkpoint_refs, connect_scoped, parse_param,
                                 run_study, save_plot, sql_literal, svg_text)
 
 EPS_GRID = [i / 10 for i in range(1, 10)]
@@ -76,7 +76,7 @@ def test_intruders_fraction_matches_engine_and_stops_at_k_store(tables, engine: 
 
 
 def test_effective_rank_matches_engine(tables, engine: EngineNumbers) -> None:
-    from zoospectra.records import split_tensor_key
+    from zoospectra.run.records import split_tensor_key
 
     rows = tables["effective-rank"].to_pylist()
     assert len(rows) == len(engine.items)
@@ -290,7 +290,7 @@ def test_studies_run_on_crawl_results(study_zoo: StudyZoo, tables, fake_hub, hub
 
     from zoospectra.jobs.entrypoint import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
-    from zoospectra.zoo import minilm_dir
+    from zoospectra.demo.zoo import minilm_dir
 
     base_dir = tmp_path / "base"
     base_dir.mkdir()

@@ -20,7 +20,7 @@ from .full import FullFinetune
 from .peft_adapter import BASE_REWRITING_INITS, PeftAdapter, get_pattern_key
 
 if TYPE_CHECKING:
-    from ..checkpoint import FileSource
+    from ..io.checkpoint import FileSource
 
 __all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "open_artifact", "read_base",
            "match_base_key", "role_of", "get_pattern_key", "BASE_REWRITING_INITS"]

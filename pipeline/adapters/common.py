@@ -25,7 +25,7 @@ from ..errors import (
 from ..updates import MatrixUpdate, Role, UpdateKind
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint, FileSource
+    from ..io.checkpoint import Checkpoint, FileSource
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _HEAD_PARTS = {"lm_head", "classifier", "score", "qa_outputs", "pooler", "pre_classifier", "cls"}
@@ -101,7 +101,7 @@ class Files:
     """The artifact's FileSource (a local directory becomes a LocalFileSource) plus helpers."""
 
     def __init__(self, location: Union[str, os.PathLike, "FileSource"]) -> None:
-        from ..checkpoint import LocalFileSource
+        from ..io.checkpoint import LocalFileSource
 
         if isinstance(location, (str, os.PathLike)):
             self.dir: Optional[Path] = Path(location)
@@ -145,7 +145,7 @@ class Files:
         return f"{self.name.rstrip('/')}/{filename}"
 
     def open_checkpoint(self, filename: Optional[str] = None) -> "Checkpoint":
-        from ..checkpoint import Checkpoint
+        from ..io.checkpoint import Checkpoint
 
         return Checkpoint.open(self.source, filename)
 

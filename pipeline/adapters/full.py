@@ -18,7 +18,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
 # model_type values whose transformer blocks use transformers' Conv1D ([in, out] weights)
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}

@@ -34,7 +34,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -13,7 +13,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from .config import AnalysisConfig
+from ..config import AnalysisConfig
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_STEPS = 60
@@ -46,9 +46,9 @@ def _quiet_libraries() -> None:
 
 def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
              steps: Optional[int] = None, quiet: bool = False) -> None:
-    from .cli import run_analysis
-    from .refs import local_ref
-    from .sql import format_table, query
+    from ..cli import run_analysis
+    from ..io.refs import local_ref
+    from ..study.sql import format_table, query
     from .zoo import build_zoo, demo_specs, minilm_dir
 
     _quiet_libraries()

@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .config import AnalysisConfig
-from .schemas.tables import schema_for, to_table
-from .spectral.results import BatchAnalysis, MatrixAnalysis, SideVectors
-from .updates import MatrixUpdate
+from ..config import AnalysisConfig
+from ..schemas.tables import schema_for, to_table
+from ..spectral.results import BatchAnalysis, MatrixAnalysis, SideVectors
+from ..updates import MatrixUpdate
 
 TABLE_NAMES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 

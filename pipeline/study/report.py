@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import pyarrow as pa
 
-from . import __version__
-from .errors import ResultsError
+from .. import __version__
+from ..errors import ResultsError
 from .studies import STUDIES, Scope, Study, connect_scoped, run_study, svg_text
 
 if TYPE_CHECKING:

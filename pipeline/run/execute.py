@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
-from .config import AnalysisConfig
+from ..config import AnalysisConfig
 from .plan import Plan, WorkUnit, error_row
 from .unit import UnitOutcome, process_unit
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Literal, Optional, TypeVar
 
-from .errors import (
+from ..errors import (
     BaseMismatchError,
     CheckpointNotFoundError,
     HubAccessError,
@@ -37,7 +37,7 @@ from .errors import (
     ZoospectraError,
 )
 
-logger = logging.getLogger("zoospectra.hub")
+logger = logging.getLogger("zoospectra.io.hub")
 T = TypeVar("T")
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)

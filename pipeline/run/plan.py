@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
-from .config import AnalysisConfig
-from .refs import ModelRef
+from ..config import AnalysisConfig
+from ..io.refs import ModelRef
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def build_plan(
     An artifact that cannot be planned (bad config, other base, corrupt header) becomes an error
     row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
     """
-    from .adapters import open_artifact
-    from .checkpoint import Checkpoint
+    from ..adapters import open_artifact
+    from ..io.checkpoint import Checkpoint
 
     base_ckpt = Checkpoint.open(base.open_source())
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
@@ -171,8 +171,8 @@ def _check_model_row(row: dict, ref: ModelRef) -> None:
     this artifact's plan error: written later with every other model row, it would sink the run."""
     import pyarrow as pa
 
-    from .errors import AdapterConfigError
-    from .schemas.tables import schema_for, to_table
+    from ..errors import AdapterConfigError
+    from ..schemas.tables import schema_for, to_table
 
     try:
         to_table("models", [row]).cast(schema_for("models"))

@@ -22,9 +22,9 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from .errors import ConfigError, ResultsError
-from .schemas.tables import TABLES
-from .store import ResultsStore
+from ..errors import ConfigError, ResultsError
+from ..schemas.tables import TABLES
+from ..run.store import ResultsStore
 
 if TYPE_CHECKING:
     import duckdb

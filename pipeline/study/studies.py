@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
-from .errors import ConfigError, ResultsError
-from .refs import ModelRef, local_ref
+from ..errors import ConfigError, ResultsError
+from ..io.refs import ModelRef, local_ref
 
 if TYPE_CHECKING:
     from types import ModuleType

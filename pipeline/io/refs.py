@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-from .errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError
 
 if TYPE_CHECKING:
     from .hub import HubOptions

@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .errors import InvalidNameError, ResultsError, SchemaMismatchError
-from .schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
+from ..errors import InvalidNameError, ResultsError, SchemaMismatchError
+from ..schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
 
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 RUN_STATUSES = ("running", "finished", "failed")
@@ -411,7 +411,7 @@ class ResultsStore:
             config = json.loads(config_json) if config_json else None
         except json.JSONDecodeError as err:
             raise ResultsError(f"run config is not valid JSON: {err}", run_id=run_id) from err
-        from . import __version__
+        from .. import __version__
 
         self.clean_staging()
         self._write_run({

@@ -14,18 +14,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from .config import AnalysisConfig
-from .errors import ZoospectraError
+from ..config import AnalysisConfig
+from ..errors import ZoospectraError
 from .plan import WorkUnit, error_row
-from .refs import ModelRef
+from ..io.refs import ModelRef
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
-    from .spectral import BatchAnalysis
+    from ..spectral import BatchAnalysis
     from .store import ResultsStore
-    from .updates import MatrixUpdate
+    from ..updates import MatrixUpdate
 
 
 @dataclass
@@ -51,14 +51,14 @@ def peak_rss_mb() -> float:
 
 @lru_cache(maxsize=8)
 def _checkpoint(ref: ModelRef):
-    from .checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
     return Checkpoint.open(ref.open_source())
 
 
 @lru_cache(maxsize=256)
 def _artifact(ref: ModelRef):
-    from .adapters import open_artifact
+    from ..adapters import open_artifact
 
     return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
 
@@ -68,7 +68,7 @@ def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfi
     """W0 [out, in] and its SVD, kept for the next unit: the planner emits the units of one tensor
     back to back, so a worker usually gets the next batch of the same base matrix and skips both
     the read and the decomposition (one entry: bounded memory)."""
-    from .spectral import base_svd
+    from ..spectral import base_svd
 
     w0 = _checkpoint(ref).get(tensor)
     if transpose:
@@ -143,7 +143,7 @@ def _analyze(w0: "torch.Tensor", base, updates: list["MatrixUpdate"], members: l
     costs only its own row: on a batch failure each member is tried alone against one shared base
     SVD, then the survivors are analysed together again. Returns (analysis or None, updates,
     members, error rows)."""
-    from .spectral import analyze_batch
+    from ..spectral import analyze_batch
 
     try:
         return analyze_batch(w0, updates, cfg, device=device, base=base), updates, members, []

@@ -20,7 +20,7 @@ from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
 
-from .errors import (
+from ..errors import (
     CheckpointNotFoundError,
     CorruptSafetensorsError,
     NonFiniteWeightsError,
@@ -28,7 +28,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedDtypeError,
 )
-from .numeric import all_finite
+from ..numeric import all_finite
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library: a larger "header" is garbage
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
