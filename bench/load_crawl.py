@@ -4,7 +4,7 @@
 
 Builds `distinct` small real LoRAs on MiniLM (r=4, query only: 6 matrices each), publishes them
 under `repos` repo ids on an in-process FakeHub (tests/hub_server.py) with the MiniLM base, and
-runs `jobs.entrypoint.run_crawl` on a local Ray, as the nightly job would. Prints one JSON line:
+runs `zoospectra.crawl` on a local Ray, as the nightly job would. Prints one JSON line:
 wall time, peak RSS of the driver and of the Ray workers (sampled, and as the workers report it),
 rows written per table, rows lost (expected - found), duplicates, error rows.
 """
@@ -111,7 +111,7 @@ def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int 
     from hub_server import FakeHub
 
     from zoospectra.io.hub import HubOptions
-    from zoospectra.jobs.entrypoint import run_crawl
+    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
     from zoospectra.run.store import ResultsStore
 

@@ -1,12 +1,8 @@
-"""The Ray Jobs entrypoint of a scheduled crawl.
+"""The Ray Jobs entrypoint of a scheduled crawl: a thin wrapper over `zoospectra.crawl`.
 
     python -m zoospectra.jobs.entrypoint --spec jobs/nightly-example.yaml
 
-For each base model: discover its adapters (and full fine-tunes) on the Hub, pin them, write
-the catalog, then plan and execute on Ray (the cluster at `ray_address`, else a local Ray).
-Incremental by construction: a (repo, sha) whose matrices are already in the results root
-plans to nothing; a new commit is a new ModelRef and is analysed. Per-repo failures become
-`errors` rows; the crawl still completes (exit 0). Exit 2 means the spec itself is invalid.
+Exit 0 when the crawl completed (also with `errors` rows), 2 for an invalid spec.
 """
 from __future__ import annotations
 
@@ -15,92 +11,13 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Optional
 
-from zoospectra.errors import HubError, ZoospectraError
-from zoospectra.io.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
+from zoospectra.api import crawl
+from zoospectra.errors import ZoospectraError
 
 from .spec import CrawlSpec
-
-log = logging.getLogger("zoospectra.crawl")
-
-
-@dataclass
-class BaseCrawl:
-    base_model: str
-    run_id: str
-    base_sha: Optional[str] = None
-    discovered: int = 0
-    discovery_errors: int = 0
-    units: int = 0
-    units_done: int = 0
-    units_skipped: int = 0
-    units_failed: int = 0
-    error_rows: int = 0
-
-
-@dataclass
-class CrawlSummary:
-    name: str
-    bases: list[BaseCrawl] = field(default_factory=list)
-
-    @property
-    def units_done(self) -> int:
-        return sum(b.units_done for b in self.bases)
-
-
-def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: str = "ray",
-              command: str = "") -> CrawlSummary:
-    """One crawl: discovery + catalog + plan + execute, one run per base model."""
-    summary = CrawlSummary(spec.name)
-    for base in spec.base_models:
-        summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command))
-    return summary
-
-
-def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
-                command: str) -> BaseCrawl:
-    from zoospectra.run.execute import new_run_id, run_plan
-    from zoospectra.run.plan import build_plan
-    from zoospectra.io.refs import ModelRef
-    from zoospectra.run.store import ResultsStore
-
-    store = ResultsStore(spec.out)
-    run_id = new_run_id()
-    found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options)
-    report = BaseCrawl(base, run_id, discovered=len(found.entries), discovery_errors=len(found.errors))
-    errors = list(found.errors)
-    try:
-        report.base_sha = pin(base, options=options)
-        # One HEAD on the base's weights: a gated/unreadable base is one error row for the base,
-        # not one per adapter when the planner first touches its header.
-        base_source = HubFileSource(base, report.base_sha, options)
-        base_source.check_access(weights_file(base_source))
-        # The options ride on every ref: planner and Ray workers read the Hub the same way.
-        base_ref = ModelRef(model_id=base, revision=report.base_sha, location=base, source="hub",
-                            hub_options=options)
-        plan = build_plan(base_ref, [e.ref(options) for e in found.entries], spec.analysis,
-                          batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
-    except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
-        errors.append(error_record(err, base, report.base_sha, stage="plan"))
-        plan = None
-    if plan is not None:
-        if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
-            executor = "local"
-        result = run_plan(plan, spec.out, run_id=run_id, executor=executor,  # type: ignore[arg-type]
-                          address=spec.ray_address, command=command)
-        report.units, report.units_done = result.n_units, result.n_done
-        report.units_skipped, report.units_failed = result.n_skipped, result.n_failed
-        report.error_rows = result.n_member_errors + len(plan.errors)
-    else:  # still leave a run manifest, so the failure is visible in `runs`
-        store.start_run(run_id, spec.analysis.to_json(), command)
-        store.finish_run(run_id, "failed", n_units=0, n_done=0, n_skipped=0, n_failed=0)
-    store.write_catalog(run_id, [e.row(run_id) for e in found.entries])
-    store.write_errors(run_id, "discover", [dict(r, run_id=run_id, unit_id="discover") for r in errors])
-    report.error_rows += len(errors)
-    log.info("crawl %s base %s: %s", spec.name, base, asdict(report))
-    return report
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -116,7 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"invalid job spec: {err}", file=sys.stderr)
         return 2
     command = shlex.join([sys.executable, "-m", "zoospectra.jobs.entrypoint", *(argv or sys.argv[1:])])
-    summary = run_crawl(spec, executor="local" if args.local else "ray", command=command)
+    summary = crawl(spec, executor="local" if args.local else "ray", command=command)
     print(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
     return 0
 

@@ -6,9 +6,9 @@ import sys
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from .config import ALL, AnalysisConfig
+from .console import console, esc, run_analysis
 from .errors import ZoospectraError
 
 app = typer.Typer(
@@ -17,14 +17,6 @@ app = typer.Typer(
     help="What did fine-tuning do to these weights? Spectra and intruder dimensions of model zoos.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-
-def esc(x: object) -> str:
-    """Untrusted text (model ids, messages) printed literally, never as rich markup."""
-    from rich.markup import escape
-
-    return escape(str(x))
 
 
 def _k(value: str, name: str) -> int:
@@ -79,54 +71,6 @@ def analyze(
                            device=device)
     if summary.n_failed or summary.n_member_errors or summary.n_plan_errors:
         raise typer.Exit(code=3)  # the run completed, but some artifacts became errors rows
-
-
-def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
-                 address: Optional[str] = None, executor: str = "ray",
-                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto"):
-    """Plan + execute with a progress bar; shared by analyze, demo and crawl."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .run.execute import new_run_id, run_plan
-    from .run.plan import build_plan
-    from .run.store import ResultsStore
-
-    store = ResultsStore(out)
-    run_id = new_run_id()
-    plan = build_plan(base_ref, refs, cfg, batch_size=batch_size, done_pairs=store.done_pairs(), run_id=run_id)
-    if not quiet:
-        console.print(
-            f"[bold]plan[/]: {len(plan.models)} artifacts, {len(plan.units)} units, "
-            f"{plan.n_pairs} (artifact, matrix) pairs to analyse, {plan.skipped_pairs} already done, "
-            f"{len(plan.errors)} planning errors"
-        )
-        for e in plan.errors:
-            console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e['model_id'])}: {esc(e['message'])}")
-    progress = Progress(
-        TextColumn("[bold blue]analyse"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
-    )
-    with progress:
-        bar = progress.add_task("units", total=len(plan.units))
-        progress.update(bar, completed=0)
-
-        def tick(i: int, n: int, outcome) -> None:
-            progress.update(bar, total=n, completed=i)
-            for e in outcome.errors:
-                progress.console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e.get('model_id'))} "
-                                       f"{esc(e.get('tensor'))}: {esc(e['message'])}")
-
-        summary = run_plan(plan, out, run_id=run_id, executor=executor, address=address,
-                           max_in_flight=max_in_flight, command=shlex.join(sys.argv), on_progress=tick,
-                           device=device)
-    if not quiet:
-        console.print(
-            f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "
-            f"{summary.n_failed} failed, {summary.n_member_errors + len(plan.errors)} error rows "
-            f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
-            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
-        )
-    return summary
 
 
 @app.command()
@@ -213,7 +157,7 @@ def crawl(
     import json
     from dataclasses import asdict
 
-    from .jobs.entrypoint import run_crawl
+    from .api import crawl as run_crawl
     from .jobs.spec import CrawlSpec
 
     bad = [i for i in include if i != "full"]

@@ -27,7 +27,7 @@ from fixtures_hub import fake_hub, hub_env, hub_options, module_hub, safetensors
 from hub_server import FakeHub
 from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.io.hub import HubOptions
-from zoospectra.jobs.entrypoint import BaseCrawl, run_crawl
+from zoospectra.run.crawl import BaseCrawl, run_crawl
 from zoospectra.jobs.spec import CrawlSpec
 from zoospectra.io.refs import ModelRef, local_ref
 from zoospectra.run.store import ResultsStore

@@ -269,7 +269,7 @@ def test_flaky_hub_bounded_retries_then_error_rows(fake_hub, minilm_dir: Path, t
 
     from fixtures_hub import publish_dir
     from zoospectra.io.hub import HubOptions
-    from zoospectra.jobs.entrypoint import run_crawl
+    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
 
     base = "sentence-transformers/all-MiniLM-L6-v2"

@@ -300,7 +300,7 @@ def test_crawl_with_unreadable_base_still_completes_with_rows(fake_hub: FakeHub,
                                                                tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from zoospectra.jobs.entrypoint import run_crawl
+    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
 
     fake_hub.add_repo("u/good", _adapter_files(), base_model=BASE, relation="adapter")

@@ -288,7 +288,7 @@ def test_studies_run_on_crawl_results(study_zoo: StudyZoo, tables, fake_hub, hub
     """The same adapters published on the loopback Hub and crawled give the same study rows."""
     from fixtures_hub import publish_dir
 
-    from zoospectra.jobs.entrypoint import run_crawl
+    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
     from zoospectra.demo.zoo import minilm_dir
 

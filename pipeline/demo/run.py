@@ -46,7 +46,7 @@ def _quiet_libraries() -> None:
 
 def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
              steps: Optional[int] = None, quiet: bool = False) -> None:
-    from ..cli import run_analysis
+    from ..console import run_analysis
     from ..io.refs import local_ref
     from ..study.sql import format_table, query
     from .zoo import build_zoo, demo_specs, minilm_dir

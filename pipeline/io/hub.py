@@ -36,6 +36,7 @@ from ..errors import (
     UnsafeCheckpointError,
     ZoospectraError,
 )
+from .identity import artifact_uid
 
 logger = logging.getLogger("zoospectra.io.hub")
 T = TypeVar("T")
@@ -409,14 +410,6 @@ class CatalogEntry:
         """What "already analysed" means: the same repo at the same commit."""
         return (self.repo_id, self.sha)
 
-    def ref(self, options: Optional[HubOptions] = None):
-        """The pinned ModelRef the planner consumes (pipeline/refs.py); `options` travel with it
-        to the Ray workers that read its files."""
-        from .refs import ModelRef
-
-        return ModelRef(model_id=self.repo_id, revision=self.sha, location=self.repo_id, source="hub",
-                        hub_options=options)
-
     def row(self, run_id: str, discovered_at: Optional[datetime] = None) -> dict:
         """A row of the `catalog` table (schemas/tables.py)."""
         return {
@@ -443,11 +436,7 @@ def error_record(err: BaseException, repo_id: Optional[str], sha: Optional[str] 
                  stage: str = "hub") -> dict:
     """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id."""
     ctx = {k: str(v) for k, v in (getattr(err, "context", None) or {}).items()}
-    model_uid = None
-    if repo_id and sha:
-        from .refs import ModelRef
-
-        model_uid = ModelRef(model_id=repo_id, revision=sha, location=repo_id, source="hub").uid
+    model_uid = artifact_uid("hub", repo_id, sha) if repo_id and sha else None
     return {
         "model_uid": model_uid, "model_id": repo_id, "tensor": ctx.get("tensor"),
         "stage": stage, "error_type": type(err).__name__, "message": _redact(str(err)),

@@ -5,14 +5,13 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import CheckpointNotFoundError
+from .identity import Source, artifact_uid
 
 if TYPE_CHECKING:
     from .hub import HubOptions
-
-Source = Literal["local", "hub"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 _FULL_HASH_LIMIT = 256 << 20  # files up to this size are hashed whole; larger ones by header
@@ -33,7 +32,7 @@ class ModelRef:
 
     @property
     def uid(self) -> str:
-        return hashlib.sha256(f"{self.source}:{self.model_id}@{self.revision}".encode()).hexdigest()[:16]
+        return artifact_uid(self.source, self.model_id, self.revision)
 
     def open_source(self):
         """The FileSource this artifact's files are read through (lazy byte ranges)."""
@@ -44,6 +43,11 @@ class ModelRef:
         from .checkpoint import LocalFileSource
 
         return LocalFileSource(self.location)
+
+
+def hub_ref(repo_id: str, sha: str, options: Optional[HubOptions] = None) -> ModelRef:
+    """A Hub repo pinned at commit `sha`; `options` travel with it to the Ray workers that read it."""
+    return ModelRef(model_id=repo_id, revision=sha, location=repo_id, source="hub", hub_options=options)
 
 
 def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:

@@ -411,7 +411,7 @@ class ResultsStore:
             config = json.loads(config_json) if config_json else None
         except json.JSONDecodeError as err:
             raise ResultsError(f"run config is not valid JSON: {err}", run_id=run_id) from err
-        from .. import __version__
+        from .._version import __version__
 
         self.clean_staging()
         self._write_run({

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import pyarrow as pa
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ResultsError
 from .studies import STUDIES, Scope, Study, connect_scoped, run_study, svg_text
 

@@ -1,0 +1,112 @@
+"""The public Python API: the one driver behind the CLI, the demo, the Ray Jobs entrypoint and
+notebooks.
+
+    import zoospectra
+    run = zoospectra.analyze({"lora": "path/to/adapter"}, base="path/to/base", out="results/")
+    con = zoospectra.connect("results/")
+    con.sql("SELECT model_id, sum(n_intruders) FROM intruders(0.5, 10) GROUP BY ALL").df()
+
+Heavy modules (torch, Ray, DuckDB) are imported inside the functions, so `import zoospectra`
+stays cheap.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
+
+from .config import AnalysisConfig
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from .io.hub import HubOptions
+    from .io.refs import ModelRef
+    from .jobs.spec import CrawlSpec
+    from .run.crawl import CrawlSummary
+    from .run.execute import RunSummary
+    from .run.plan import Plan
+    from .run.unit import UnitOutcome
+
+PathLike = Union[str, "os.PathLike[str]"]
+ArtifactArg = Union[PathLike, "ModelRef"]
+
+
+def _ref(item: ArtifactArg, name: Optional[str] = None) -> ModelRef:
+    from .io.refs import ModelRef, local_ref
+
+    if isinstance(item, ModelRef):
+        return item
+    return local_ref(item, name)
+
+
+def _refs(tuned: Union[Mapping[str, ArtifactArg], Sequence[ArtifactArg]]) -> list[ModelRef]:
+    """Artifacts as ModelRefs: a mapping gives {recorded model id: path}; else the folder name."""
+    if isinstance(tuned, Mapping):
+        return [_ref(path, name) for name, path in tuned.items()]
+    if isinstance(tuned, (str, os.PathLike)):
+        return [_ref(tuned)]
+    return [_ref(item) for item in tuned]
+
+
+def analyze(
+    tuned: Union[Mapping[str, ArtifactArg], Sequence[ArtifactArg]],
+    *,
+    base: ArtifactArg,
+    out: PathLike,
+    config: Optional[AnalysisConfig] = None,
+    base_name: Optional[str] = None,
+    batch_size: int = 32,
+    executor: Literal["ray", "local"] = "ray",
+    address: Optional[str] = None,
+    max_in_flight: Optional[int] = None,
+    device: str = "auto",
+    command: str = "",
+    on_plan: Optional[Callable[[Plan], None]] = None,
+    on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
+) -> RunSummary:
+    """Analyse fine-tuned artifacts against `base` and commit the tables under `out`.
+
+    Plans from headers and configs only, then runs every unit not yet committed (a rerun
+    resumes and never duplicates rows). `on_plan` sees the plan before execution starts;
+    `on_progress(i, n, outcome)` is called after each unit.
+    """
+    from .run.execute import new_run_id, run_plan
+    from .run.plan import build_plan
+    from .run.store import ResultsStore
+
+    cfg = config or AnalysisConfig()
+    root = os.fspath(out)
+    store = ResultsStore(root)
+    run_id = new_run_id()
+    plan = build_plan(_ref(base, base_name), _refs(tuned), cfg, batch_size=batch_size,
+                      done_pairs=store.done_pairs(), run_id=run_id)
+    if on_plan:
+        on_plan(plan)
+    return run_plan(plan, root, run_id=run_id, executor=executor, address=address,
+                    max_in_flight=max_in_flight, command=command, on_progress=on_progress,
+                    device=device)
+
+
+def crawl(spec: Union[CrawlSpec, Mapping, PathLike], *, options: Optional[HubOptions] = None,
+          executor: Literal["ray", "local"] = "ray", command: str = "") -> CrawlSummary:
+    """One Hub crawl: discovery, catalog, plan and execute, one run per base model.
+
+    `spec` is a CrawlSpec, a mapping of its keys, or the path of a YAML job spec.
+    """
+    from .jobs.spec import CrawlSpec
+    from .run.crawl import run_crawl
+
+    if isinstance(spec, Mapping):
+        spec = CrawlSpec.from_dict(dict(spec))
+    elif not isinstance(spec, CrawlSpec):
+        spec = CrawlSpec.load(os.fspath(spec))
+    return run_crawl(spec, options=options, executor=executor, command=command)
+
+
+def connect(root: PathLike) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection over a results root with every view and macro loaded
+    (`intruders(eps, k)`, `intruder_curve(k)`, ...); use `.df()` / `.pl()` / `.arrow()` on results."""
+    from .study.sql import connect as sql_connect
+
+    return sql_connect(root)

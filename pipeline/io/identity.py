@@ -1,0 +1,16 @@
+"""The identity every row is keyed by: where an artifact comes from, its id and exact revision.
+
+A leaf module (no imports from the package), so the Hub transport and ModelRef share one
+definition without importing each other.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+Source = Literal["local", "hub"]
+
+
+def artifact_uid(source: Source, model_id: str, revision: str) -> str:
+    """16 hex digits of sha256("source:model_id@revision"): the `model_uid` of every table."""
+    return hashlib.sha256(f"{source}:{model_id}@{revision}".encode()).hexdigest()[:16]
