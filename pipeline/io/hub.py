@@ -189,7 +189,7 @@ def _where(ctx: dict) -> str:
 
 # --- one repo at one revision ------------------------------------------------------------
 class HubFileSource:
-    """A Hub repo at a pinned revision, as a FileSource (pipeline/checkpoint.py).
+    """A Hub repo at a pinned revision, as a FileSource (pipeline/io/checkpoint.py).
 
     Listing and sizes come from one model-info call. `read_range` serves from the local HF
     cache when the file is there, downloads small files (configs, adapter weights) into the
@@ -410,7 +410,7 @@ class CatalogEntry:
         return (self.repo_id, self.sha)
 
     def ref(self, options: Optional[HubOptions] = None):
-        """The pinned ModelRef the planner consumes (pipeline/refs.py); `options` travel with it
+        """The pinned ModelRef the planner consumes (pipeline/io/refs.py); `options` travel with it
         to the Ray workers that read its files."""
         from .refs import ModelRef
 
