@@ -1,4 +1,4 @@
-"""Accuracy sweep of the fast engine at full width (issue 6 acceptance, DESIGN.md section 6).
+"""Accuracy sweep of the fast engine at full width (issue 6 acceptance, docs/architecture.md#engines).
 
     python -m bench.accuracy                          # 4096 x 4096, 2 bases x 60 adapters
     python -m bench.accuracy --bases 3 --adapters 100 --shape 4096 4096 --out bench/ACCURACY.md

@@ -1,4 +1,4 @@
-"""Fast engine vs the paper's method, timed in one run on the same matrices (DESIGN.md section 6).
+"""Fast engine vs the paper's method, timed in one run on the same matrices (docs/architecture.md#engines).
 
     python -m bench.run_bench                       # full: widths 1024 2048 4096 + 4096x11008, e2e zoo
     python -m bench.run_bench --quick               # widths <= 2048, smaller zoo

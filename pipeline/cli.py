@@ -38,7 +38,7 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
 
 @app.command()
 def analyze(
-    base: str = typer.Argument(..., help="Base checkpoint: a local directory (or a Hub id with the hub extra)."),
+    base: str = typer.Argument(..., help="Base checkpoint: a local directory (Hub bases: zoospectra crawl)."),
     tuned: List[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
     base_name: Optional[str] = typer.Option(None, help="Id recorded for the base (default: directory name)."),
@@ -187,7 +187,7 @@ def demo(
     run_demo(out=out, cache=cache, steps=steps or None)
 
 
-# --- studies, report, mitigation (pipeline/studies.py, report.py, mitigate.py) ---------------
+# --- studies, report, mitigation (pipeline/study/studies.py, report.py, mitigate.py) ---------------
 def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
     from .study.studies import Scope
 

@@ -15,7 +15,7 @@ ALL = -1  # "all" for k_store / k_spec
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """What is computed per (base matrix, update). DESIGN.md section 1.
+    """What is computed per (base matrix, update). Definitions: docs/science.md.
 
     k, eps:     intruder test defaults (paper: top 10 vectors, |cos| < 0.5); stored in `matrices`.
     k_store:    top singular vectors of Wt recorded per side in `vectors` (ALL = every one).
@@ -23,7 +23,7 @@ class AnalysisConfig:
     sim_k:      size of the |U0[:, :K]^T Ut[:, :K]| block in `similarity`.
     pair_max:   largest i, j of the adapter-vs-adapter phi grid in `pairs`.
     pairs:      compute adapter-vs-adapter subspace similarity within each unit (O(batch^2)).
-    mode:       "exact" = the paper's full SVDs; "fast" = structured solvers (DESIGN.md section 6).
+    mode:       "exact" = the paper's full SVDs; "fast" = structured solvers (docs/architecture.md#engines).
     dtype:      float32 or float64 for every decomposition (never half precision).
     """
 

@@ -1,4 +1,4 @@
-"""Intruder-dimension mitigation (DESIGN.md section 1 item 10): scale the intruder components of
+"""Intruder-dimension mitigation (docs/science.md#mitigation): scale the intruder components of
 Wt = W0 + dW by lambda and write the result back out as a new PEFT LoRA adapter.
 
 The semantics are PEFT's `reduce_intruder_dimension` (peft/tuners/lora/intruders.py), step by

@@ -1,7 +1,7 @@
 -- zoospectra: table macros over the views of views.sql (plain DuckDB SQL, no placeholders).
 --
 -- Intruder counts are SQL over `vectors` (top K_store singular vectors of Wt per side, with
--- max |cos| against every base vector; DESIGN.md section 1.2). A count for k is only exact when
+-- max |cos| against every base vector; docs/science.md#vectors). A count for k is only exact when
 -- k <= K_store, or when all min(m, n) vectors were stored (--k-store all). The macros check this
 -- per matrix and raise an error naming the tensor instead of silently undercounting.
 -- Counts use count(DISTINCT j): a (model, tensor) analysed twice (same numbers) counts once.

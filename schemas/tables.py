@@ -1,4 +1,4 @@
-"""The data contract: explicit Arrow schemas for every results table (DESIGN.md section 3).
+"""The data contract: explicit Arrow schemas for every results table (docs/data-model.md#tables).
 
 Columns may be added (bump SCHEMA_VERSION's minor part), never silently renamed or retyped.
 Every Parquet file carries `zoospectra.schema_version` and `zoospectra.table` in its metadata.

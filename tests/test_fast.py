@@ -1,7 +1,7 @@
 """The fast engine (pipeline/spectral/fast.py, krylov.py) against an independent float64 reference.
 
 The reference is numpy's full SVD of W0 and Wt (the paper's method), written here, not the exact
-engine. Acceptance rule (DESIGN 6, issue "fast spectral path"): per-vector max |cos| within 1e-4
+engine. Acceptance rule (docs/architecture.md#engines, issue "fast spectral path"): per-vector max |cos| within 1e-4
 wherever the relative singular-value gap of Wt on both sides of j is >= 1e-3; intruder counts
 identical for every eps in 0.1..0.9 and k in {10, K_store} unless a cosine of the top k lies
 within the tolerance of eps (a tie that the float order decides), and such exceptions are listed

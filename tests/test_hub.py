@@ -295,7 +295,7 @@ def test_incremental_selection_by_repo_and_sha(fake_hub: FakeHub, hub_options: H
     assert [(e.repo_id, e.sha) for e in fresh] == [("u/lora-1", new_sha)]
 
 
-# --- crawl edge (discovery + catalog + errors; planning needs pipeline/adapters.py) -------
+# --- crawl edge (discovery + catalog + errors; planning needs pipeline/adapters/) -------
 def test_crawl_with_unreadable_base_still_completes_with_rows(fake_hub: FakeHub, hub_options: HubOptions,
                                                                tmp_path) -> None:
     import pyarrow.parquet as pq

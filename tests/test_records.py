@@ -180,7 +180,7 @@ def test_pairs_rows(unit) -> None:
 
 
 def test_intruder_counts_are_a_query_over_vectors(unit) -> None:
-    """DESIGN 1.2: counts at any eps and k <= K_store from `vectors` equal the engine's own."""
+    """docs/science.md#vectors: counts at any eps and k <= K_store from `vectors` equal the engine's own."""
     _, _, _, analysis, tables = unit
     vectors = tables["vectors"]
     con = duckdb.connect()

@@ -1,4 +1,4 @@
-"""PEFT adapter formats and full fine-tunes -> exact per-matrix MatrixUpdate (DESIGN.md section 2).
+"""PEFT adapter formats and full fine-tunes -> exact per-matrix MatrixUpdate (docs/adapters.md).
 
     art = open_artifact("path/or/FileSource")        # reads configs only
     for t in art.targets(base):                       # headers only: base key, [out, in] shape, role

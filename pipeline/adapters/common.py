@@ -1,6 +1,6 @@
 """What every artifact shares: Target records, the Artifact interface, key mapping, safe reads.
 
-Layout convention (DESIGN.md section 1): every matrix handed to the math is [out, in]. A GPT-2
+Layout convention (docs/adapters.md#layout): every matrix handed to the math is [out, in]. A GPT-2
 `Conv1D` weight is stored [in, out]; its Target has `transpose=True`, and `read_base` is the one
 place that turns the stored base weight into [out, in]. `MatrixUpdate`s are always [out, in]
 already, so callers that pass `w0` to `load_update` must pass it as `read_base` returns it.

@@ -1,6 +1,6 @@
 """A small, real model zoo: PEFT adapters and full fine-tunes trained briefly on real bases.
 
-Used by the demo and by the tests (DESIGN.md section 5). Everything is deterministic given the
+Used by the demo and by the tests (docs/architecture.md#testing). Everything is deterministic given the
 seed, small enough for 2 CPU cores, and trained for real (a few optimizer steps, so every factor
 of every adapter moves away from its initialisation).
 

@@ -190,7 +190,7 @@ def _where(ctx: dict) -> str:
 
 # --- one repo at one revision ------------------------------------------------------------
 class HubFileSource:
-    """A Hub repo at a pinned revision, as a FileSource (pipeline/checkpoint.py).
+    """A Hub repo at a pinned revision, as a FileSource (pipeline/io/checkpoint.py).
 
     Listing and sizes come from one model-info call. `read_range` serves from the local HF
     cache when the file is there, downloads small files (configs, adapter weights) into the

@@ -1,11 +1,12 @@
-"""The math: spectral analysis of weight updates, no I/O (DESIGN.md section 1).
+"""The math: spectral analysis of weight updates, no I/O (docs/science.md).
 
     base = base_svd(w0, cfg, device)                    # once per base matrix
     batch = analyze_batch(w0, updates, cfg, device, base)
 
 Engines, chosen by cfg.mode:
   exact    the paper's method: full thin SVDs of Wt and dW per update (exact.py)
-  fast     structured Krylov solvers (fast.py, when present), same results within tolerance
+  fast     structured Krylov solvers (fast.py), same results within the tolerances of
+           docs/architecture.md#engines
 
 Modules: results (dataclasses returned), stats (definitions shared by every engine), base (the
 shared base SVD), pairs (adapter vs adapter), inputs (device, dtype, validation).
@@ -34,7 +35,7 @@ def _engine(mode: str) -> Engine:
         from .exact import analyze_exact
 
         return analyze_exact
-    try:  # the fast engine lives beside exact.py once written, with the same signature
+    try:  # imported on first use, like exact.py (same signature)
         from .fast import analyze_fast  # type: ignore[import-not-found]
     except ImportError as e:
         raise NotImplementedError(

@@ -1,4 +1,4 @@
-"""The fast engine (DESIGN.md section 6): same results as exact.py, without an SVD of Wt or dW.
+"""The fast engine (docs/architecture.md#engines): same results as exact.py, without an SVD of Wt or dW.
 
 LoRA family (dW = B A, r << p = min(m, n)), with W0 = U0 diag(s0) V0^T shared by the batch:
   B = Q1 R1, A^T = Q2 R2 (QR)            dW = Q1 (R1 R2^T) Q2^T: an r x r SVD gives all of
@@ -53,7 +53,7 @@ DENSE_FRACTION = 0.35  # a small operator whose Krylov subspace would reach this
 
 @dataclass(frozen=True)
 class Wanted:
-    """How many top triplets of Wt each output needs (DESIGN 1.2, 1.5, 1.8)."""
+    """How many top triplets of Wt each output needs (docs/science.md#vectors, #similarity, #spectra)."""
 
     n_vec: int    # per-vector records (K_store)
     sim_k: int    # similarity block
@@ -292,7 +292,7 @@ def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) ->
 
 def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
                  device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
-    """DESIGN.md section 6 on one base matrix and a batch of its updates (same API as exact)."""
+    """docs/architecture.md#engines on one base matrix and a batch of its updates (API of exact)."""
     start = time.perf_counter()
     shape = (int(w0.shape[0]), int(w0.shape[1]))
     w0, tensor, base, base_seconds = prepare_batch(w0, updates, cfg, device, base)

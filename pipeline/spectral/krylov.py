@@ -104,7 +104,7 @@ class LowRankUpdate:
         return m
 
     def start(self) -> torch.Tensor:
-        """[E_head, tail rows of F]: F = [Dpad^T Bt, At^T] spans (M^T M - D^2) (DESIGN 6)."""
+        """[E_head, tail rows of F]: F = [Dpad^T Bt, At^T] spans (M^T M - D^2) (docs/architecture.md)."""
         p2, r = self.shape[1], int(self.bt.shape[1])
         z = torch.zeros(p2, self.head + 2 * r, dtype=self.d.dtype, device=self.d.device)
         z[torch.arange(self.head), torch.arange(self.head)] = 1.0

@@ -43,8 +43,8 @@ class BaseSVD:
 
 @dataclass(frozen=True, eq=False)
 class SideVectors:
-    """Per-vector record (DESIGN 1.2) for one side (U: left, V: right) of the top singular vectors
-    of Wt: entry j describes the (j+1)-th largest."""
+    """Per-vector record (docs/science.md#vectors) for one side (U: left, V: right) of the top
+    singular vectors of Wt: entry j describes the (j+1)-th largest."""
 
     sigma: np.ndarray       # [K] s_j(Wt)
     max_cos: np.ndarray     # [K] max_i |<x_j(Wt), x_i(W0)>| over ALL p base vectors of that side
@@ -61,7 +61,7 @@ class SideVectors:
 
 @dataclass(frozen=True, eq=False)
 class MatrixAnalysis:
-    """Everything DESIGN.md section 1 (items 1-6, 8) records for one (base matrix, update)."""
+    """Everything docs/science.md defines per (base matrix, update), phi aside (PairGrid)."""
 
     tensor: str
     shape: tuple[int, int]        # (m, n)

@@ -1,7 +1,7 @@
-"""Statistics from singular values and cosines, shared by every engine (exact now, fast later).
+"""Statistics from singular values and cosines, shared by every engine (exact.py and fast.py).
 
 An engine computes the raw spectral quantities its own way; `build_matrix_analysis` turns them
-into a `MatrixAnalysis` so that every engine applies the same definitions (DESIGN.md section 1).
+into a `MatrixAnalysis` so that every engine applies the same definitions (docs/science.md).
 """
 from __future__ import annotations
 
