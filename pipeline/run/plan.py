@@ -94,8 +94,11 @@ def build_plan(
     row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
     """
     from ..adapters import open_artifact
+    from ..errors import ConfigError
     from ..io.checkpoint import Checkpoint
 
+    if not isinstance(batch_size, int) or batch_size < 1:  # range(0, n, 0) raises, negatives plan nothing
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}", option="batch_size")
     base_ckpt = Checkpoint.open(base.open_source())
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
     target_of: dict[str, object] = {}
