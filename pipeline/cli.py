@@ -159,6 +159,9 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
         )
         for e in plan.errors:
             console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e['model_id'])}: {esc(e['message'])}")
+        for m in plan.models:  # recorded in models.warnings too
+            for w in m.get("warnings") or ():
+                console.print(f"  [yellow]warning[/] {esc(m['model_id'])}: {esc(w)}")
     progress = Progress(
         TextColumn("[bold blue]analyse"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
@@ -183,6 +186,9 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
             f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
             f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
         )
+        if summary.n_solver_fallbacks:  # once per run, not a line per unit
+            console.print(f"  note: {summary.n_solver_fallbacks} fast-engine solves fell back to a dense "
+                          "SVD (results exact, only slower); counted in runs.n_solver_fallbacks")
     return summary
 
 

@@ -34,6 +34,7 @@ class RunSummary:
     seconds: float = 0.0
     devices: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float = 0.0        # the largest peak resident memory reported by a worker
+    n_solver_fallbacks: int = 0     # fast engine: dense-SVD fallbacks over all units
 
 
 def new_run_id() -> str:
@@ -156,7 +157,8 @@ def run_plan(
             n_units=summary.n_units, n_done=summary.n_done,
             n_skipped=summary.n_skipped, n_failed=summary.n_failed,
             extra={"seconds": round(summary.seconds, 3), "devices": summary.devices,
-                   "worker_peak_rss_mb": round(summary.peak_rss_mb, 1)},
+                   "worker_peak_rss_mb": round(summary.peak_rss_mb, 1),
+                   "n_solver_fallbacks": summary.n_solver_fallbacks},
         )
     return summary
 
@@ -171,6 +173,7 @@ def _tally(summary: RunSummary, o: UnitOutcome) -> None:
     summary.n_member_errors += o.n_failed
     summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
     summary.peak_rss_mb = max(summary.peak_rss_mb, o.peak_rss_mb)
+    summary.n_solver_fallbacks += getattr(o, "n_solver_fallbacks", 0)
 
 
 def _run_local(units, cfg, run_id, root, device: str):
