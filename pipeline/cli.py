@@ -398,18 +398,25 @@ def mitigate(
 
 @contextmanager
 def _steps(what: str):
-    """A progress bar for a multi-step command; yields tick(i, n, label)."""
+    """A progress bar for a multi-step command; yields tick(i, n, label). The bar starts at the
+    first tick, so a command refused up front prints its one error line and nothing else."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn(f"[bold blue]{what}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
-    with progress:
-        bar = progress.add_task("", total=None)
+    bar: list = []
 
-        def tick(i: int, n: int, label: str) -> None:
-            progress.update(bar, total=n, completed=i, description=esc(label))
+    def tick(i: int, n: int, label: str) -> None:
+        if not bar:
+            progress.start()
+            bar.append(progress.add_task("", total=n))
+        progress.update(bar[0], total=n, completed=i, description=esc(label))
 
+    try:
         yield tick
+    finally:
+        if bar:
+            progress.stop()
 
 
 def one_line(text: object) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional
@@ -75,9 +76,13 @@ def _check_writable(path: Path, option: str) -> None:
     if not probe.is_dir():
         raise OutputError(f"{option} {path}: {probe} is a file, not a directory; choose a directory path",
                           path=str(path))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: {probe} is not writable (read-only filesystem or "
-                          "permissions); choose a writable directory", path=str(path))
+    try:  # a real write: os.access says yes to root on read-only mounts and pseudo filesystems
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise OutputError(f"{option} {path}: cannot write in {probe} ({err.strerror or err}: a "
+                          "read-only filesystem or permissions); choose a writable directory",
+                          path=str(path)) from None
 
 
 def claim_output(path: str | os.PathLike, command: str, *, inputs: Iterable[str | os.PathLike] = (),
