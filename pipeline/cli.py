@@ -309,7 +309,9 @@ def crawl(
     claim_results_root(crawl_spec.out)
     if crawl_spec.ray_address and not local:
         probe_address(crawl_spec.ray_address)
-    summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv))
+    with _steps("discover") as tick:
+        summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv),
+                            on_progress=tick)
     typer.echo(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
 
 

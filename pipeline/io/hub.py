@@ -521,7 +521,8 @@ def error_record(err: BaseException, repo_id: Optional[str], sha: Optional[str] 
 
 
 def discover(base_models: list[str], *, include_full: bool = False, limit: Optional[int] = None,
-             api: object = None, options: Optional[HubOptions] = None) -> Discovery:
+             api: object = None, options: Optional[HubOptions] = None,
+             on_progress: Optional[Callable[[int, int, str], None]] = None) -> Discovery:
     """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
 
     `limit` caps the listing per base model and kind. Adapters must carry adapter_config.json
@@ -548,7 +549,9 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
             except HubError as err:
                 found.errors.append(error_record(err, base))
                 continue
-            for info in listed:
+            for i, info in enumerate(listed, 1):
+                if on_progress:  # checking a repo is a request or two: minutes for thousands
+                    on_progress(i, len(listed), f"{kind}s of {base}: {info.id}")
                 if info.id in seen:
                     continue
                 seen.add(info.id)
