@@ -448,9 +448,10 @@ def _run(args: Optional[List[str]] = None) -> int:
     try:
         rv = app(args=args, standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-        _shutdown_ray()  # inside the try: an interrupt during shutdown is still one line
         if code == 130:  # typer turns KeyboardInterrupt into Exit(130), silently
             sys.stderr.write("interrupted\n")
+            return 130
+        _shutdown_ray()  # inside the try: an interrupt during shutdown is still one line
         return code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -486,9 +487,20 @@ def _fail_other(err: Exception) -> int:
 def _shutdown_ray() -> None:
     """Stop a Ray this process started now, not in an atexit hook where an interrupt would
     print a traceback."""
+    import signal
+
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        signal.signal(signal.SIGINT, _late_interrupt)
         ray.shutdown()
+
+
+def _late_interrupt(signum, frame) -> None:
+    """SIGINT once the command is over (Ray or interpreter teardown): one line, exit 130."""
+    import os
+
+    os.write(2, b"interrupted\n")
+    os._exit(130)
 
 
 def main() -> None:
@@ -498,12 +510,12 @@ def main() -> None:
     code = _run()
     sys.stdout.flush()
     sys.stderr.flush()
-
-    def late_interrupt(signum, frame) -> None:  # during interpreter/Ray teardown
-        os.write(2, b"interrupted\n")
+    if code == 130:
+        # Interrupted: leave now. Ray's teardown would run unprotected from a second Ctrl-C (its
+        # core worker takes SIGINT back at the C level), and a local Ray started here dies with
+        # this process anyway (Ray starts it fate-sharing); the run manifest is already closed.
         os._exit(130)
-
-    signal.signal(signal.SIGINT, late_interrupt)
+    signal.signal(signal.SIGINT, _late_interrupt)
     sys.exit(code)
 
 

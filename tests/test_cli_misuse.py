@@ -251,6 +251,7 @@ assert len(CASES) >= 40
 
 
 # --- the cases that succeed: outputs of the tool's own, warnings, '=' in a path ----------------
+@pytest.mark.slow
 def test_mitigate_writes_reruns_and_force_replaces_only_its_output(scratch: Path, minilm_dir: Path) -> None:
     adapter = scratch / "inputs" / "adapter"
     before = snapshot(scratch)
@@ -273,6 +274,7 @@ def test_mitigate_writes_reruns_and_force_replaces_only_its_output(scratch: Path
     assert outside(snapshot(scratch), ("mit",)) == before
 
 
+@pytest.mark.slow
 def test_report_and_plot_rerun_over_their_own_outputs(scratch: Path) -> None:
     before = snapshot(scratch)
     for _ in range(2):  # the second run writes over the first: its own output
@@ -313,10 +315,13 @@ def test_a_config_naming_another_base_is_warned_and_recorded(scratch: Path, mini
     assert outside(snapshot(scratch), ("r",)) == before
 
 
-def test_sigint_during_a_run_exits_130_with_one_line(scratch: Path, minilm_dir: Path) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str, after: float,
+               second: Optional[float] = None) -> tuple[int, str]:
+    """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with
+    `wait_for` (and again `second` seconds later); its exit code and all its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
     args = [sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir), "inputs/adapter",
-            "inputs/sibling", "--out", "r", "--local", "--k-store", "all", "--k-spec", "all", "--batch-size", "1"]
+            "inputs/sibling", "--out", "r", "--k-store", "all", "--k-spec", "all", "--batch-size", "1", *extra]
     proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     started = threading.Event()
@@ -324,16 +329,37 @@ def test_sigint_during_a_run_exits_130_with_one_line(scratch: Path, minilm_dir: 
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            if line.startswith("plan"):
+            if line.startswith(wait_for):
                 started.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert started.wait(120), "".join(lines)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130, "".join(lines)
+    try:
+        assert started.wait(180), "".join(lines)
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        if second is not None:
+            time.sleep(second)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # a second Ctrl-C, e.g. during Ray's teardown
+        code = proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     reader.join(10)
-    text = "".join(lines) + proc.stdout.read()
-    assert "Traceback" not in text, text
-    assert [ln for ln in lines if ln.strip()][-1].strip() == "interrupted", text
+    return code, "".join(lines) + proc.stdout.read()
+
+
+def test_sigint_during_a_run_exits_130_with_one_line(scratch: Path, minilm_dir: Path) -> None:
+    code, text = _interrupt(scratch, minilm_dir, ["--local"], "plan", after=1.0)
+    assert code == 130 and "Traceback" not in text, text
+    assert [ln for ln in text.splitlines() if ln.strip()][-1].strip() == "interrupted", text
+
+
+@pytest.mark.slow
+def test_sigint_twice_during_a_ray_run_exits_130_with_one_line(scratch: Path, minilm_dir: Path) -> None:
+    # the first interrupt lands while Ray starts or runs; the second while the driver is leaving
+    code, text = _interrupt(scratch, minilm_dir, [], "plan", after=3.0, second=0.5)
+    assert code == 130 and "Traceback" not in text, text
+    assert [ln.strip() for ln in text.splitlines() if ln.strip()][-1] == "interrupted", text
+    assert text.count("interrupted") == 1, text
