@@ -89,10 +89,12 @@ def analyze(
 
 
 def crawl(spec: Union[CrawlSpec, Mapping, PathLike], *, options: Optional[HubOptions] = None,
-          executor: Literal["ray", "local"] = "ray", command: str = "") -> CrawlSummary:
+          executor: Literal["ray", "local"] = "ray", command: str = "",
+          on_progress: Optional[Callable[[int, int, str], None]] = None) -> CrawlSummary:
     """One Hub crawl: discovery, catalog, plan and execute, one run per base model.
 
-    `spec` is a CrawlSpec, a mapping of its keys, or the path of a YAML job spec.
+    `spec` is a CrawlSpec, a mapping of its keys, or the path of a YAML job spec;
+    `on_progress(i, n, repo)` is called as discovery checks each repo.
     """
     from .jobs.spec import CrawlSpec
     from .run.crawl import run_crawl
@@ -101,7 +103,7 @@ def crawl(spec: Union[CrawlSpec, Mapping, PathLike], *, options: Optional[HubOpt
         spec = CrawlSpec.from_dict(dict(spec))
     elif not isinstance(spec, CrawlSpec):
         spec = CrawlSpec.load(os.fspath(spec))
-    return run_crawl(spec, options=options, executor=executor, command=command)
+    return run_crawl(spec, options=options, executor=executor, command=command, on_progress=on_progress)
 
 
 def connect(root: PathLike) -> duckdb.DuckDBPyConnection:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import shlex
 import sys
+from contextlib import contextmanager
 from typing import List, Optional
 
 import typer
 
 from .config import ALL, AnalysisConfig
 from .console import console, esc, run_analysis
-from .errors import ZoospectraError
+from .errors import ConfigError, ZoospectraError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,6 +27,54 @@ def _k(value: str, name: str) -> int:
         return int(value)
     except ValueError:
         raise typer.BadParameter(f"{name} must be an integer or 'all', got {value!r}")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_positive(value: Optional[int], option: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{option} must be >= 1, got {value}", option=option)
+
+
+def _check_device(device: str) -> None:
+    """One of DEVICES, and a GPU present when cuda is asked for."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}", option="device")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine; use "
+                              "--device cpu or auto", option="device")
+
+
+def parse_tuned(specs: List[str]) -> list[tuple[Optional[str], str]]:
+    """(name or None, path) per NAME=PATH / PATH argument. An existing path is taken whole even
+    when it contains '='; otherwise NAME is everything before the first '=' (paths may hold '=',
+    names may not). Two artifacts under one name would merge under one model id: refused."""
+    import os
+
+    out: list[tuple[Optional[str], str]] = []
+    for spec in specs:
+        if os.path.exists(spec) or "=" not in spec:
+            out.append((None, spec))
+            continue
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise ConfigError(f"{spec!r}: NAME=PATH needs both a name and a path", option="tuned")
+        out.append((name, path))
+    return out
+
+
+def _check_unique(refs) -> None:
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.model_id in seen and seen[ref.model_id] != ref.location:
+            raise ConfigError(
+                f"two artifacts have the name {ref.model_id!r} ({seen[ref.model_id]} and {ref.location}); "
+                "give each its own NAME=PATH", option="tuned", name=ref.model_id)
+        seen[ref.model_id] = ref.location
 
 
 def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str, dtype: str,
@@ -59,13 +108,21 @@ def analyze(
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
+    from .outputs import claim_results_root
+    from .run.execute import probe_address
 
+    # everything checked before Ray starts or a header is read
     cfg = _config(k, eps, k_store, k_spec, sim_k, mode, dtype, pairs, embeddings)
+    _check_positive(batch_size, "--batch-size")
+    _check_positive(max_in_flight, "--max-in-flight")
+    _check_device(device)
+    pairs_ = parse_tuned(tuned)
     base_ref = local_ref(base, base_name)
-    refs = []
-    for spec in tuned:
-        name, _, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
-        refs.append(local_ref(path, name or None))
+    refs = [local_ref(path, name) for name, path in pairs_]
+    _check_unique(refs)
+    claim_results_root(out, inputs=[base_ref.location, *(r.location for r in refs)])
+    if address and not local:
+        probe_address(address)
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
                            executor="local" if local else "ray", max_in_flight=max_in_flight,
                            device=device)
@@ -81,8 +138,12 @@ def sql(
     output: Optional[str] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
 ) -> None:
     """Run one SQL query over the results with zoospectra's views and macros."""
+    from .outputs import claim_file, require_results_root
     from .study.sql import format_table, query as run_query
 
+    require_results_root(results)
+    if output:
+        claim_file(output, "sql", inputs=[results], option="--output")
     text = format_table(run_query(results, query), fmt, output)
     if text:
         typer.echo(text)
@@ -91,8 +152,10 @@ def sql(
 @app.command()
 def shell(results: str = typer.Argument(..., help="Results root.")) -> None:
     """Interactive DuckDB session with the views and macros loaded."""
+    from .outputs import require_results_root
     from .study.sql import shell as open_shell
 
+    require_results_root(results)
     open_shell(results)
 
 
@@ -101,8 +164,10 @@ def status(results: str = typer.Argument(..., help="Results root.")) -> None:
     """Runs, units done/failed and error counts of a results root."""
     import json
 
+    from .outputs import require_results_root
     from .run.store import ResultsStore
 
+    require_results_root(results)
     typer.echo(json.dumps(ResultsStore(results).status(), indent=2, default=str))
 
 
@@ -114,13 +179,16 @@ def submit(
     wait: bool = typer.Option(False, "--wait/--no-wait", help="Follow the job's logs until it ends."),
 ) -> None:
     """Submit `zoospectra ARGS...` to a running Ray cluster through the Ray Jobs API."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from .run.execute import probe_address
 
     args = list(ctx.args)
     if args and args[0] == "--":
         args = args[1:]
     if not args:
         raise typer.BadParameter("give the zoospectra command to run after --, e.g. -- analyze BASE A --out R")
+    probe_address(address, what="the Ray Jobs API")  # the client would otherwise retry for minutes
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
         entrypoint=shlex.join(["python", "-m", "zoospectra.cli", *args]),
@@ -160,9 +228,14 @@ def crawl(
     from .api import crawl as run_crawl
     from .jobs.spec import CrawlSpec
 
+    from .outputs import claim_results_root
+    from .run.execute import probe_address
+
     bad = [i for i in include if i != "full"]
     if bad:
         raise typer.BadParameter(f"--include takes only 'full', got {bad}")
+    _check_positive(batch_size, "--batch-size")
+    _check_positive(limit, "--limit")
     if spec:
         crawl_spec = CrawlSpec.load(spec)
     else:
@@ -171,7 +244,12 @@ def crawl(
             "include_full": "full" in include, "batch_size": batch_size, "ray_address": address,
             "analysis": {"mode": mode, "k_store": _k(k_store, "--k-store")},
         })
-    summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv))
+    claim_results_root(crawl_spec.out)
+    if crawl_spec.ray_address and not local:
+        probe_address(crawl_spec.ray_address)
+    with _steps("discover") as tick:
+        summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv),
+                            on_progress=tick)
     typer.echo(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
 
 
@@ -200,11 +278,16 @@ def report(
     out: str = typer.Option(..., "--out", "-o", help="Directory for index.html (self-contained)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
     kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous report in --out (never other files)."),
 ) -> None:
     """Every study as one offline HTML page: figures, summary tables and the SQL behind each."""
+    from .outputs import require_results_root
     from .study.report import build_report
 
-    typer.echo(str(build_report(results, out, _scope(base_model, kinds))))
+    require_results_root(results)
+    with _steps("report") as tick:
+        path = build_report(results, out, _scope(base_model, kinds), force=force, on_progress=tick)
+    typer.echo(str(path))
 
 
 @app.command()
@@ -224,6 +307,9 @@ def plot(
             typer.echo(f"{s.name:20s} {s.title} ({s.figure}); params: "
                        + (", ".join(f"{k}={v}" for k, v in s.defaults) or "none"))
         return
+    from .outputs import require_results_root
+
+    require_results_root(results)
     overrides = dict(parse_param(p) for p in param or [])
     typer.echo(str(save_plot(results, study, out or f"{study}.png", overrides, _scope(base_model, kinds))))
 
@@ -237,22 +323,138 @@ def mitigate(
     eps: float = typer.Option(0.5, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
     base: Optional[str] = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out (never other files)."),
 ) -> None:
     """Scale intruder dimensions by --lam and write a new PEFT adapter (PEFT's reduce_intruder_dimension)."""
     from .mitigate import MitigationParams, mitigate_adapter
 
-    result = mitigate_adapter(adapter, out, MitigationParams(lam=lam, k=k, eps=eps, dtype=dtype), base=base)
+    params = MitigationParams(lam=lam, k=k, eps=eps, dtype=dtype)  # validated before any file is read
+    with _steps("mitigate") as tick:
+        result = mitigate_adapter(adapter, out, params, base=base, force=force, on_progress=tick)
     hit = sum(1 for m in result.matrices if m.intruders)
     console.print(f"[bold]mitigate[/]: {result.n_intruders} intruders in {hit} of "
                   f"{len(result.matrices)} matrices scaled by {lam} -> {esc(out)}")
 
 
-def main() -> None:
+@contextmanager
+def _steps(what: str):
+    """A progress bar for a multi-step command; yields tick(i, n, label). The bar starts at the
+    first tick, so a command refused up front prints its one error line and nothing else."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn(f"[bold blue]{what}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+    bar: list = []
+
+    def tick(i: int, n: int, label: str) -> None:
+        if not bar:
+            progress.start()
+            bar.append(progress.add_task("", total=n))
+        progress.update(bar[0], total=n, completed=i, description=esc(label))
+
     try:
-        app()
+        yield tick
+    finally:
+        if bar:
+            progress.stop()
+
+
+def one_line(text: object) -> str:
+    """A message on one line: DuckDB's multi-line errors lose their 'LINE n:' echo and caret."""
+    lines = [ln.strip() for ln in str(text).splitlines()]
+    keep = [ln for ln in lines if ln and not ln.startswith("LINE ") and set(ln) != {"^"}]
+    return " ".join(keep)
+
+
+def _fail(kind: str, message: object, code: int) -> int:
+    sys.stderr.write(f"error ({kind}): {one_line(message)}\n")
+    return code
+
+
+def _run(args: Optional[List[str]] = None) -> int:
+    """The command's exit status. Exit codes: 0 done; 3 the run completed with error rows;
+    2 invalid input (options, paths, files, configs, SQL: ZoospectraError by default, DuckDB
+    errors, usage errors); 1 a runtime failure (ZoospectraError kinds with exit_code 1, OSError,
+    anything unexpected); 130 interrupted. ZOOSPECTRA_DEBUG=1 re-raises for a traceback."""
+    import os
+
+    import click
+    from typer.core import _click  # typer ships its own copy of click: catch both families
+
+    usage_errors = (click.ClickException, _click.exceptions.ClickException)
+    debug = os.environ.get("ZOOSPECTRA_DEBUG") == "1"
+    try:
+        rv = app(args=args, standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+        if code == 130:  # typer turns KeyboardInterrupt into Exit(130), silently
+            sys.stderr.write("interrupted\n")
+            return 130
+        _shutdown_ray()  # inside the try: an interrupt during shutdown is still one line
+        return code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except (click.exceptions.Abort, typer.Abort):
+        sys.stderr.write("interrupted\n")
+        return 130
+    except usage_errors as err:  # usage errors: bad option, missing argument, BadParameter
+        if debug:
+            raise
+        return _fail("usage", err.format_message(), err.exit_code)
     except ZoospectraError as err:
-        console.print(f"[red]error[/] ({err.kind}): {esc(err)}")
-        sys.exit(2)
+        if debug:
+            raise
+        return _fail(err.kind, err, err.exit_code)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if debug:
+            raise
+        return _fail_other(err)
+
+
+def _fail_other(err: Exception) -> int:
+    import duckdb
+
+    if isinstance(err, duckdb.Error):  # DuckDB's own message: a typo, an unknown column, a macro's refusal
+        return _fail("sql", err, 2)
+    if isinstance(err, OSError):
+        where = " ".join(str(f) for f in (err.filename, err.filename2) if f)
+        return _fail(type(err).__name__, f"{err.strerror or err}{': ' + where if where else ''}", 1)
+    return _fail(type(err).__name__, f"{err} (ZOOSPECTRA_DEBUG=1 shows the traceback)", 1)
+
+
+def _shutdown_ray() -> None:
+    """Stop a Ray this process started now, not in an atexit hook where an interrupt would
+    print a traceback."""
+    import signal
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        signal.signal(signal.SIGINT, _late_interrupt)
+        ray.shutdown()
+
+
+def _late_interrupt(signum, frame) -> None:
+    """SIGINT once the command is over (Ray or interpreter teardown): one line, exit 130."""
+    import os
+
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def main() -> None:
+    import os
+    import signal
+
+    code = _run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 130:
+        # Interrupted: leave now. Ray's teardown would run unprotected from a second Ctrl-C (its
+        # core worker takes SIGINT back at the C level), and a local Ray started here dies with
+        # this process anyway (Ray starts it fate-sharing); the run manifest is already closed.
+        os._exit(130)
+    signal.signal(signal.SIGINT, _late_interrupt)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

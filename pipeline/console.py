@@ -51,6 +51,9 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
             )
             for e in plan.errors:
                 progress.console.print(f"  [red]{esc(e['error_type'])}[/] {esc(e['model_id'])}: {esc(e['message'])}")
+            for m in plan.models:  # recorded in models.warnings too
+                for w in m.get("warnings") or ():
+                    progress.console.print(f"  [yellow]warning[/] {esc(m['model_id'])}: {esc(w)}")
 
         def tick(i: int, n: int, outcome: UnitOutcome) -> None:
             progress.update(bar, total=n, completed=i)
@@ -68,4 +71,7 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
             f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
             f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
         )
+        if summary.n_solver_fallbacks:  # once per run, not a line per unit
+            console.print(f"  note: {summary.n_solver_fallbacks} fast-engine solves fell back to a dense "
+                          "SVD (results exact, only slower); counted in runs.n_solver_fallbacks")
     return summary

@@ -16,6 +16,10 @@ class ZoospectraError(Exception):
         super().__init__(f"{message} [{where}]" if where else message)
         self.message = message
 
+    # The CLI's exit status for this error: 2 = invalid input (the default: fix the command,
+    # the files or the config), 1 = a runtime failure the input did not cause (see RUNTIME).
+    exit_code: int = 2
+
     @property
     def kind(self) -> str:
         return type(self).__name__
@@ -84,6 +88,13 @@ class HubNotFoundError(HubError, FileNotFoundError):
 class HubUnavailableError(HubError, ConnectionError):
     """5xx, 429 or timeouts that outlasted the retries."""
 
+    exit_code = 1
+
+
+class HubUnreachableError(HubUnavailableError):
+    """The endpoint cannot be resolved or connected to at all (no network, wrong HF_ENDPOINT):
+    found by one bounded probe before any repo is asked, so no row blames a repo for it."""
+
 
 # --- configuration, results, execution ---------------------------------------------------
 class ConfigError(ZoospectraError, ValueError):
@@ -94,10 +105,27 @@ class ResultsError(ZoospectraError):
     """The results root cannot be read or written as asked."""
 
 
+class OutputError(ConfigError):
+    """An output path the command may not write: not ours and not empty, a file where a
+    directory is needed, inside an input, or not writable (pipeline/outputs.py has the rules)."""
+
+
+class ResultsNotFoundError(ResultsError, FileNotFoundError):
+    """A results root to read does not exist or holds no results."""
+
+
+class ClusterUnreachableError(ZoospectraError, ConnectionError):
+    """A Ray address (or Jobs API) that does not answer within the probe's time limit."""
+
+    exit_code = 1
+
+
 # --- analysis (spectral math) ------------------------------------------------------------
 class AnalysisError(ZoospectraError, RuntimeError):
     """The math cannot analyse a matrix as given: a decomposition failed to converge, or a
     precomputed base SVD does not belong to the base matrix it was passed with."""
+
+    exit_code = 1
 
 
 class InvalidNameError(ResultsError, ValueError):

@@ -30,16 +30,15 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .adapters import PeftAdapter, match_base_key, open_artifact
 from .io.checkpoint import Checkpoint
+from .outputs import claim_output, replace_output
 from .errors import (
     AdapterConfigError,
     BaseMismatchError,
@@ -66,8 +65,10 @@ class MitigationParams:
     dtype: str = "float32"  # PEFT decomposes in float32 (fp16/bf16 are upcast)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.lam):
-            raise ConfigError(f"lambda must be a finite number, got {self.lam}", option="lam")
+        if not (math.isfinite(self.lam) and 0.0 <= self.lam <= 1.0):
+            # lam scales intruder singular values: 0 removes them, 1 keeps them; beyond [0, 1]
+            # would amplify or flip them, which is not mitigation
+            raise ConfigError(f"--lam must lie in [0, 1], got {self.lam}", option="lam")
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}", option="k")
         if not 0.0 < self.eps < 1.0:
@@ -222,25 +223,26 @@ def base_location(config: dict[str, Any], base: Optional[str | os.PathLike], ada
 # --- the command ---------------------------------------------------------------------------
 def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
                      params: MitigationParams = MitigationParams(),
-                     base: Optional[str | os.PathLike] = None) -> MitigationResult:
-    """Write the mitigated adapter to `out` (a new directory, replaced atomically if present)."""
+                     base: Optional[str | os.PathLike] = None, *, force: bool = False,
+                     on_progress: Optional[Callable[[int, int, str], None]] = None) -> MitigationResult:
+    """Write the mitigated adapter to `out`: a new or empty directory, or a previous mitigate
+    output (its files replaced one by one; with `force` the whole output is emptied first).
+    `out` is claimed (outputs.claim_output) before any work, so a refused one costs nothing."""
     adapter = Path(adapter)
     where = str(adapter / ADAPTER_WEIGHTS)
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise CheckpointNotFoundError(
             f"no {ADAPTER_CONFIG} in {adapter}: pass a PEFT adapter directory", file=str(adapter))
-    if Path(out).resolve() == adapter.resolve():
-        raise ConfigError(f"--out {out} is the input adapter; write the mitigated one elsewhere",
-                          option="out")
     art = open_artifact(adapter)  # validates the config; refuses pickles and unknown options
     assert isinstance(art, PeftAdapter)
     check_supported(art, where)
     base_dir = base_location(art.config, base, adapter)
+    out_dir = claim_output(out, "mitigate", inputs=[adapter, base_dir], force=force)
     base_ckpt = Checkpoint.open(base_dir)
     result = MitigationResult(str(adapter), str(base_dir), str(out), params)
     tensors = {key: art.ckpt.get(key, dtype=None) for key in art.ckpt.keys()}  # an adapter is small
     layers = lora_matrices(art, set(base_ckpt.keys()), where, str(base_dir))
-    for layer in layers:
+    for i, layer in enumerate(layers, 1):
         factors, info = _mitigate_layer(layer, tensors, base_ckpt, params, where)
         info.module, info.base_key = layer.module, layer.base_key
         result.matrices.append(info)
@@ -248,7 +250,11 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
             stored = tensors[layer.key_b].dtype  # keep the file's dtype, as PEFT keeps W's
             tensors[layer.key_b] = factors[0].to(stored).contiguous()
             tensors[layer.key_a] = factors[1].to(stored).contiguous()
-    _publish(Path(out), art.config_text, tensors, result)
+        if on_progress:
+            on_progress(i, len(layers), layer.module)
+    if force:
+        replace_output(out_dir, "mitigate")
+    _publish(out_dir, art.config_text, tensors, result)
     return result
 
 
@@ -273,18 +279,18 @@ def _mitigate_layer(layer: LoraMatrix, tensors: dict[str, torch.Tensor], base_ck
 
 def _publish(out: Path, config_text: str, tensors: dict[str, torch.Tensor],
              result: MitigationResult) -> None:
-    """Write into a sibling temp directory, then swap it in: `out` is never half written."""
+    """Each file is written to a temp name in `out` and renamed over its final name, so none is
+    ever half written; nothing else in `out` is touched (it is a directory claim_output accepted)."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / ADAPTER_CONFIG).write_text(config_text, encoding="utf-8")  # the same r, alpha, patterns
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / REPORT_FILE).write_text(result.to_json(), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # the report last: one that exists describes the weights beside it
+    (out / REPORT_FILE).unlink(missing_ok=True)  # a stale report must not describe new weights
+    for name, write in ((ADAPTER_CONFIG, lambda p: p.write_text(config_text, encoding="utf-8")),
+                        (ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
+                        (REPORT_FILE, lambda p: p.write_text(result.to_json(), encoding="utf-8"))):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, out / name)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -38,10 +38,21 @@ CASE
     k, k_stored, tensor, model_id))
 END;
 
+-- true for a usable eps in (0, 1] and k >= 1, else an error naming the argument. eps > 1 would
+-- count every vector as an intruder (|cos| <= 1), k < 1 would count none. Joined as a one-row
+-- CTE, so the check runs even when there are no rows to count.
+CREATE OR REPLACE MACRO _check_eps(eps) AS
+CASE WHEN eps IS NOT NULL AND eps > 0 AND eps <= 1 THEN true
+     ELSE error(format('eps = {} must lie in (0, 1] (a threshold on max |cos|)', eps)) END;
+CREATE OR REPLACE MACRO _check_k(k) AS
+CASE WHEN k IS NOT NULL AND k >= 1 THEN true
+     ELSE error(format('k = {} must be an integer >= 1 (the top k singular vectors)', k)) END;
+
 -- One row per (model, matrix): intruders among the top k vectors at threshold eps, for U (the
 -- paper's number) and V. Matrices without intruders are included with 0.
 CREATE OR REPLACE MACRO intruders(eps := 0.5, k := 10) AS TABLE
-WITH counted AS (
+WITH args_ok AS (SELECT _check_eps(eps) AND _check_k(k) AS ok),
+counted AS (
   SELECT model_uid, model_id, tensor,
          count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_u,
          count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_v,
@@ -51,13 +62,15 @@ WITH counted AS (
 SELECT c.model_uid, c.model_id, c.tensor,
        CAST(c.n_u AS INTEGER) AS n_intruders, CAST(c.n_v AS INTEGER) AS n_intruders_v
 FROM counted AS c
+CROSS JOIN args_ok
 LEFT JOIN _matrix_dims() AS d ON d.model_uid = c.model_uid AND d.tensor = c.tensor
-WHERE _k_ok(k, c.k_stored, d.min_dim, c.model_id, c.tensor)
+WHERE args_ok.ok AND _k_ok(k, c.k_stored, d.min_dim, c.model_id, c.tensor)
 ORDER BY c.model_id, c.model_uid, c.tensor;
 
 -- Paper Fig. 5: per model, intruders summed over its matrices for eps = 0.1, 0.2, ..., 0.9.
 CREATE OR REPLACE MACRO intruder_curve(k := 10) AS TABLE
-WITH counted AS (
+WITH args_ok AS (SELECT _check_k(k) AS ok),
+counted AS (
   SELECT v.model_uid, v.tensor, e.eps,
          count(DISTINCT v.j) FILTER (WHERE v.side = 'U' AND v.max_cos < e.eps) AS n_u,
          count(DISTINCT v.j) FILTER (WHERE v.side = 'V' AND v.max_cos < e.eps) AS n_v
@@ -69,7 +82,8 @@ SELECT s.model_uid, s.model_id, c.eps,
        CAST(sum(c.n_u) AS INTEGER) AS n_intruders, CAST(sum(c.n_v) AS INTEGER) AS n_intruders_v
 FROM _stored() AS s
 JOIN counted AS c ON c.model_uid = s.model_uid AND c.tensor = s.tensor
-WHERE _k_ok(k, s.k_stored, s.min_dim, s.model_id, s.tensor)
+CROSS JOIN args_ok
+WHERE args_ok.ok AND _k_ok(k, s.k_stored, s.min_dim, s.model_id, s.tensor)
 GROUP BY s.model_uid, s.model_id, c.eps
 ORDER BY s.model_id, s.model_uid, c.eps;
 
@@ -77,7 +91,8 @@ ORDER BY s.model_id, s.model_uid, c.eps;
 -- Per model and fraction: intruders summed over matrices, the vectors tested (sum of k_f) and
 -- their ratio. Fractions above K_store / min(m, n) need --k-store all.
 CREATE OR REPLACE MACRO intruder_fraction_curve(eps := 0.5, fractions := [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]) AS TABLE
-WITH grid AS (
+WITH args_ok AS (SELECT _check_eps(eps) AS ok),
+grid AS (
   SELECT s.model_uid, s.model_id, s.tensor, s.k_stored, s.min_dim, f.fraction,
          CAST(greatest(1, ceil(f.fraction * s.min_dim)) AS INTEGER) AS k_f
   FROM _stored() AS s
@@ -97,7 +112,8 @@ SELECT g.model_uid, g.model_id, g.fraction, CAST(eps AS DOUBLE) AS eps,
        sum(c.n_u) / sum(g.k_f) AS intruder_share
 FROM grid AS g
 JOIN counted AS c ON c.model_uid = g.model_uid AND c.tensor = g.tensor AND c.fraction = g.fraction
-WHERE _k_ok(g.k_f, g.k_stored, g.min_dim, g.model_id, g.tensor)
+CROSS JOIN args_ok
+WHERE args_ok.ok AND _k_ok(g.k_f, g.k_stored, g.min_dim, g.model_id, g.tensor)
 GROUP BY g.model_uid, g.model_id, g.fraction
 ORDER BY g.model_id, g.model_uid, g.fraction;
 

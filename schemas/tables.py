@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, runs.n_solver_fallbacks
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -54,6 +54,7 @@ MODELS = pa.schema(
         _f("config_json", _str, doc="adapter_config.json as read"),
         _f("created_at", _ts),
         _f("skipped", pa.list_(_str), doc="tensors of the artifact not analysed, each 'key: reason'"),
+        _f("warnings", pa.list_(_str), doc="what the planner doubted, e.g. a config naming another base"),
     ]
 )
 
@@ -158,6 +159,7 @@ RUNS = pa.schema(
         _f("command", _str),
         _f("version", _str),
         _f("host", _str),
+        _f("n_solver_fallbacks", _i32, doc="fast engine: solves that fell back to a dense SVD"),
     ]
 )
 

@@ -137,7 +137,7 @@ def test_refuses_what_peft_cannot_mitigate(study_zoo: StudyZoo, tmp_path: Path) 
         (adapter / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(UnsupportedAdapterError, match=flag):
             mitigate_adapter(adapter, tmp_path / f"{flag}-out")
-    with pytest.raises(ConfigError, match="is the input adapter"):
+    with pytest.raises(ConfigError, match="is inside the input"):
         mitigate_adapter(study_zoo.paths["lora_r2_a4"], study_zoo.paths["lora_r2_a4"])
     with pytest.raises(CheckpointNotFoundError, match="adapter_config.json"):
         mitigate_adapter(study_zoo.paths["full_ft"], tmp_path / "full-out")  # a full fine-tune

@@ -44,18 +44,45 @@ def _quiet_libraries() -> None:
         pass
 
 
+def claim_cache(cache: str) -> Path:
+    """The zoo cache as a `demo-cache` output (outputs.claim_output). A cache from before the
+    marker existed is adopted when everything in it is the zoo builder's own output."""
+    from ..outputs import MARKER, claim_output, read_marker
+    from .zoo import is_zoo_output
+
+    path = Path(cache).expanduser()
+    if path.is_dir() and read_marker(path) is None and any(path.iterdir()):
+        entries = list(path.iterdir())
+        bases = path / "_bases"
+        legacy = all(is_zoo_output(e) or (e == bases and e.is_dir() and all(is_zoo_output(b) for b in e.iterdir()))
+                     for e in entries)
+        if legacy:
+            (path / MARKER).write_text('{"command": "demo-cache", "created": "adopted"}\n', encoding="utf-8")
+    return claim_output(path, "demo-cache", option="--cache")
+
+
 def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
              steps: Optional[int] = None, quiet: bool = False) -> None:
     from ..console import run_analysis
     from ..io.refs import local_ref
+    from ..outputs import check_not_input, claim_results_root
     from ..study.sql import format_table, query
     from .zoo import build_zoo, demo_specs, minilm_dir
 
+    claim_results_root(out, inputs=[cache])
+    cache_dir = claim_cache(cache)
+    check_not_input(cache_dir, [out], "--cache")
     _quiet_libraries()
     specs = demo_specs()
     t0 = time.perf_counter()
     console.print(f"[bold]zoo[/]: {len(specs)} artifacts on {BASE_ID} (cached in {cache})")
-    paths = build_zoo(cache, specs, steps=steps or DEMO_STEPS)
+
+    def tick(i: int, n: int, name: str, built: bool) -> None:
+        if not quiet:  # one line per artifact: a first build takes minutes
+            console.print(f"  zoo {i}/{n} {name}: {'trained' if built else 'cached'} "
+                          f"({time.perf_counter() - t0:.0f}s)")
+
+    paths = build_zoo(cache_dir, specs, steps=steps or DEMO_STEPS, on_progress=tick)
     console.print(f"[bold]zoo[/]: ready in {time.perf_counter() - t0:.1f}s")
 
     base = local_ref(minilm_dir(), BASE_ID)

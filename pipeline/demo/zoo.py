@@ -28,7 +28,7 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # heavy imports stay inside functions
 
 BaseName = Literal["minilm", "tiny_gpt2", "tiny_llama"]
 DONE = ".zoo_done"
+BUILDING = ".zoo_building"  # written before training: a killed build is still recognised as ours
 ZOO_VERSION = "1"
 
 
@@ -143,6 +144,7 @@ def base_dir(out_dir: str | os.PathLike, base: BaseName, dtype: str = "float32")
         _fresh(path)
         {"tiny_gpt2": build_tiny_gpt2, "tiny_llama": build_tiny_llama}[base](path, dtype=dtype)
         (path / DONE).write_text(base)
+        (path / BUILDING).unlink(missing_ok=True)
     return path
 
 
@@ -300,22 +302,42 @@ def _save_full(model: "torch.nn.Module", spec: ZooSpec, out: Path) -> None:
 
 
 def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: int = 30,
-              seed: int = 0, lr: Optional[float] = None) -> list[Path]:
-    """Build every spec under out_dir/<name>/, skipping outputs that are complete and current."""
+              seed: int = 0, lr: Optional[float] = None,
+              on_progress: Optional[Callable[[int, int, str, bool], None]] = None) -> list[Path]:
+    """Build every spec under out_dir/<name>/, skipping outputs that are complete and current.
+    on_progress(i, n, name, built) after each artifact (built False: it was cached)."""
     import torch
 
+    specs = list(specs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: extra threads only spin (10x the CPU time on a busy 2-core box)
+    paths = []
     try:
-        return [_build_cached(Path(out_dir), spec, steps, seed, lr) for spec in specs]
+        for i, spec in enumerate(specs, 1):
+            cached = _is_current(Path(out_dir), spec, steps, seed, lr)
+            paths.append(_build_cached(Path(out_dir), spec, steps, seed, lr))
+            if on_progress:
+                on_progress(i, len(specs), spec.name, not cached)
+        return paths
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> Path:
+def _settings(spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> tuple[int, int, float]:
     s_steps = spec.steps if spec.steps is not None else steps
     s_seed = spec.seed if spec.seed is not None else seed
     s_lr = spec.lr if spec.lr is not None else (lr if lr is not None else default_lr(spec))
+    return s_steps, s_seed, s_lr
+
+
+def _is_current(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> bool:
+    s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
+    done = out_dir / spec.name / DONE
+    return done.is_file() and done.read_text().strip() == spec.fingerprint(s_steps, s_lr, s_seed)
+
+
+def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> Path:
+    s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
     out = out_dir / spec.name
     fp = spec.fingerprint(s_steps, s_lr, s_seed)
     done = out / DONE
@@ -328,10 +350,25 @@ def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optio
         {"spec": spec.__dict__, "steps": s_steps, "lr": s_lr, "seed": s_seed, "base_path": str(base_path)},
         indent=2, default=str))
     done.write_text(fp)  # last: a killed build leaves no marker and is redone
+    (out / BUILDING).unlink(missing_ok=True)
     return out
 
 
+def is_zoo_output(path: Path) -> bool:
+    """A directory build_zoo made (finished or killed mid-build), or an empty one."""
+    return path.is_dir() and ((path / DONE).is_file() or (path / BUILDING).is_file()
+                              or not any(path.iterdir()))
+
+
 def _fresh(path: Path) -> None:
-    if path.exists():
+    """An empty directory for a build; only ever removes a directory build_zoo made itself."""
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not is_zoo_output(path):
+            from ..errors import OutputError
+
+            raise OutputError(
+                f"{path} exists and was not built by zoospectra's zoo builder; move it away or "
+                "choose another cache directory (nothing was changed)", path=str(path))
         shutil.rmtree(path)
     path.mkdir(parents=True)
+    (path / BUILDING).write_text("")

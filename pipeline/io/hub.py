@@ -29,10 +29,12 @@ from typing import Callable, Iterable, Literal, Optional, TypeVar
 from ..errors import (
     BaseMismatchError,
     CheckpointNotFoundError,
+    ConfigError,
     HubAccessError,
     HubError,
     HubNotFoundError,
     HubUnavailableError,
+    HubUnreachableError,
     UnsafeCheckpointError,
     ZoospectraError,
 )
@@ -182,6 +184,69 @@ def with_retries(fn: Callable[[], T], what: str, options: HubOptions, **ctx: obj
                            attempt + 1, options.max_retries, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_endpoint(options: HubOptions) -> None:
+    """One bounded resolve + connect to the endpoint before any repo is asked. Without it, no
+    network looked like a Hub failure of every repo: rows blaming repos for a DNS failure, after
+    minutes of retries. Skipped under HF_HUB_OFFLINE (then only the cache is read)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = options.resolved_endpoint()
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:
+        raise ConfigError(f"Hub endpoint {endpoint!r} is not a URL ({err}); check HF_ENDPOINT",
+                          endpoint=endpoint) from None
+    if not host or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"Hub endpoint {endpoint!r} is not an http(s) URL; check HF_ENDPOINT",
+                          endpoint=endpoint)
+    timeout = min(options.timeout, PROBE_TIMEOUT_S)
+    pool = ThreadPoolExecutor(max_workers=1)  # getaddrinfo has no timeout of its own
+    try:
+        pool.submit(socket.getaddrinfo, host, port).result(timeout=timeout)
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror:
+        raise HubUnreachableError(f"cannot reach {endpoint}: host {host!r} does not resolve (no "
+                                  "network, or a wrong HF_ENDPOINT)", endpoint=endpoint) from None
+    except (FutureTimeout, TimeoutError):
+        raise HubUnreachableError(f"cannot reach {endpoint}: no answer within {timeout:g}s (no "
+                                  "network, or a firewall)", endpoint=endpoint) from None
+    except OSError as err:
+        raise HubUnreachableError(f"cannot reach {endpoint}: {err.strerror or err} (is the endpoint "
+                                  "up, and HF_ENDPOINT right?)", endpoint=endpoint) from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _single_retry_loop() -> None:
+    """huggingface_hub's listing pages go through its own http_backoff (5 retries, up to 8 s
+    apart) and it has no setting for that; inside with_retries that made nested loops (~150 s
+    without a network). Make its pagination try once, so with_retries is the only loop."""
+    from huggingface_hub.utils import _pagination
+
+    if getattr(_pagination.http_backoff, "_zoospectra_single_try", False):
+        return
+    inner = _pagination.http_backoff
+
+    def single_try(*args, **kwargs):
+        kwargs["max_retries"] = 0
+        return inner(*args, **kwargs)
+
+    single_try._zoospectra_single_try = True  # type: ignore[attr-defined]
+    _pagination.http_backoff = single_try
 
 
 def _where(ctx: dict) -> str:
@@ -445,7 +510,8 @@ def error_record(err: BaseException, repo_id: Optional[str], sha: Optional[str] 
 
 
 def discover(base_models: list[str], *, include_full: bool = False, limit: Optional[int] = None,
-             api: object = None, options: Optional[HubOptions] = None) -> Discovery:
+             api: object = None, options: Optional[HubOptions] = None,
+             on_progress: Optional[Callable[[int, int, str], None]] = None) -> Discovery:
     """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
 
     `limit` caps the listing per base model and kind. Adapters must carry adapter_config.json
@@ -455,6 +521,9 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
     from huggingface_hub import HfApi
 
     opts = options or HubOptions()
+    if api is None:  # a given api is the caller's (a fake in tests): nothing to probe
+        probe_endpoint(opts)
+        _single_retry_loop()
     api = api or HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
     found, seen = Discovery(), set()
     for base in base_models:
@@ -469,7 +538,9 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
             except HubError as err:
                 found.errors.append(error_record(err, base))
                 continue
-            for info in listed:
+            for i, info in enumerate(listed, 1):
+                if on_progress:  # checking a repo is a request or two: minutes for thousands
+                    on_progress(i, len(listed), f"{kind}s of {base}: {info.id}")
                 if info.id in seen:
                     continue
                 seen.add(info.id)

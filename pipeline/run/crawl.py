@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import HubError, ZoospectraError
 from ..io.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
@@ -50,19 +50,22 @@ class CrawlSummary:
 
 
 def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: str = "ray",
-              command: str = "") -> CrawlSummary:
-    """One crawl: discovery + catalog + plan + execute, one run per base model."""
+              command: str = "", on_progress: Optional[Callable[[int, int, str], None]] = None
+              ) -> CrawlSummary:
+    """One crawl: discovery + catalog + plan + execute, one run per base model.
+    on_progress(i, n, label) after each discovered repo is checked."""
     summary = CrawlSummary(spec.name)
     for base in spec.base_models:
-        summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command))
+        summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command, on_progress))
     return summary
 
 
 def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
-                command: str) -> BaseCrawl:
+                command: str, on_progress: Optional[Callable[[int, int, str], None]] = None) -> BaseCrawl:
     store = ResultsStore(spec.out)
     run_id = new_run_id()
-    found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options)
+    found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options,
+                     on_progress=on_progress)
     report = BaseCrawl(base, run_id, discovered=len(found.entries), discovery_errors=len(found.errors))
     errors = list(found.errors)
     try:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
 from ..config import AnalysisConfig
+from ..errors import ClusterUnreachableError, ConfigError
 from .plan import Plan, WorkUnit, error_row
 from .unit import UnitOutcome, process_unit
 
@@ -33,10 +34,46 @@ class RunSummary:
     seconds: float = 0.0
     devices: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float = 0.0        # the largest peak resident memory reported by a worker
+    n_solver_fallbacks: int = 0     # fast engine: dense-SVD fallbacks over all units
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S, what: str = "Ray cluster") -> None:
+    """One bounded TCP connect to a Ray (ray://HOST:PORT, HOST:PORT) or Jobs API (http://...)
+    address. ray.init retries an unreachable GCS for minutes; this fails in `timeout` seconds
+    with a message naming the address. 'auto' / 'local' name no socket and are not probed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError as err:  # a port that is not a number, or out of range
+        raise ConfigError(f"--address {address!r} is not HOST:PORT or SCHEME://HOST:PORT ({err})",
+                          option="address") from err
+    if port is None and parts.scheme in ("http", "https"):
+        port = 443 if parts.scheme == "https" else 80
+    if not host or port is None:
+        raise ConfigError(f"--address {address!r} needs a host and a port, e.g. ray://head:10001",
+                          option="address")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as err:
+        raise ClusterUnreachableError(f"cannot reach {what} at {address}: host {host!r} does not "
+                                      "resolve", address=address) from err
+    except OSError as err:
+        why = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ClusterUnreachableError(f"cannot reach {what} at {address}: {why} (is it running, and "
+                                      "is the port right?)", address=address) from err
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -49,6 +86,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: join its cluster
     if address:
+        probe_address(address)
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
@@ -83,6 +121,10 @@ def run_plan(
     """Execute every unit not yet committed under `results_root`; write the run manifest."""
     from .store import ResultsStore
 
+    if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+        # 0 or less would never submit a task and wait forever
+        raise ConfigError(f"--max-in-flight must be an integer >= 1, got {max_in_flight!r}",
+                          option="max_in_flight")
     store = ResultsStore(results_root)
     run_id = run_id or new_run_id()
     store.start_run(run_id, plan.config.to_json(), command)
@@ -115,7 +157,8 @@ def run_plan(
             n_units=summary.n_units, n_done=summary.n_done,
             n_skipped=summary.n_skipped, n_failed=summary.n_failed,
             extra={"seconds": round(summary.seconds, 3), "devices": summary.devices,
-                   "worker_peak_rss_mb": round(summary.peak_rss_mb, 1)},
+                   "worker_peak_rss_mb": round(summary.peak_rss_mb, 1),
+                   "n_solver_fallbacks": summary.n_solver_fallbacks},
         )
     return summary
 
@@ -130,6 +173,7 @@ def _tally(summary: RunSummary, o: UnitOutcome) -> None:
     summary.n_member_errors += o.n_failed
     summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
     summary.peak_rss_mb = max(summary.peak_rss_mb, o.peak_rss_mb)
+    summary.n_solver_fallbacks += getattr(o, "n_solver_fallbacks", 0)
 
 
 def _run_local(units, cfg, run_id, root, device: str):

@@ -94,8 +94,11 @@ def build_plan(
     row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
     """
     from ..adapters import open_artifact
+    from ..errors import ConfigError
     from ..io.checkpoint import Checkpoint
 
+    if not isinstance(batch_size, int) or batch_size < 1:  # range(0, n, 0) raises, negatives plan nothing
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}", option="batch_size")
     base_ckpt = Checkpoint.open(base.open_source())
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
     target_of: dict[str, object] = {}
@@ -160,10 +163,36 @@ def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,
         base_revision=base.revision,
         n_targets=n_targets,
         skipped=skipped,
+        warnings=base_warnings(getattr(art, "config", None), base),
         created_at=datetime.now(timezone.utc),
     )
     _check_model_row(row, ref)
     return row
+
+
+def _same_base(named: str, base: ModelRef) -> bool:
+    """Whether an adapter's base_model_name_or_path names `base`: the same id (case-insensitive,
+    as the Hub treats ids), the same last id component, or the same local directory."""
+    want = named.strip().rstrip("/").lower()
+    ids = {base.model_id.lower(), base.location.rstrip("/").lower()}
+    if want in ids or want.rsplit("/", 1)[-1] in {i.rsplit("/", 1)[-1] for i in ids}:
+        return True
+    try:
+        return base.source == "local" and os.path.isdir(named) and \
+            os.path.samefile(named, base.location)
+    except OSError:
+        return False
+
+
+def base_warnings(config: object, base: ModelRef) -> list[str]:
+    """A warning when the adapter's config names another base than the one it is analysed
+    against: the numbers are then a delta against a model it was not trained on."""
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(named, str) or not named.strip() or _same_base(named, base):
+        return []
+    return [redact(f"adapter_config.json names base {named!r}, but it is analysed against "
+                   f"{base.model_id!r} ({base.location}); pass the base it was trained on, or "
+                   "--base-name if that directory holds the same model")]
 
 
 def _check_model_row(row: dict, ref: ModelRef) -> None:

@@ -38,6 +38,7 @@ class UnitOutcome:
     device: str = "cpu"
     errors: list[dict] = field(default_factory=list)
     peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
+    n_solver_fallbacks: int = 0     # fast engine: solves that fell back to a dense SVD
 
 
 def peak_rss_mb() -> float:
@@ -117,7 +118,11 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     if not updates:
         return _failed(store, run_id, unit, errors, t0, device)
 
+    from ..spectral.fast import fallback_count
+
+    fallbacks0 = fallback_count()
     analysis, updates, members, bad = _analyze(w0, w0_svd, updates, members, cfg, device, unit.tensor)
+    n_fallbacks = fallback_count() - fallbacks0
     errors += bad
     if analysis is None:
         return _failed(store, run_id, unit, errors, t0, device)
@@ -133,6 +138,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     return UnitOutcome(
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
+        n_solver_fallbacks=n_fallbacks,
     )
 
 

@@ -22,6 +22,7 @@ converge falls back to a dense SVD of the small operator and is logged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -260,10 +261,24 @@ def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
     )
 
 
+_fallbacks = 0
+_fallback_lock = threading.Lock()  # _each_core runs items of one unit on several threads
+
+
+def fallback_count() -> int:
+    """Dense-SVD fallbacks in this process so far; a unit reports its own as a difference."""
+    return _fallbacks
+
+
 def _log_fallback(t: Triplets, tensor: str) -> None:
+    """Count a fallback (reported once per run: unit outcome -> run summary -> runs table); log
+    at debug only: the results are exact, and a warning per unit flooded the console."""
+    global _fallbacks
     if t.method == "dense-fallback":
-        log.warning("fast engine: Krylov solve did not converge for %s; used a dense SVD of the "
-                    "reduced operator instead (results exact, only slower)", tensor)
+        with _fallback_lock:
+            _fallbacks += 1
+        log.debug("fast engine: Krylov solve did not converge for %s; used a dense SVD of the "
+                  "reduced operator instead (results exact, only slower)", tensor)
 
 
 def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) -> list[T]:

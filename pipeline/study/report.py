@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import pyarrow as pa
 
@@ -66,14 +66,20 @@ class Report:
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, scope: Scope = Scope(),
-                 params: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+                 params: Mapping[str, Mapping[str, Any]] | None = None, *, force: bool = False,
+                 on_progress: Optional[Callable[[int, int, str], None]] = None) -> Path:
     """Render every study over `root` (narrowed to `scope`) into out/index.html; its path.
 
     params: per-study parameter overrides, e.g. {"intruders-eps": {"k": 5}}.
+    `out` must be new, empty or a previous report (outputs.claim_output), checked before any
+    query; `force` empties a previous report first.
     """
-    report = collect(root, scope, params or {})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..outputs import claim_output, replace_output
+
+    out = claim_output(out, "report", inputs=[root], force=force)
+    report = collect(root, scope, params or {}, on_progress=on_progress)
+    if force:
+        replace_output(out, "report")
     path = out / REPORT_FILE
     tmp = out / f".{REPORT_FILE}.tmp-{os.getpid()}"
     tmp.write_text(render_html(report), encoding="utf-8")
@@ -81,8 +87,9 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, scope: Scope =
     return path
 
 
-def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[str, Any]]) -> Report:
-    """Run the summary queries and every study; draw the figures."""
+def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[str, Any]],
+            on_progress: Optional[Callable[[int, int, str], None]] = None) -> Report:
+    """Run the summary queries and every study; draw the figures (on_progress after each)."""
     unknown = sorted(set(params) - set(STUDIES))
     if unknown:
         raise ResultsError(f"no such studies {unknown}; studies: {', '.join(STUDIES)}")
@@ -96,8 +103,10 @@ def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[
             "SELECT model_id, tensor, stage, error_type, message FROM open_errors "
             "ORDER BY model_id, tensor LIMIT 50").to_arrow_table()
         report.n_open_errors = con.sql("SELECT count(*) AS n FROM open_errors").to_arrow_table()["n"][0].as_py()
-        for study in STUDIES.values():
+        for i, study in enumerate(STUDIES.values(), 1):
             report.sections.append(_section(con, study, params.get(study.name, {})))
+            if on_progress:
+                on_progress(i, len(STUDIES), study.name)
     finally:
         con.close()
     return report

@@ -186,10 +186,14 @@ def get_study(name: str) -> Study:
 def save_plot(root: str | os.PathLike, name: str, out: str | os.PathLike,
               overrides: Params | None = None, scope: Scope = Scope()) -> Path:
     """Draw one study over `root` into `out` (.png or .svg); ResultsError when it has no rows."""
+    from ..outputs import claim_file, figure_is_ours
+
     study = get_study(name)
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg"):
         raise ConfigError(f"plot output must end in .png or .svg, got {out.name!r}", option="out")
+    # a figure zoospectra drew (its creator tag) is redrawn; any other existing file is refused
+    claim_file(out, "plot", inputs=[root], ours=out.is_file() and figure_is_ours(out))
     con = connect_scoped(root, scope)
     try:
         table = run_study(con, study, overrides)
@@ -207,12 +211,15 @@ def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
+    from ..outputs import figure_metadata
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fmt = out.suffix.lower().lstrip(".")
     try:
         with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
-            fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight", metadata=figure_metadata(fmt))
         os.replace(tmp, out)
     finally:
         plt.close(fig)
