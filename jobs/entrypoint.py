@@ -67,6 +67,7 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
     from zoospectra.run.store import ResultsStore
 
     store = ResultsStore(spec.out)
+    store.repair()  # damaged units go to quarantine/ (recorded in _verify.json) and are recomputed
     run_id = new_run_id()
     found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options)
     report = BaseCrawl(base, run_id, discovered=len(found.entries), discovery_errors=len(found.errors))

@@ -93,6 +93,9 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
 
     store = ResultsStore(out)
     run_id = new_run_id()
+    for moved in store.repair():  # damaged units: moved aside, then planned again below
+        console.print(f"[yellow]quarantined[/] {esc(moved['unit'])} -> {esc(moved['to'])}: "
+                      f"{esc('; '.join(moved['problems']))}")
     plan = build_plan(base_ref, refs, cfg, batch_size=batch_size, done_pairs=store.done_pairs(), run_id=run_id)
     if not quiet:
         console.print(
