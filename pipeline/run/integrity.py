@@ -95,7 +95,9 @@ def check_unit(fs: "_Local | _Remote", name: str, size: int | None, *, full: boo
     if size is not None or not _UNIT_NAME.fullmatch(name):
         check.state = "stray"
         what = "a file" if size is not None else "a folder whose name is not a unit id"
-        check.problems.append(f"{what}, not written by zoospectra as a unit; the views ignore it")
+        copy_of = _copy_of(fs, name) if size is None else None
+        check.problems.append(f"{what}, " + (f"a copy of unit {copy_of!r}" if copy_of else
+                                             "not written by zoospectra as a unit") + "; the views ignore it")
         return check
     rel = f"units/{name}"
     entries = fs.entries(rel)
@@ -125,6 +127,14 @@ def check_unit(fs: "_Local | _Remote", name: str, size: int | None, *, full: boo
     if full and check.ok:
         _check_contents(check, fs, rel, recorded)
     return check
+
+
+def _copy_of(fs: "_Local | _Remote", name: str) -> str | None:
+    """The unit id recorded in a stray folder's _done.json, if it has one (a copied unit)."""
+    try:
+        return str(json.loads(fs.read(f"units/{name}/{DONE}") or b"null")["unit_id"])
+    except (ValueError, TypeError, KeyError, OSError):
+        return None
 
 
 def _check_marker(check: UnitCheck, success: bytes, done_raw: bytes) -> bool:

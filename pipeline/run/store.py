@@ -447,6 +447,9 @@ class ResultsStore:
         """Full check of every unit (sizes, checksums, row counts, ids); with `repair`, move each
         damaged unit and stray entry to quarantine/ so the next plan recomputes it. Records the
         result in _verify.json and returns it."""
+        if self._fs.local and not self._fs.path.is_dir():  # never create a root by checking it
+            raise ResultsError(f"no results root at {self.uri}: give the --out folder of an analyze "
+                               "or crawl run", root=self.uri)
         result = scan(self._fs, full=True)
         moved = quarantine(self._fs, result.findings) if repair else []
         self._ok_cache = {}
@@ -454,7 +457,9 @@ class ResultsStore:
 
     def repair(self) -> list[dict]:
         """What a rerun does first: verify in full and move damage to quarantine/ (never delete).
-        Returns the moves."""
+        Returns the moves (none, and nothing written, for a root that does not exist yet)."""
+        if not self._fs.exists("units"):
+            return []
         return self.verify(repair=True)["quarantined"]
 
     def quarantine_known_damage(self) -> list[dict]:
