@@ -233,7 +233,6 @@ def test_flipped_bytes_found_by_a_rerun_without_verify(root: Path, clean: Path, 
     assert_repaired(root, clean, moved)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("marker", ["_SUCCESS", "_done.json", "both"])
 def test_deleted_markers(marker: str, root: Path, clean: Path, minilm_dir: Path,
                          tiny_loras: list[Path]) -> None:
@@ -398,3 +397,27 @@ def test_verify_of_a_missing_root_is_one_line_exit_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no results root" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "nope").exists()  # checking never creates a root
+
+
+def test_units_of_an_older_schema_are_read_with_the_new(tmp_path: Path) -> None:
+    """Units of another schema version (fewer columns) switch the views to union_by_name."""
+    import pyarrow.parquet as pq
+
+    zoo = build_zoo()
+    store = ResultsStore(tmp_path)
+    for unit_id, tables, done in zoo.units:
+        store.commit_unit(unit_id, tables, done)
+    old = tmp_path / "units" / zoo.units[0][0]  # rewrite one unit as an older zoospectra wrote it
+    pq.write_table(pq.read_table(old / "vectors.parquet").drop_columns(["base_sigma"]), old / "vectors.parquet")
+    manifest = json.loads((old / "_done.json").read_text())
+    del manifest["files"]
+    manifest["schema_version"] = "0"
+    (old / "_done.json").write_text(json.dumps(manifest))
+    (old / "_SUCCESS").write_bytes(b"")
+    con = connect(tmp_path)
+    try:
+        got = con.execute("SELECT unit_id, count(*), count(base_sigma) FROM vectors GROUP BY ALL").fetchall()
+    finally:
+        con.close()
+    want = {u: sum(1 for v in zoo.vectors if v["unit_id"] == u) for u, _, _ in zoo.units}
+    assert {u: (n, nb) for u, n, nb in got} == {u: (n, 0 if u == old.name else n) for u, n in want.items()}
