@@ -421,3 +421,22 @@ def test_units_of_an_older_schema_are_read_with_the_new(tmp_path: Path) -> None:
         con.close()
     want = {u: sum(1 for v in zoo.vectors if v["unit_id"] == u) for u, _, _ in zoo.units}
     assert {u: (n, nb) for u, n, nb in got} == {u: (n, 0 if u == old.name else n) for u, n in want.items()}
+
+
+def test_an_edited_manifest_is_damage(tmp_path: Path) -> None:
+    """_SUCCESS records _done.json: a manifest changed after commit (here: a pair it never did)
+    is named, and its pairs do not count as done."""
+    zoo = build_zoo()
+    store = ResultsStore(tmp_path)
+    for unit_id, tables, done in zoo.units:
+        store.commit_unit(unit_id, tables, done)
+    victim = zoo.units[0][0]
+    path = tmp_path / "units" / victim / "_done.json"
+    manifest = json.loads(path.read_text())
+    manifest["done"].append(["zz", "never.analysed"])
+    path.write_text(json.dumps(manifest, indent=1))
+    code, text, record = verify_cli(tmp_path)
+    assert code == VERIFY_DAMAGED and [d["unit"] for d in record["damaged"]] == [victim], text
+    assert "_done.json differs from the checksum recorded in _SUCCESS" in text
+    assert ("zz", "never.analysed") not in ResultsStore(tmp_path).done_pairs()
+    assert victim not in ResultsStore(tmp_path).done_units()

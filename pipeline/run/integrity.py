@@ -111,12 +111,12 @@ def check_unit(fs: "_Local | _Remote", name: str, size: int | None, *, full: boo
     if done_raw is None:
         return check.damage(f"{DONE} is missing")
     check.fingerprint = hashlib.sha256(done_raw).hexdigest()
-    legacy = _check_marker(check, fs.read(f"{rel}/{SUCCESS}") or b"", done_raw)
+    _check_marker(check, fs.read(f"{rel}/{SUCCESS}") or b"", done_raw)
     if not check.ok:
         return check
     try:
         check.manifest = json.loads(done_raw)
-        recorded = _recorded_files(check.manifest, legacy)
+        recorded = _recorded_files(check.manifest)
     except (ValueError, TypeError, AttributeError, KeyError):
         return check.damage(f"{DONE} is not a valid unit manifest")
     if check.manifest.get("unit_id") != name:
@@ -137,22 +137,22 @@ def _copy_of(fs: "_Local | _Remote", name: str) -> str | None:
         return None
 
 
-def _check_marker(check: UnitCheck, success: bytes, done_raw: bytes) -> bool:
-    """Compare _done.json with the record in _SUCCESS; True for a unit written before records."""
+def _check_marker(check: UnitCheck, success: bytes, done_raw: bytes) -> None:
+    """Compare _done.json with the record in _SUCCESS (an empty marker: a unit written before
+    checksums were recorded, accepted as it is)."""
     if not success.strip():
-        return True  # an empty marker: written by zoospectra before checksums (no records)
+        return
     try:
         want = json.loads(success)[DONE]
     except (ValueError, TypeError, KeyError):
         check.damage(f"{SUCCESS} marker is unreadable")
-        return False
+        return
     if want != file_record(done_raw):
         check.damage(f"{DONE} differs from the checksum recorded in {SUCCESS} (changed after commit)")
-    return False
 
 
-def _recorded_files(manifest: dict, legacy: bool) -> dict[str, dict]:
-    if not legacy and "files" in manifest:
+def _recorded_files(manifest: dict) -> dict[str, dict]:
+    if "files" in manifest:
         return {str(k): dict(v) for k, v in manifest["files"].items()}
     return {f"{t}.parquet": {} for t, n in manifest["rows"].items() if n}  # older units: names only
 
