@@ -64,12 +64,15 @@ def analyze(
     command: str = "",
     on_plan: Optional[Callable[[Plan], None]] = None,
     on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
+    on_quarantine: Optional[Callable[[dict], None]] = None,
 ) -> RunSummary:
     """Analyse fine-tuned artifacts against `base` and commit the tables under `out`.
 
     Plans from headers and configs only, then runs every unit not yet committed (a rerun
-    resumes and never duplicates rows). `on_plan` sees the plan before execution starts;
-    `on_progress(i, n, outcome)` is called after each unit.
+    resumes and never duplicates rows). Damaged committed units (see `zoospectra verify`) are
+    first moved to `out/quarantine/` and planned again; `on_quarantine` sees each move.
+    `on_plan` sees the plan before execution starts; `on_progress(i, n, outcome)` is called
+    after each unit.
     """
     from .run.execute import new_run_id, run_plan
     from .run.plan import build_plan
@@ -78,6 +81,9 @@ def analyze(
     cfg = config or AnalysisConfig()
     root = os.fspath(out)
     store = ResultsStore(root)
+    for moved in store.repair():
+        if on_quarantine:
+            on_quarantine(moved)
     run_id = new_run_id()
     plan = build_plan(_ref(base, base_name), _refs(tuned), cfg, batch_size=batch_size,
                       done_pairs=store.done_pairs(), run_id=run_id)

@@ -171,6 +171,46 @@ def status(results: str = typer.Argument(..., help="Results root.")) -> None:
     typer.echo(json.dumps(ResultsStore(results).status(), indent=2, default=str))
 
 
+VERIFY_DAMAGED = 4  # `verify` found damage (distinct from 1 runtime failure, 2 invalid input)
+
+
+@app.command()
+def verify(
+    results: str = typer.Argument(..., help="Results root."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full record (as kept in _verify.json)."),
+) -> None:
+    """Check every committed unit: files present, sizes, sha256 checksums, row counts, unit ids.
+
+    Exit 0: healthy. Exit 4: damage found (each unit is named with what is wrong).
+    """
+    import json
+
+    from .run.store import ResultsStore
+
+    record = ResultsStore(results).verify()
+    if as_json:
+        typer.echo(json.dumps(record, indent=1))
+    else:
+        typer.echo(_verify_text(record))
+    if not record["healthy"]:
+        raise typer.Exit(code=VERIFY_DAMAGED)
+
+
+def _verify_text(record: dict) -> str:
+    """One line per finding: the unit folder, what is wrong, and what to do."""
+    from .run.integrity import REMEDY
+
+    lines = [f"verify: {record['units_checked']} entries in units/, {record['units_ok']} committed units ok "
+             f"({record['seconds']:.2f}s)"]
+    for what in ("damaged", "stray"):
+        for d in record[what]:
+            lines.append(f"{what.upper()} units/{d['unit']}: " + "; ".join(d["problems"]))
+    for name in record["in_flight"]:
+        lines.append(f"IN FLIGHT units/{name}: no _SUCCESS yet; not read by the views")
+    lines.append(f"-> {REMEDY}" if not record["healthy"] else "healthy")
+    return "\n".join(lines)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,

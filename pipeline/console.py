@@ -55,6 +55,10 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
                 for w in m.get("warnings") or ():
                     progress.console.print(f"  [yellow]warning[/] {esc(m['model_id'])}: {esc(w)}")
 
+        def quarantined(moved: dict) -> None:
+            progress.console.print(f"[yellow]quarantined[/] {esc(moved['unit'])} -> {esc(moved['to'])}: "
+                                   f"{esc('; '.join(moved['problems']))}")
+
         def tick(i: int, n: int, outcome: UnitOutcome) -> None:
             progress.update(bar, total=n, completed=i)
             for e in outcome.errors:
@@ -63,7 +67,8 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
 
         summary = run(refs, base=base_ref, out=out, config=cfg, batch_size=batch_size,
                       executor=executor, address=address, max_in_flight=max_in_flight,
-                      command=shlex.join(sys.argv), on_plan=show_plan, on_progress=tick, device=device)
+                      command=shlex.join(sys.argv), on_plan=show_plan, on_progress=tick, on_quarantine=quarantined,
+                      device=device)
     if not quiet:
         console.print(
             f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "

@@ -63,6 +63,7 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
 def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
                 command: str, on_progress: Optional[Callable[[int, int, str], None]] = None) -> BaseCrawl:
     store = ResultsStore(spec.out)
+    store.repair()  # damaged units go to quarantine/ (recorded in _verify.json) and are recomputed
     run_id = new_run_id()
     found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options,
                      on_progress=on_progress)

@@ -133,6 +133,9 @@ def run_plan(
     if plan.errors:
         store.write_errors(run_id, "plan", [dict(e, run_id=run_id, unit_id="plan") for e in plan.errors])
 
+    # A damaged unit is not done (done_pairs() left its pairs in the plan), but its folder would
+    # block the recommit: move it to quarantine/ first. Full checksums: repair(), before planning.
+    store.quarantine_known_damage()
     done = store.done_units()
     todo = [u for u in plan.units if u.unit_id not in done]
     summary = RunSummary(run_id, n_units=len(plan.units), n_skipped=len(plan.units) - len(todo),

@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidNameError, ResultsError, SchemaMismatchError
 from ..schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
+from .integrity import (VERIFY_FILE, RootScan, UnitCheck, file_record, quarantine, record_verification,
+                        scan, success_marker)
 
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 RUN_STATUSES = ("running", "finished", "failed")
@@ -85,7 +87,9 @@ def _now() -> datetime:
 
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    # page checksums: a reader that verifies them (pq.read_table(page_checksum_verification=True),
+    # `zoospectra verify` on units written before whole-file checksums) finds flipped bytes
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     return sink.getvalue().to_pybytes()
 
 
@@ -141,6 +145,28 @@ class _Local:
     def has_match(self, pattern: str) -> bool:
         return next(self.path.glob(pattern), None) is not None
 
+    def entries(self, rel: str) -> dict[str, int | None]:
+        """Names in folder `rel` -> size in bytes (None for a sub-folder); {} if `rel` is absent."""
+        out: dict[str, int | None] = {}
+        try:
+            for e in os.scandir(self._abs(rel)):
+                out[e.name] = None if e.is_dir(follow_symlinks=False) else e.stat(follow_symlinks=False).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return out
+
+    def is_dir(self, rel: str) -> bool:
+        return self._abs(rel).is_dir()
+
+    def move(self, rel: str, dest: str) -> None:
+        """Rename a file or folder within the root (one step on a local disk); never replaces."""
+        target = self._abs(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            raise ResultsError(f"{target} exists; not replacing it", path=str(target))
+        os.rename(self._abs(rel), target)
+        _fsync_dir(target.parent)
+
     def _staging_dir(self) -> Path:
         d = self.path / STAGING
         d.mkdir(parents=True, exist_ok=True)
@@ -157,14 +183,14 @@ class _Local:
             tmp.unlink(missing_ok=True)
         _fsync_dir(dest.parent)
 
-    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str) -> bool:
+    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str, success: bytes = b"") -> bool:
         dest = self._abs(rel)
         if (dest / SUCCESS).exists():
             return False
         staging = self._staging_dir() / f"{stem}.{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            for name, data in {**files, SUCCESS: b""}.items():
+            for name, data in {**files, SUCCESS: success}.items():
                 _write_synced(staging / name, data)
             _fsync_dir(staging)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +284,30 @@ class _Remote:
             for i in self.fs.get_file_info(sel)
         )
 
+    def entries(self, rel: str) -> dict[str, int | None]:
+        sel = pafs.FileSelector(self._abs(rel), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except (NotADirectoryError, OSError):
+            return {}
+        return {i.base_name: (None if i.type == pafs.FileType.Directory else i.size) for i in infos}
+
+    def is_dir(self, rel: str) -> bool:
+        return self.fs.get_file_info(self._abs(rel)).type == pafs.FileType.Directory
+
+    def move(self, rel: str, dest: str) -> None:
+        """Move a file, or a folder file by file (object stores rename by copy + delete)."""
+        if self.exists(dest):
+            raise ResultsError(f"{self._abs(dest)} exists; not replacing it", path=self._abs(dest))
+        if not self.is_dir(rel):
+            self.fs.create_dir(self._abs(dest).rsplit("/", 1)[0], recursive=True)
+            self.fs.move(self._abs(rel), self._abs(dest))
+            return
+        self.fs.create_dir(self._abs(dest), recursive=True)
+        for name in self.entries(rel):
+            self.move(f"{rel}/{name}", f"{dest}/{name}")
+        self.fs.delete_dir(self._abs(rel))  # empty by now: only the folder itself goes
+
     def put(self, rel: str, data: bytes) -> None:
         tmp = self._abs(f"{STAGING}/tmp-{uuid.uuid4().hex}")
         self.fs.create_dir(self._abs(STAGING), recursive=True)
@@ -267,14 +317,14 @@ class _Remote:
         self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         self.fs.move(tmp, dest)
 
-    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str) -> bool:
+    def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str, success: bytes = b"") -> bool:
         if self.exists(f"{rel}/{SUCCESS}"):
             return False
         for name, data in files.items():
             self.put(f"{rel}/{name}", data)
         if self.exists(f"{rel}/{SUCCESS}"):  # another writer finished first; same names, no dupes
             return False
-        self.put(f"{rel}/{SUCCESS}", b"")
+        self.put(f"{rel}/{SUCCESS}", success)
         return True
 
     def clean_staging(self, max_age_s: float) -> int:
@@ -319,7 +369,7 @@ class ResultsStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self._fs = open_root(root)
-        self._pairs_cache: dict[str, list[tuple[str, str]]] = {}
+        self._ok_cache: dict[str, UnitCheck] = {}
 
     @property
     def uri(self) -> str:
@@ -360,27 +410,64 @@ class ResultsStore:
             "unit_id": unit_id, "schema_version": SCHEMA_VERSION, "committed_at": _now().isoformat(),
             "run_ids": sorted(_run_ids(tables.values())), "rows": counts,
             "done": [list(p) for p in pairs], "host": socket.gethostname(), "pid": os.getpid(),
+            # size + sha256 of each file: what `verify` checks (integrity.py)
+            "files": {name: file_record(data) for name, data in sorted(files.items())},
         }
         files[DONE] = json.dumps(manifest, indent=1).encode()
-        return self._fs.publish_dir(f"units/{unit_id}", files, stem=unit_id)
+        return self._fs.publish_dir(f"units/{unit_id}", files, stem=unit_id,
+                                    success=success_marker(files[DONE]))
 
     def is_done(self, unit_id: str) -> bool:
+        """Whether units/<unit_id> holds a commit marker (damaged or not: a commit there is refused
+        until a rerun's repair() has moved a damaged unit aside)."""
         return self._fs.exists(f"units/{check_name(unit_id, 'unit id')}/{SUCCESS}")
 
+    def scan(self, full: bool = False) -> RootScan:
+        """Check every entry of units/ (integrity.py): cheap by default, checksums with full."""
+        result = scan(self._fs, full=full, known=self._ok_cache)
+        self._ok_cache = result.ok  # committed units never change in place: skip them next time
+        return result
+
+    def committed(self) -> dict[str, UnitCheck]:
+        """The units that pass the cheap checks (and that the last verify did not find damaged):
+        exactly what the SQL views read and what counts as done."""
+        return self.scan().ok
+
     def done_units(self) -> set[str]:
-        names = self._fs.list_names("units")
-        return {u for u in names if self._fs.exists(f"units/{u}/{SUCCESS}")}
+        return set(self.committed())
 
     def done_pairs(self) -> set[tuple[str, str]]:
-        """(model_uid, tensor) pairs of every committed unit, across runs."""
+        """(model_uid, tensor) pairs of every committed, undamaged unit, across runs."""
         out: set[tuple[str, str]] = set()
-        for unit_id in self.done_units():
-            if unit_id not in self._pairs_cache:  # committed units never change: cache them
-                raw = self._fs.read(f"units/{unit_id}/{DONE}")
-                done = json.loads(raw)["done"] if raw else []
-                self._pairs_cache[unit_id] = [(m, t) for m, t in done]
-            out.update(self._pairs_cache[unit_id])
+        for check in self.committed().values():
+            out.update((str(m), str(t)) for m, t in (check.manifest or {}).get("done", []))
         return out
+
+    def verify(self, *, repair: bool = False) -> dict:
+        """Full check of every unit (sizes, checksums, row counts, ids); with `repair`, move each
+        damaged unit and stray entry to quarantine/ so the next plan recomputes it. Records the
+        result in _verify.json and returns it."""
+        if self._fs.local and not self._fs.path.is_dir():  # never create a root by checking it
+            raise ResultsError(f"no results root at {self.uri}: give the --out folder of an analyze "
+                               "or crawl run", root=self.uri)
+        result = scan(self._fs, full=True)
+        moved = quarantine(self._fs, result.findings) if repair else []
+        self._ok_cache = {}
+        return record_verification(self._fs, result, moved)
+
+    def repair(self) -> list[dict]:
+        """What a rerun does first: verify in full and move damage to quarantine/ (never delete).
+        Returns the moves (none, and nothing written, for a root that does not exist yet)."""
+        if not self._fs.exists("units"):
+            return []
+        return self.verify(repair=True)["quarantined"]
+
+    def quarantine_known_damage(self) -> list[dict]:
+        """Move units that fail the cheap checks (or that the last verify found damaged) to
+        quarantine/: a plan built from done_pairs() already counts them as not done, and their
+        commit would be refused while the damaged folder sits in units/."""
+        findings = scan(self._fs, full=False).findings
+        return quarantine(self._fs, findings) if findings else []
 
     # models, errors, catalog --------------------------------------------------------------------
     def write_models(self, rows: Iterable[dict]) -> None:
@@ -464,7 +551,8 @@ class ResultsStore:
 
     def status(self) -> dict:
         """Summary for `zoospectra status`: runs, committed units and pairs, models, errors."""
-        units, pairs, runs = self.done_units(), self.done_pairs(), self.runs()
+        checked = self.scan()
+        units, pairs, runs = set(checked.ok), self.done_pairs(), self.runs()
         errors = self._error_keys()
         last = {k: v for k, v in runs[-1].items() if k not in ("config", "config_json")} if runs else None
         return {
@@ -472,11 +560,28 @@ class ResultsStore:
             "runs": len(runs),
             "last_run": last,
             "units_done": len(units),
+            # cheap checks (no checksums); `zoospectra verify` does the full pass
+            "units_damaged": {c.name: c.problems for c in checked.of("damaged")},
+            "units_stray": sorted(c.name for c in checked.of("stray")),
+            "last_verify": self._last_verify(),
             "pairs_done": len(pairs),
             "models": sum(n.endswith(".parquet") for n in self._fs.list_names("models")),
             "errors": len(errors),
             "open_errors": sum(_is_open(e, units, pairs) for e in errors),
         }
+
+    def _last_verify(self) -> dict | None:
+        """When the last full verification ran and what it found (None: never)."""
+        raw = self._fs.read(VERIFY_FILE)
+        try:
+            v = json.loads(raw) if raw else None
+        except ValueError:
+            return {"error": f"{VERIFY_FILE} is unreadable; run `zoospectra verify` again"}
+        if not isinstance(v, dict):
+            return None
+        return {"at": v.get("at"), "healthy": v.get("healthy"), "units_checked": v.get("units_checked"),
+                "damaged": len(v.get("damaged", [])), "stray": len(v.get("stray", [])),
+                "quarantined": len(v.get("quarantined", []))}
 
     def _error_keys(self) -> list[tuple[str, str | None, str | None]]:
         """(unit_id, model_uid, tensor) of every error row."""

@@ -1,8 +1,10 @@
 """The DuckDB study layer: views over a results root (schemas/views.sql) and table macros
 (schemas/macros.sql) such as intruders(eps, k), so that each paper figure is one SELECT.
 
-Views follow the files: a glob is re-read on every query, so rows committed after connect()
-show up. A table that had no file at connect() is an empty typed view until the next connect().
+The unit views (matrices, vectors, spectra, similarity, pairs, units) read the explicit list of
+committed, undamaged units found at connect() (run/integrity.py says why and how cheaply): units
+committed later appear on the next connect(). models, runs, errors and catalog follow their globs.
+A table that had no file at connect() is an empty typed view until the next connect().
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from ..errors import ConfigError, ResultsError
-from ..schemas.tables import TABLES
-from ..run.store import ResultsStore
+from ..schemas.tables import SCHEMA_VERSION, TABLES
+from ..run.store import UNIT_TABLES, ResultsStore
 
 if TYPE_CHECKING:
     import duckdb
@@ -81,13 +83,49 @@ def _view_blocks(text: str) -> list[tuple[str | None, str]]:
     return blocks
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _unit_files(store: ResultsStore, quoted_root: str) -> tuple[dict[str, str], str | None]:
+    """Per unit table, the SQL list of its files in committed, undamaged units (None: no file);
+    and the VALUES rows of those units' ids (None: no unit). Stray, temp, copied, half-written
+    and damaged folders are not in them (integrity.py), so they never reach or break a query."""
+    units = store.committed()
+    lists: dict[str, str] = {}
+    for table in UNIT_TABLES:
+        files = [f"'{quoted_root}/units/{u}/{f}'" for u, c in sorted(units.items())
+                 if (f := c.table_file(table))]
+        if files:
+            lists[table] = "[" + ", ".join(files) + "]"
+    values = ", ".join(f"({_literal(u)})" for u in sorted(units)) or None
+    return lists, values
+
+
+def _union_by_name(store: ResultsStore) -> str:
+    """'true' when committed units span schema versions (older files have fewer columns), else
+    'false': commit_unit casts every table to its declared schema, so units of one version share
+    it exactly, and DuckDB binds a list of files 30x faster without unifying their schemas."""
+    versions = {(c.manifest or {}).get("schema_version") for c in store.committed().values()}
+    return "false" if versions <= {SCHEMA_VERSION} else "true"
+
+
 def render(root: str | os.PathLike) -> str:
     """The SQL script that sets up a session: views over `root`, then the macros."""
     store = ResultsStore(root)
     quoted = _quoted_root(store.uri)
+    files, units = _unit_files(store, quoted)
+    union = _union_by_name(store)
     out = []
     for name, block in _view_blocks(_sql_file("views.sql")):
-        if name in TABLES and not store.has_files(name):
+        if name in UNIT_TABLES and name in files:
+            block = block.replace(f"{{files:{name}}}", files[name]).replace("{union_by_name}", union)
+        elif name == "units" and units:
+            block = block.replace("{units}", units)
+        elif name == "units":
+            block = "\nCREATE OR REPLACE VIEW units AS SELECT CAST(NULL AS VARCHAR) AS unit_id, " \
+                    "CAST(NULL AS VARCHAR) AS path WHERE false;\n\n"
+        elif name in TABLES and (name in UNIT_TABLES or not store.has_files(name)):
             block = f"\n{empty_view_sql(name)}\n\n"
         out.append(block if name is None else f"-- view: {name}{block.replace('{root}', quoted)}")
     return "".join(out) + "".join("\n" + _sql_file(name) for name in MACRO_FILES)
