@@ -13,10 +13,13 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..config import AnalysisConfig
 from ..io.refs import ModelRef
+
+if TYPE_CHECKING:
+    from ..updates import Role
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class WorkUnit:
     base: ModelRef
     tensor: str                      # base checkpoint key
     shape: tuple[int, int]           # [out, in] after any transpose
-    role: str
+    role: Role
     members: tuple[ModelRef, ...]    # artifacts whose update of `tensor` this unit analyses
     transpose_w0: bool = False       # GPT-2 Conv1D stores [in, out]
 
@@ -103,7 +106,7 @@ def build_plan(
     models, errors, n_done_pairs = [], [], 0
     for ref in sorted(set(artifacts)):
         try:
-            art = open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+            art = open_artifact(ref.open_source(), model_id=ref.model_id)
             targets = art.targets(base_ckpt)
             skipped = [f"{key}: {why}" for key, why in art.skipped]
             if not cfg.include_embeddings:  # reported, kept apart: the paper studies the linear layers

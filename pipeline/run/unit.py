@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Literal, Optional
 
 from ..config import AnalysisConfig
 from ..errors import ZoospectraError
@@ -28,10 +28,13 @@ if TYPE_CHECKING:
     from ..updates import MatrixUpdate
 
 
+UnitStatus = Literal["done", "skipped", "failed"]
+
+
 @dataclass
 class UnitOutcome:
     unit_id: str
-    status: str                     # done | skipped | failed
+    status: UnitStatus
     n_done: int = 0                 # members analysed
     n_failed: int = 0               # members that became error rows
     seconds: float = 0.0
@@ -60,7 +63,7 @@ def _checkpoint(ref: ModelRef):
 def _artifact(ref: ModelRef):
     from ..adapters import open_artifact
 
-    return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+    return open_artifact(ref.open_source(), model_id=ref.model_id)
 
 
 @lru_cache(maxsize=1)
@@ -90,6 +93,7 @@ def _maybe_crash_for_tests() -> None:
 
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
                  device: str = "cpu") -> UnitOutcome:
+    from ..spectral.inputs import torch_dtype
     from .records import UnitContext, unit_tables
     from .store import ResultsStore
 
@@ -110,7 +114,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     updates, members = [], []
     for ref in unit.members:
         try:
-            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0))
+            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0, dtype=torch_dtype(cfg.dtype)))
             members.append(ref)
         except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
+from ..config import AnalysisConfig
 from ..errors import ConfigError, ResultsError
 from ..io.refs import ModelRef, local_ref
 
@@ -482,17 +483,17 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
     return fig
 
 
-_EPS_K = (("eps", 0.5), ("k", 10))
+_EPS_K = (("eps", AnalysisConfig.eps), ("k", AnalysisConfig.k))
 
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("intruders-eps", "Intruder dimensions vs eps", "Shuttleworth et al. 2024, Fig. 5",
-          "study_intruders_eps", (("k", 10),), plot_intruders_eps,
+          "study_intruders_eps", (("k", AnalysisConfig.k),), plot_intruders_eps,
           "any analysed model",
           "Per model, intruders among the top k singular vectors of every fine-tuned matrix, "
           "summed over matrices, for eps = 0.1 .. 0.9; grouped by kind, coloured by rank."),
     Study("intruders-fraction", "Intruders vs fraction of singular vectors examined",
           "Shuttleworth et al. 2024, Fig. 11", "study_intruders_fraction",
-          (("eps", 0.5), ("fractions", [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0])),
+          (("eps", AnalysisConfig.eps), ("fractions", [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0])),
           plot_intruders_fraction,
           "any analysed model (fractions above K_store / min(m, n) need --k-store all)",
           "k as a fraction of each matrix; only fractions every matrix of a model stored "
@@ -502,7 +503,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           "any analysed model", "Roy-Vetterli effective rank of the update, per layer and module."),
     Study("similarity", "Similarity of singular vectors, one matrix",
           "Shuttleworth et al. 2024, Figs 1 and 3", "study_similarity",
-          (("model_name", None), ("tensor_name", None), ("eps", 0.5)), plot_similarity,
+          (("model_name", None), ("tensor_name", None), ("eps", AnalysisConfig.eps)), plot_similarity,
           "a similarity block (analysed with sim_k >= 1)",
           "|<u0_i, ut_j>| for the top singular vectors of the pre-trained and fine-tuned matrix; "
           "by default the matrix with the most intruders."),
