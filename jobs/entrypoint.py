@@ -16,12 +16,15 @@ import logging
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from zoospectra.errors import HubError, ZoospectraError
-from zoospectra.io.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
+from zoospectra.errors import HubError, ZoospectraError, error_row
+from zoospectra.io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, weights_file
 
 from .spec import CrawlSpec
+
+if TYPE_CHECKING:
+    from zoospectra.run.execute import Executor
 
 log = logging.getLogger("zoospectra.crawl")
 
@@ -50,7 +53,7 @@ class CrawlSummary:
         return sum(b.units_done for b in self.bases)
 
 
-def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: str = "ray",
+def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: "Executor" = "ray",
               command: str = "") -> CrawlSummary:
     """One crawl: discovery + catalog + plan + execute, one run per base model."""
     summary = CrawlSummary(spec.name)
@@ -59,7 +62,7 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
     return summary
 
 
-def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
+def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: "Executor",
                 command: str) -> BaseCrawl:
     from zoospectra.run.execute import new_run_id, run_plan
     from zoospectra.run.plan import build_plan
@@ -83,12 +86,12 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
         plan = build_plan(base_ref, [e.ref(options) for e in found.entries], spec.analysis,
                           batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
     except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
-        errors.append(error_record(err, base, report.base_sha, stage="plan"))
+        errors.append(error_row("plan", err, model=pinned_ref(base, report.base_sha), model_id=base))
         plan = None
     if plan is not None:
         if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
             executor = "local"
-        result = run_plan(plan, spec.out, run_id=run_id, executor=executor,  # type: ignore[arg-type]
+        result = run_plan(plan, spec.out, run_id=run_id, executor=executor,
                           address=spec.ray_address, command=command)
         report.units, report.units_done = result.n_units, result.n_done
         report.units_skipped, report.units_failed = result.n_skipped, result.n_failed

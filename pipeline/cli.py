@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 
 from .config import ALL, AnalysisConfig
 from .errors import ZoospectraError
+
+if TYPE_CHECKING:
+    from .run.execute import Executor
 
 app = typer.Typer(
     add_completion=False,
@@ -88,7 +91,7 @@ def analyze(
 
 
 def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
-                 address: Optional[str] = None, executor: str = "ray",
+                 address: Optional[str] = None, executor: "Executor" = "ray",
                  max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto"):
     """Plan + execute with a progress bar; shared by analyze, demo and crawl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -168,7 +168,7 @@ ERRORS = pa.schema(
         _f("model_uid", _str),
         _f("model_id", _str),
         _f("tensor", _str),
-        _f("stage", _str, False, "plan|load|analyze|write|hub"),
+        _f("stage", _str, False, "plan|load|analyze|execute|write|hub|discover (zoospectra.errors.Stage)"),
         _f("error_type", _str, False),
         _f("message", _str, False),
         _f("context_json", _str),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal, Optional
 
 from ..config import AnalysisConfig
-from ..errors import ZoospectraError
-from .plan import WorkUnit, error_row
+from ..errors import ZoospectraError, error_row
+from .plan import WorkUnit
 from ..io.refs import ModelRef
 
 if TYPE_CHECKING:
@@ -80,7 +80,11 @@ def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfi
 
 
 def _maybe_crash_for_tests() -> None:
-    """Fault injection for the worker-crash test: the first task to claim the marker dies hard."""
+    """Fault injection for the worker-crash test: the first task to claim the marker dies hard;
+    ZOOSPECTRA_TEST_FAIL_UNIT=<message> makes every task raise, for the task-failure path."""
+    failure = os.environ.get("ZOOSPECTRA_TEST_FAIL_UNIT")
+    if failure:
+        raise RuntimeError(failure)
     marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
     if marker:
         try:
