@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fixtures_hub import fake_hub, hub_options, safetensors_bytes  # noqa: F401
+from fixtures_hub import safetensors_bytes
 from hub_server import LISTING, FakeHub
 from zoospectra.errors import HubAccessError, HubNotFoundError, HubUnavailableError
 from zoospectra.errors import error_row

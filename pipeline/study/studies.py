@@ -7,7 +7,7 @@
 
 A Scope narrows the views (models, matrices, vectors, spectra, similarity, pairs) to the models
 of one base and/or some kinds, so every macro answers for that subset unchanged. matplotlib is
-imported only when a figure is drawn (the `plot` extra), always with the Agg backend.
+imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast), always with the Agg backend.
 """
 from __future__ import annotations
 
@@ -249,7 +249,8 @@ def _pyplot() -> "ModuleType":
     try:
         import matplotlib
     except ImportError as e:  # the `plot` extra
-        raise ConfigError("plots need matplotlib: pip install 'zoospectra[plot]'") from e
+        raise ConfigError("plots need matplotlib, a dependency of zoospectra: reinstall it "
+                          "(pip install --force-reinstall zoospectra)") from e
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
