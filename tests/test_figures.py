@@ -87,3 +87,25 @@ def test_intruders_eps_with_many_models_keeps_looks_distinct() -> None:
     fig = plot_intruders_eps(pa.Table.from_pylist(rows), {"k": 10})
     looks = _series_looks(fig)
     assert len(looks) == 25 and len({next(iter(v)) for v in looks.values()}) == 25
+
+
+@pytest.mark.parametrize("span", [(0.31, 0.95), (0.02, 40.0), (1e-4, 10.0)])
+def test_ab_balance_log_ticks_do_not_overlap_on_any_range(span: tuple[float, float]) -> None:
+    """Short ranges are where matplotlib labels minor log ticks ("3x10^-1 4x10^-1 ..."), which overlapped."""
+    import numpy as np
+
+    from zoospectra.study.studies import plot_ab_balance
+
+    values = np.geomspace(*span, 12)
+    rows = [{"model_uid": f"u{i % 3}", "model_id": f"lora_{i % 3}", "norm_a": float(a), "norm_b": float(b)}
+            for i, (a, b) in enumerate(zip(values, values[::-1]))]
+    fig = plot_ab_balance(pa.Table.from_pylist(rows), {})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    for axis in (ax.xaxis, ax.yaxis):
+        boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels(which="both")
+                 if t.get_visible() and t.get_text()]
+        assert len(boxes) >= 2, f"{span}: an axis needs at least two labels to be read"
+        for a, b in itertools.combinations(boxes, 2):
+            assert not a.overlaps(b), f"{span}: tick labels overlap"
