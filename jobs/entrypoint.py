@@ -20,12 +20,17 @@ from zoospectra.errors import ZoospectraError
 from .spec import CrawlSpec
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The entrypoint's command line (the deploy manifests' commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m zoospectra.jobs.entrypoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="YAML crawl spec (see jobs/nightly-example.yaml)")
     parser.add_argument("--local", action="store_true", help="run units in-process (debugging)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spec = CrawlSpec.load(args.spec)

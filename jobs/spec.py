@@ -31,8 +31,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")       # a Kubernetes resource name
 _HUB_NUMBERS = ("timeout", "backoff", "backoff_max", "retry_after_max")
 _HUB_KEYS = (*_HUB_NUMBERS, "max_retries", "endpoint", "cache_dir")
-_ANALYSIS_KEYS = ("k", "eps", "k_store", "k_spec", "sim_k", "pair_max", "pairs", "mode", "dtype",
-                  "include_embeddings")
+_ANALYSIS_KEYS = tuple(f.name for f in fields(AnalysisConfig))  # defaults: AnalysisConfig itself
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ app = typer.Typer(
     help="What did fine-tuning do to these weights? Spectra and intruder dimensions of model zoos.",
     pretty_exceptions_enable=False,
 )
+_D = AnalysisConfig()  # every analysis option's default comes from the config, nowhere else
+
+
+def _kstr(k: int) -> str:
+    return "all" if k == ALL else str(k)
 
 
 def _k(value: str, name: str) -> int:
@@ -91,15 +96,16 @@ def analyze(
     tuned: List[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
     base_name: Optional[str] = typer.Option(None, help="Id recorded for the base (default: directory name)."),
-    k: int = typer.Option(10, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
-    eps: float = typer.Option(0.5, help="Intruder test: max |cos| threshold."),
-    k_store: str = typer.Option("32", help="Per-vector records kept per side ('all' for every one)."),
-    k_spec: str = typer.Option("64", help="Singular values kept per spectrum ('all')."),
-    sim_k: int = typer.Option(10, help="Size of the stored |U0^T Ut| similarity block."),
-    mode: str = typer.Option("exact", help="exact (paper's full SVDs) or fast (structured solvers)."),
-    dtype: str = typer.Option("float32", help="float32 or float64 for every decomposition."),
-    pairs: bool = typer.Option(False, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
-    embeddings: bool = typer.Option(False, "--embeddings/--no-embeddings", help="Also analyse embedding/head matrices."),
+    k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
+    eps: float = typer.Option(_D.eps, help="Intruder test: max |cos| threshold."),
+    k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
+    k_spec: str = typer.Option(_kstr(_D.k_spec), help="Singular values kept per spectrum ('all')."),
+    sim_k: int = typer.Option(_D.sim_k, help="Size of the stored |U0^T Ut| similarity block."),
+    mode: str = typer.Option(_D.mode, help="exact (paper's full SVDs) or fast (structured solvers)."),
+    dtype: str = typer.Option(_D.dtype, help="float32 or float64 for every decomposition and every update."),
+    pairs: bool = typer.Option(_D.pairs, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
+    embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
+                                    help="Also analyse embedding/head matrices."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work (sharing one base SVD)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
@@ -254,8 +260,8 @@ def crawl(
     limit: Optional[int] = typer.Option(None, help="At most N repos per base model and kind."),
     include: List[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
-    mode: str = typer.Option("exact", help="exact or fast."),
-    k_store: str = typer.Option("32", help="Per-vector records kept per side ('all')."),
+    mode: str = typer.Option(_D.mode, help="exact or fast."),
+    k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all')."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
@@ -359,8 +365,8 @@ def mitigate(
     adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
     lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values (PEFT's mitigation_lambda)."),
-    k: int = typer.Option(10, help="Top-k singular vectors tested (PEFT's top_k)."),
-    eps: float = typer.Option(0.5, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
+    k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
+    eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
     base: Optional[str] = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
     force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out (never other files)."),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from .errors import ConfigError
@@ -37,7 +37,6 @@ class AnalysisConfig:
     mode: Mode = "exact"
     dtype: Dtype = "float32"
     include_embeddings: bool = False
-    extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         for name in ("k", "k_store", "k_spec", "sim_k", "pair_max"):

@@ -13,7 +13,7 @@ from .config import AnalysisConfig
 
 if TYPE_CHECKING:
     from .io.refs import ModelRef
-    from .run.execute import RunSummary
+    from .run.execute import Executor, RunSummary
     from .run.plan import Plan
     from .run.unit import UnitOutcome
 
@@ -28,7 +28,7 @@ def esc(x: object) -> str:
 
 
 def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
-                 address: Optional[str] = None, executor: str = "ray",
+                 address: Optional[str] = None, executor: Executor = "ray",
                  max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto") -> RunSummary:
     """zoospectra.analyze with the CLI's plan summary, progress bar and run summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

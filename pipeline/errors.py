@@ -6,6 +6,12 @@ only know `ValueError`/`FileNotFoundError` still catch them.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+from datetime import datetime, timezone
+from typing import Literal, Optional, Protocol
+
 
 class ZoospectraError(Exception):
     """Base class. `context` holds structured fields (file, repo, tensor, ...) for error rows."""
@@ -139,3 +145,49 @@ class SchemaMismatchError(ResultsError, TypeError):
 class AdapterWeightsError(AdapterError, ValueError):
     """An adapter's tensors do not fit together (factor ranks or dimensions disagree, a factor
     that must be a matrix is not 2-D): the file cannot describe the update its config claims."""
+
+
+# --- the one `errors` row and the one redactor ---------------------------------------------
+Stage = Literal["plan", "load", "analyze", "execute", "write", "hub", "discover"]
+MESSAGE_LIMIT = 2000  # a Ray task failure carries the worker's whole traceback
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+class _Model(Protocol):
+    uid: str
+    model_id: str
+
+
+def redact(text: str) -> str:
+    """`text` with Hub tokens masked: this process's own (HF_TOKEN) and anything token-like.
+
+    Error rows, model rows and logs quote files and servers written by strangers, and Ray
+    tracebacks quote whatever a worker saw; none of it may carry a secret."""
+    for var in _TOKEN_VARS:
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def error_row(stage: Stage, err: BaseException, *, model: Optional[_Model] = None,
+              model_id: Optional[str] = None, tensor: Optional[str] = None) -> dict:
+    """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id, which the writer adds.
+
+    `model` is a pinned ModelRef; `model_id` names a repo that could not be pinned (hub
+    discovery). Message and context are redacted and the message capped at MESSAGE_LIMIT."""
+    ctx = {k: str(v) for k, v in (getattr(err, "context", None) or {}).items()}
+    message = redact(str(err))
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + " ..."
+    return {
+        "model_uid": model.uid if model is not None else None,
+        "model_id": model.model_id if model is not None else model_id,
+        "tensor": tensor or ctx.get("tensor"),
+        "stage": stage,
+        "error_type": type(err).__name__,
+        "message": message,
+        "context_json": redact(json.dumps(ctx, sort_keys=True)),
+        "at": datetime.now(timezone.utc),
+    }

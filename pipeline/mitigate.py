@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .adapters import PeftAdapter, match_base_key, open_artifact
+from .config import AnalysisConfig
 from .io.checkpoint import Checkpoint
 from .outputs import claim_output, replace_output
 from .errors import (
@@ -60,8 +61,8 @@ class MitigationParams:
     """PEFT's reduce_intruder_dimension parameters: top_k, threshold_epsilon, mitigation_lambda."""
 
     lam: float = 0.75
-    k: int = 10
-    eps: float = 0.5
+    k: int = AnalysisConfig.k      # the paper's (and PEFT's) top 10, |cos| < 0.5
+    eps: float = AnalysisConfig.eps
     dtype: str = "float32"  # PEFT decomposes in float32 (fp16/bf16 are upcast)
 
     def __post_init__(self) -> None:

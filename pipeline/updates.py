@@ -6,7 +6,7 @@ in PyTorch's [out, in] layout (fan_in_fan_out already undone).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -37,7 +37,11 @@ class MatrixUpdate:
     scale: Optional[float] = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
     norm_a: Optional[float] = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
     norm_b: Optional[float] = None
-    notes: dict[str, str] = field(default_factory=dict)
+    # The init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) rewrote the base before training: dW is
+    # relative to a modified base. Stored as matrices.base_rewritten.
+    base_rewritten: bool = False
+    # Caveats a reader of this matrix's numbers must know (stored as matrices.warnings).
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         factored = self.B is not None and self.A is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, runs.n_solver_fallbacks
+SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -88,10 +88,11 @@ MATRICES = pa.schema(
         _f("intruders_v", _i32, False, "same, right singular vectors"),
         _f("amplification", _f64, doc="||dW||_F / ||U^T W0 V^T||_F, top-r of dW (Hu et al. 7.3)"),
         _f("amp_rank", _i32, doc="r used for amplification"),
-        _f("base_rewritten", _bool),
+        _f("base_rewritten", _bool, doc="init (pissa, olora, corda, ...) rewrote the base: dW is against a modified base"),
         _f("mode", _str, False, "exact|fast"),
         _f("device", _str, False),
         _f("seconds", _f64, False),
+        _f("warnings", pa.list_(_str), doc="caveats of this matrix's numbers (modified base, bias also updated, ...)"),
     ]
 )
 
@@ -169,7 +170,7 @@ ERRORS = pa.schema(
         _f("model_uid", _str),
         _f("model_id", _str),
         _f("tensor", _str),
-        _f("stage", _str, False, "plan|load|analyze|write|hub"),
+        _f("stage", _str, False, "plan|load|analyze|execute|write|hub|discover (zoospectra.errors.Stage)"),
         _f("error_type", _str, False),
         _f("message", _str, False),
         _f("context_json", _str),

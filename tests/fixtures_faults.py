@@ -1,20 +1,18 @@
 """Shared by the reliability tests (test_faults, test_secrets, test_load) and bench/load_crawl.py:
 three tiny real LoRAs on MiniLM's query matrices, and row comparisons that ignore bookkeeping.
 
-    from fixtures_faults import tiny_loras  # noqa: F401   (a session fixture)
+The fixture is registered by conftest.py (pytest_plugins); tests take `tiny_loras` as an argument.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
 
 import duckdb
 import pytest
 
+from rows import unit_files
 from zoospectra.demo.zoo import build_zoo, lora
 
-# Columns that differ between runs of the same work: bookkeeping, and the batch a row came from.
-VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at"}
 # Per-member tables: a member's rows do not depend on which batch it was analysed in (pairs do).
 MEMBER_TABLES = ("matrices", "vectors", "spectra", "similarity")
 # Natural key of each per-member table: a duplicate is two rows with the same key.
@@ -34,23 +32,6 @@ def tiny_loras(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three real LoRAs (6 query matrices each). Built once per session: build_zoo skips an output
     that is already there, and every module asks for the same directory."""
     return build_zoo(tmp_path_factory.getbasetemp() / "tiny_loras", tiny_lora_specs(), steps=3)
-
-
-def unit_files(root: Path, table: str) -> list[str]:
-    return sorted(str(p) for p in (root / "units").glob(f"*/{table}.parquet"))
-
-
-def table_rows(root: Path, table: str, models: Optional[Iterable[str]] = None) -> list[tuple]:
-    """Rows of a table under a results root, volatile columns dropped, sorted (optionally only of
-    some model ids)."""
-    files = unit_files(root, table)
-    if not files:
-        return []
-    rel = duckdb.read_parquet(files)
-    cols = [c for c in rel.columns if c not in VOLATILE]
-    if models is not None:
-        rel = rel.filter("model_id IN (" + ", ".join(f"'{m}'" for m in models) + ")")
-    return sorted(rel.select(", ".join(f'"{c}"' for c in cols)).fetchall(), key=repr)
 
 
 def duplicates(root: Path) -> dict[str, int]:

@@ -1,6 +1,7 @@
-"""Pytest fixtures for the loopback Hub: import them into a test module with
+"""Pytest fixtures for the loopback Hub and the helpers that go with them:
 
-    from fixtures_hub import fake_hub, hub_options, publish_dir, safetensors_bytes  # noqa: F401
+    fake_hub, hub_options, module_hub: fixtures (registered by conftest.py's pytest_plugins)
+    from fixtures_hub import publish_dir, safetensors_bytes, serving_hub   # helpers
 
 (`module_hub` is the same server shared by a whole module; `hub_env` gives a subprocess the
 environment that reaches it.)

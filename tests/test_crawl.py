@@ -20,10 +20,10 @@ from typing import Iterator, Optional
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from rows import assert_rows_close
+from rows import VOLATILE as _BOOKKEEPING, assert_rows_close, table_rows as shared_table_rows
 import torch
 
-from fixtures_hub import fake_hub, hub_env, hub_options, module_hub, safetensors_bytes  # noqa: F401
+from fixtures_hub import hub_env, safetensors_bytes
 from hub_server import FakeHub
 from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.io.hub import HubOptions
@@ -38,7 +38,7 @@ N_REPOS = 52
 BATCH = 64                       # >= N_REPOS: one unit per base matrix, W0 read once
 # Columns that legitimately differ between a crawl and a local analysis of the same files:
 # bookkeeping, and the uids (they hash the source: hub repo@sha vs local name@content hash).
-VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at", "model_uid", "base_uid"}
+VOLATILE = _BOOKKEEPING | {"model_uid", "base_uid"}
 TABLES = ("matrices", "vectors", "spectra", "similarity")
 # Ray runs each task with one BLAS thread; the in-process reference does the same, so both take
 # the same LAPACK path (near-degenerate tail vectors of Wt are not stable across thread counts).
@@ -147,16 +147,8 @@ def local_ray() -> Iterator[None]:
 
 # --- helpers ----------------------------------------------------------------------------
 def table_rows(root: Path, table: str, run_id: Optional[str] = None) -> list[tuple]:
-    """Rows of a table (of one run), volatile columns dropped, sorted by their non-float values."""
-    files = sorted(str(p) for p in (root / "units").glob(f"*/{table}.parquet"))
-    if not files:
-        return []
-    rel = duckdb.read_parquet(files)
-    cols = [c for c in rel.columns if c not in VOLATILE]
-    if run_id is not None:
-        rel = rel.filter(f"run_id = '{run_id}'")
-    rows = rel.select(", ".join(f'"{c}"' for c in cols)).fetchall()
-    return sorted(rows, key=lambda r: repr(tuple(x for x in r if not isinstance(x, float))))
+    """rows.table_rows without the uids: hub refs and local refs of one adapter differ only there."""
+    return shared_table_rows(root, table, run_id=run_id, volatile=VOLATILE)
 
 
 def error_rows(root: Path) -> list[dict]:

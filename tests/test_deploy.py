@@ -5,6 +5,7 @@ batch/v1 CronJob), and every file they reference must exist in the repo.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from zoospectra.config import ALL
 from zoospectra.errors import ConfigError
-from zoospectra.jobs.entrypoint import main
+from zoospectra.jobs.entrypoint import build_parser, main
 from zoospectra.jobs.spec import CrawlSpec, validate_cron
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,13 +148,15 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
 
 def _check_entrypoint(command: str, where: str) -> None:
     words = shlex.split(command)
-    assert "zoospectra.jobs.entrypoint" in words, f"{where}: runs the crawl entrypoint"
-    spec_path = words[words.index("--spec") + 1]
-    assert spec_path.startswith(IMAGE_ROOT), f"{where}: spec path must be absolute in the image"
-    local = REPO / spec_path[len(IMAGE_ROOT):]
-    assert local.is_file(), f"{where}: {spec_path} is not in the repo"
+    assert words[:3] == ["python", "-m", "zoospectra.jobs.entrypoint"], f"{where}: runs the crawl entrypoint"
+    # the module resolves to the installed package's entrypoint, and accepts exactly these arguments
+    found = importlib.util.find_spec(words[2])
+    assert found is not None and Path(found.origin).read_bytes() == (REPO / "jobs" / "entrypoint.py").read_bytes()
+    args = build_parser().parse_args(words[3:])                 # SystemExit on an unknown flag
+    assert args.spec.startswith(IMAGE_ROOT), f"{where}: spec path must be absolute in the image"
+    local = REPO / args.spec[len(IMAGE_ROOT):]
+    assert local.is_file(), f"{where}: {args.spec} is not in the repo"
     CrawlSpec.load(local)
-    assert (REPO / "jobs" / "entrypoint.py").is_file()
 
 
 def test_raycluster() -> None:
@@ -168,7 +171,10 @@ def test_rayjob() -> None:
     _check_ray_cluster_spec(spec["rayClusterSpec"], "RayJob.rayClusterSpec")
     assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode",
                                                          "SidecarMode")
-    assert isinstance(spec.get("shutdownAfterJobFinishes", False), bool)
+    # a finished job must tear its cluster (GPU workers included) down, and KubeRay only deletes
+    # it after ttlSecondsAfterFinished when shutdownAfterJobFinishes is true
+    assert spec.get("shutdownAfterJobFinishes") is True
+    assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
     yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
 
 

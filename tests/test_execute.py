@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
-from rows import assert_rows_close
+from rows import assert_rows_close, table_rows
 
 from zoospectra.run.store import ResultsStore
 from zoospectra.demo.zoo import ZooSpec, build_zoo, lora
 
-VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at"}
 TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 
 
@@ -40,16 +38,6 @@ def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProces
 def analyze_args(minilm_dir: Path, zoo: list[Path], out: Path, *extra: str) -> list[str]:
     return ["analyze", str(minilm_dir), *[f"{p.name}={p}" for p in zoo], "--out", str(out),
             "--pairs", "--batch-size", "1", *extra]
-
-
-def table_rows(root: Path, table: str) -> list[tuple]:
-    """All rows of a table under a results root, volatile columns dropped, sorted."""
-    files = sorted(str(p) for p in (root / "units").glob(f"*/{table}.parquet"))
-    if not files:
-        return []
-    rel = duckdb.read_parquet(files)
-    cols = [c for c in rel.columns if c not in VOLATILE]
-    return sorted(rel.select(", ".join(f'"{c}"' for c in cols)).fetchall(), key=repr)
 
 
 @pytest.fixture(scope="session")

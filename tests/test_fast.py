@@ -25,7 +25,7 @@ from zoospectra.spectral import fast as fast_mod
 from zoospectra.spectral.krylov import DenseOperator, LowRankUpdate, orthonormal_extension, top_triplets
 from zoospectra.updates import MatrixUpdate
 
-from fixtures_zoo import base_path_of, zoo  # noqa: F401
+from fixtures_zoo import base_path_of
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 EPS_SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
@@ -381,7 +381,7 @@ def test_real_minilm_lora(minilm_lora_updates, force_krylov: bool, monkeypatch) 
             check_stats(ref, item, w0d, 64, rtol=1e-6 if dtype == "float64" else 1e-4)
 
 
-def test_every_matrix_of_the_real_zoo(zoo, krylov_always) -> None:  # noqa: F811
+def test_every_matrix_of_the_real_zoo(zoo, krylov_always) -> None:
     """Every matrix of every artifact of the session zoo (PEFT-made LoRA, rsLoRA, DoRA, AdaLoRA,
     LoHa, LoKr, VeRA, IA3, embedding LoRA, modules_to_save, full fine-tunes; MiniLM, GPT-2 and
     Llama-shaped bases): the fast engine in float64 against the numpy reference, the acceptance

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fixtures_faults import MEMBER_TABLES, duplicates, table_rows, tiny_loras  # noqa: F401
-from fixtures_hub import fake_hub  # noqa: F401
+from fixtures_faults import MEMBER_TABLES, duplicates
+from rows import table_rows
 from zoospectra.config import AnalysisConfig
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
@@ -76,7 +76,7 @@ def reference(minilm_dir: Path, tiny_loras: list[Path], tmp_path_factory: pytest
 
 def assert_same_rows(out: Path, reference: Path, ids: tuple[str, ...] = IDS, exact: bool = True) -> None:
     for table in MEMBER_TABLES:
-        got, want = table_rows(out, table, ids), table_rows(reference, table, ids)
+        got, want = table_rows(out, table, models=ids), table_rows(reference, table, models=ids)
         assert len(got) == len(want) > 0, table
         if exact:
             assert got == want, table

@@ -14,6 +14,7 @@ base, absurd configs, pickles that would run code, paths and symlinks that leave
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rows import table_rows
 
 from zoospectra import errors as E
 from zoospectra.adapters import open_artifact, read_base
@@ -40,14 +42,12 @@ from zoospectra.run.plan import build_plan
 from zoospectra.io.refs import local_ref
 from zoospectra.spectral import analyze_batch
 
-from fixtures_faults import tiny_loras  # noqa: F401
 
 torch.set_num_threads(1)
 
 Q0 = "encoder.layer.0.attention.self.query"
 A0, B0 = f"base_model.model.{Q0}.lora_A.weight", f"base_model.model.{Q0}.lora_B.weight"
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
-VOLATILE = {"run_id", "unit_id", "seconds", "device", "created_at", "at"}
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -320,8 +320,38 @@ CASES = [
 BY_NAME = {c.name: c for c in CASES}
 
 
-def test_the_corpus_is_large_and_unique() -> None:
+def _tree_digest(artifact: Path, siblings: bool = True) -> str:
+    """Hash of what a case left on disk in its artifact directory and (siblings=True) beside it:
+    names relative to the artifact, file bytes, and symlink targets (not followed: an escaping
+    link is the corruption)."""
+    h = hashlib.sha256()
+    paths = sorted(artifact.parent.rglob("*") if siblings else artifact.rglob("*"))
+    for p in paths:
+        if p == artifact:
+            continue
+        name = p.relative_to(artifact) if p.is_relative_to(artifact) else Path("..", p.relative_to(artifact.parent))
+        h.update(str(name).encode())
+        if p.is_symlink():
+            h.update(b"->" + os.readlink(p).encode())
+        elif p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_every_case_corrupts_the_good_adapter(hostile: dict[str, Path], goods: list[Path],
+                                             base_ckpt: "Checkpoint") -> None:
+    """A builder that silently left the good adapter unchanged would make its case test nothing
+    (the good one loads fine): every case must differ on disk from the good adapter and from
+    every other case."""
     assert len(CASES) >= 30 and len(BY_NAME) == len(CASES)
+    attempt(goods[0], base_ckpt, "good")                      # the source of every case is sound
+    good = _tree_digest(goods[0], siblings=False)
+    digests = {name: _tree_digest(path) for name, path in hostile.items()}
+    assert good not in digests.values(), [n for n, d in digests.items() if d == good]
+    same: dict[str, list[str]] = {}
+    for name, d in digests.items():
+        same.setdefault(d, []).append(name)
+    assert all(len(names) == 1 for names in same.values()), [n for n in same.values() if len(n) > 1]
 
 
 @pytest.fixture(scope="session")
@@ -361,14 +391,6 @@ def test_good_adapters_pass_the_same_checks(goods: list[Path], base_ckpt: Checkp
 
 
 # --- one job with every case beside two good adapters ---------------------------------------
-def unit_rows(root: Path, table: str, model_ids: set[str]) -> list[tuple]:
-    files = sorted(str(p) for p in (root / "units").glob(f"*/{table}.parquet"))
-    rel = duckdb.read_parquet(files)
-    cols = [c for c in rel.columns if c not in VOLATILE]
-    rows = [dict(zip(cols, r)) for r in rel.select(", ".join(f'"{c}"' for c in cols)).fetchall()]
-    return sorted((tuple(r.values()) for r in rows if r.get("model_id") in model_ids), key=repr)
-
-
 def errors_by_model(root: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for p in sorted((root / "errors").glob("*/*.parquet")):
@@ -390,7 +412,7 @@ def assert_every_case_is_an_error_row(root: Path, cases: list[Case], names: dict
 
 def assert_good_rows_complete(root: Path, reference: Path, good_ids: set[str]) -> None:
     for table in UNIT_TABLES:
-        got, want = unit_rows(root, table, good_ids), unit_rows(reference, table, good_ids)
+        got, want = table_rows(root, table, models=good_ids), table_rows(reference, table, models=good_ids)
         assert len(got) == len(want) > 0, table
         for g, w in zip(got, want):
             assert _close(g, w), (table, g, w)

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fixtures_hub import fake_hub, hub_options, safetensors_bytes  # noqa: F401
+from fixtures_hub import safetensors_bytes
 from hub_server import LISTING, FakeHub
 from zoospectra.errors import HubAccessError, HubNotFoundError, HubUnavailableError
-from zoospectra.io.hub import HubFileSource, HubOptions, discover, error_record, pin, unanalysed
+from zoospectra.errors import error_row
+from zoospectra.io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, unanalysed
 from zoospectra.schemas.tables import to_table
 
 BASE = "org/tiny-base"
@@ -231,7 +232,7 @@ def test_token_never_in_messages_logs_or_error_rows(fake_hub: FakeHub, hub_optio
         errors.append(info.value)
     assert any(r.authorized for r in fake_hub.requests())               # the token was sent
     texts = [str(e) for e in errors] + [repr(e.context) for e in errors]
-    texts += [json.dumps(error_record(e, "x", "y"), default=str) for e in errors]
+    texts += [json.dumps(error_row("hub", e, model=pinned_ref("x", "y")), default=str) for e in errors]
     assert "retry" in caplog.text and TOKEN not in caplog.text
     assert not any(TOKEN in t for t in texts)
     assert all(e.__cause__ is None for e in errors)                      # no request objects chained

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_studies import StudyZoo, one_thread, study_zoo  # noqa: F401
+from fixtures_studies import StudyZoo, one_thread
 from zoospectra.errors import CheckpointNotFoundError, ConfigError, UnsupportedAdapterError
 from zoospectra.mitigate import MitigationParams, mitigate_adapter
 from zoospectra.demo.zoo import minilm_dir

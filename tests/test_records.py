@@ -47,7 +47,7 @@ def _unit() -> tuple[np.ndarray, list[MatrixUpdate], UnitContext]:
                      rank=4, alpha=8.0, scale=2.0, norm_a=1.5, norm_b=3.0),
         MatrixUpdate(tensor=TENSOR, kind="lora", shape=(M, N), B=torch.tensor(b2), A=torch.tensor(a2),
                      rank=6, alpha=6.0, scale=1.0, norm_a=0.0, norm_b=1.0,
-                     notes={"base_rewritten": "true"}),
+                     base_rewritten=True, warnings=("dW is relative to a modified base",)),
         MatrixUpdate(tensor=TENSOR, kind="full", shape=(M, N), role="linear",
                      dense=torch.tensor(np.zeros((M, N)))),  # an untouched matrix: dW = 0
     ]
@@ -104,7 +104,9 @@ def test_matrices_rows(unit) -> None:
         assert row["intruders_v"] == int(np.sum(np.abs(vth[:10] @ v0h.T).max(axis=1) < 0.5))
     first, second, zero = rows
     assert first["ab_ratio"] == 2.0 and second["ab_ratio"] is None  # norm_a = 0: no ratio
-    assert first["base_rewritten"] is None and second["base_rewritten"] is True
+    # the typed fields reach their columns (the loader side: test_pissa.py, a real PiSSA adapter)
+    assert (first["base_rewritten"], first["warnings"]) == (False, [])
+    assert (second["base_rewritten"], second["warnings"]) == (True, ["dW is relative to a modified base"])
     assert first["intruders_u"] > 0  # the fixture exercises a nonzero count
     sd = np.linalg.svd(updates[0].materialize(torch.float64).numpy(), compute_uv=False)[:4]
     p = sd / sd.sum()

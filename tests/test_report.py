@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures_studies import BASE_ID, StudyZoo, study_zoo  # noqa: F401
+from fixtures_studies import BASE_ID, StudyZoo
 from zoospectra.study.report import build_report
 from zoospectra.study.studies import STUDIES
 

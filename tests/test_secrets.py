@@ -26,8 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fixtures_faults import tiny_loras  # noqa: F401
-from fixtures_hub import hub_env, module_hub  # noqa: F401
+from fixtures_hub import hub_env
 from hub_server import FakeHub
 from zoospectra.errors import InvalidNameError
 from zoospectra.run.store import ResultsStore, model_file_name

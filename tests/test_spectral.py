@@ -115,7 +115,7 @@ def ref_intruders(cos: np.ndarray, k: int, eps: float) -> int:
 
 
 def ref_eff_rank(sd: np.ndarray, shape: tuple[int, int]) -> float:
-    keep = sd[sd > max(shape) * np.finfo(np.float64).eps * sd[0]]
+    keep = sd[sd > 0.5 * math.sqrt(shape[0] + shape[1] + 1) * np.finfo(np.float64).eps * sd[0]]
     p = keep / keep.sum()
     return float(math.exp(-sum(pi * math.log(pi) for pi in p)))
 

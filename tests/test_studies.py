@@ -16,9 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fixtures_studies import (BASE_ID, CFG, CKPT_STEPS, EngineNumbers, StudyZoo,  # noqa: F401
-                              engine, one_thread, study_zoo)
-from fixtures_hub import fake_hub, hub_options  # noqa: F401
+from fixtures_studies import BASE_ID, CFG, CKPT_STEPS, EngineNumbers, StudyZoo, one_thread
 from zoospectra.errors import ConfigError, ResultsError
 from zoospectra.study.studies import (STUDIES, Scope, checkpoint_refs, connect_scoped, parse_param,
                                 run_study, save_plot, sql_literal, svg_text)

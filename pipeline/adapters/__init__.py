@@ -17,29 +17,28 @@ from typing import TYPE_CHECKING, Optional, Union
 from ..errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .common import Artifact, Files, Target, match_base_key, read_base, role_of
 from .full import FullFinetune
-from .peft_adapter import BASE_REWRITING_INITS, PeftAdapter, get_pattern_key
+from .peft_adapter import BASE_REWRITING_INITS, PEFT_TYPES, PeftAdapter, PeftType, get_pattern_key
 
 if TYPE_CHECKING:
     from ..io.checkpoint import FileSource
 
 __all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "open_artifact", "read_base",
-           "match_base_key", "role_of", "get_pattern_key", "BASE_REWRITING_INITS"]
+           "match_base_key", "role_of", "get_pattern_key", "BASE_REWRITING_INITS", "PEFT_TYPES", "PeftType"]
 
 _PICKLES = ("adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "training_args.bin")
 
 
-def open_artifact(location: Union[str, os.PathLike, "FileSource"], *, model_id: Optional[str] = None,
-                  revision: Optional[str] = None) -> Artifact:
+def open_artifact(location: Union[str, os.PathLike, "FileSource"], *, model_id: Optional[str] = None) -> Artifact:
     """A PEFT adapter or a full fine-tune, from a local directory or any FileSource."""
     files = Files(location)
     if files.exists("adapter_config.json"):
         if files.exists("adapter_model.safetensors"):
-            return PeftAdapter(files, model_id=model_id, revision=revision)
+            return PeftAdapter(files, model_id=model_id)
         _refuse_pickles(files)
         raise CheckpointNotFoundError("adapter_config.json found but no adapter_model.safetensors",
                                       file=files.path("adapter_model.safetensors"))
     if files.exists("model.safetensors") or files.exists("model.safetensors.index.json"):
-        return FullFinetune(files, model_id=model_id, revision=revision)
+        return FullFinetune(files, model_id=model_id)
     _refuse_pickles(files)
     raise CheckpointNotFoundError(
         "no adapter_config.json + adapter_model.safetensors and no model.safetensors(.index.json) here",

@@ -55,7 +55,6 @@ class Artifact(ABC):
     """A fine-tuned artifact (PEFT adapter or full fine-tune) relative to a base checkpoint."""
 
     model_id: str
-    revision: Optional[str]
     kind: str  # lora|dora|adalora|loha|lokr|vera|ia3|full|mixed
 
     @abstractmethod
@@ -68,8 +67,11 @@ class Artifact(ABC):
 
     @abstractmethod
     def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None) -> MatrixUpdate:
-        """The exact dW for one base matrix; `w0` ([out, in], as read_base returns) avoids a re-read."""
+                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+        """The exact dW for one base matrix; `w0` ([out, in], as read_base returns) avoids a re-read.
+
+        `dtype` (float32 or float64) is the precision every product of the update is formed and
+        kept in: a float64 run must not see float32 rounding noise in its dW."""
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -258,6 +260,8 @@ def mismatch(msg: str, *, artifact: str, base_name: str, tensor: str, base_tenso
     return BaseMismatchError(msg, file=artifact, base=base_name, tensor=tensor, base_tensor=base_tensor)
 
 
-def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, **extra: object) -> MatrixUpdate:
-    return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.float().contiguous(),
+def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype = torch.float32,
+                 **extra: object) -> MatrixUpdate:
+    """A dense MatrixUpdate kept in the run's precision (`dtype`): float64 runs keep float64 dW."""
+    return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.to(dtype).contiguous(),
                         role=target.role, **extra)

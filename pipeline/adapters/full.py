@@ -27,10 +27,9 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 class FullFinetune(Artifact):
     kind = "full"
 
-    def __init__(self, files: Files, *, model_id: Optional[str] = None, revision: Optional[str] = None) -> None:
+    def __init__(self, files: Files, *, model_id: Optional[str] = None) -> None:
         self.files = files
         self.model_id = model_id or files.name.rstrip("/").split("/")[-1]
-        self.revision = revision
         self.config_text = files.read_text("config.json") if files.exists("config.json") else None
         self.config = files.read_json("config.json") if self.config_text is not None else {}
         self.ckpt = files.open_checkpoint()
@@ -84,11 +83,11 @@ class FullFinetune(Artifact):
         return [t for _, t in self._plan.values()]
 
     def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None) -> MatrixUpdate:
+                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         target = self._target(target_or_tensor, base)
         if target.tensor not in self._plan:
             self.targets(base)
         key, target = self._plan[target.tensor]
         w_ft = read(self.ckpt, key, self._location, torch.float64)
         w_ft = w_ft.T if target.transpose else w_ft
-        return dense_update(target, w_ft - checked_w0(w0, base, target, torch.float64), "full")
+        return dense_update(target, w_ft - checked_w0(w0, base, target, torch.float64), "full", dtype)

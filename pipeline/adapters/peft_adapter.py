@@ -39,18 +39,54 @@ if TYPE_CHECKING:
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
-_KIND: dict[str, UpdateKind] = {"LORA": "lora", "ADALORA": "adalora", "LOHA": "loha", "LOKR": "lokr",
-                                "VERA": "vera", "IA3": "ia3"}
-_REQUIRED = {"LORA": ("r", "lora_alpha"), "ADALORA": ("init_r", "lora_alpha"), "LOHA": ("r", "alpha"),
-             "LOKR": ("r", "alpha"), "VERA": ("r", "projection_prng_key"), "IA3": ()}
-_SUFFIXES = {
-    "LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector.weight",
-             "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"),
-    "ADALORA": ("lora_A", "lora_B", "lora_E", "ranknum"),
-    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-    "VERA": ("vera_lambda_b", "vera_lambda_d"),
-    "IA3": ("ia3_l",),
+
+
+@dataclass(frozen=True)
+class PeftType:
+    """Everything zoospectra knows about one peft_type, in one place.
+
+    kind:      the UpdateKind of its matrices (LoRA modules with a magnitude vector become "dora").
+    required:  adapter_config.json fields without which the update is undefined.
+    suffixes:  the adapter tensor suffixes ("<module>.<suffix>") of this type.
+    ndim:      dimensions of the suffixes that are not 2-D matrices (None: not checked here).
+    chains:    (left, right) suffix pairs whose product left @ right the math forms.
+    compute:   the PeftAdapter method that turns one module's tensors into a MatrixUpdate.
+    """
+
+    kind: UpdateKind
+    required: tuple[str, ...]
+    suffixes: tuple[str, ...]
+    ndim: tuple[tuple[str, Optional[int]], ...] = ()
+    chains: tuple[tuple[str, str], ...] = ()
+    compute: str = ""
+
+    def dims(self, suffix: str) -> Optional[int]:
+        return dict(self.ndim).get(suffix, 2)
+
+
+PEFT_TYPES: dict[str, PeftType] = {
+    "LORA": PeftType(
+        "lora", ("r", "lora_alpha"),
+        ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector.weight",
+         "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"),
+        ndim=(("lora_B.bias", 1), ("lora_magnitude_vector", 1), ("lora_magnitude_vector.weight", 1)),
+        chains=(("lora_B.weight", "lora_A.weight"), ("lora_embedding_B", "lora_embedding_A")),
+        compute="_lora"),
+    "ADALORA": PeftType(
+        "adalora", ("init_r", "lora_alpha"), ("lora_A", "lora_B", "lora_E", "ranknum"),
+        ndim=(("ranknum", None),), chains=(("lora_B", "lora_A"),), compute="_adalora"),
+    "LOHA": PeftType(
+        "loha", ("r", "alpha"), ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+        ndim=(("hada_t1", None), ("hada_t2", None)),
+        chains=(("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")), compute="_loha"),
+    "LOKR": PeftType(
+        "lokr", ("r", "alpha"), ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+        ndim=(("lokr_t2", None),), chains=(("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")),
+        compute="_lokr"),
+    "VERA": PeftType(
+        "vera", ("r", "projection_prng_key"), ("vera_lambda_b", "vera_lambda_d"),
+        ndim=(("vera_lambda_b", 1), ("vera_lambda_d", 1)), compute="_vera"),
+    "IA3": PeftType("ia3", (), ("ia3_l",), compute="_ia3"),
 }
 # init_lora_weights values whose init subtracts B @ A (or a quantisation residual) from the base:
 # the saved factors are then a delta against a modified base (lora/layer.py *_init methods).
@@ -60,12 +96,6 @@ _REFUSED_OPTIONS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "ve
                     "monteclora_config", "kasa_config", "use_qalora", "layer_replication",
                     "target_parameters", "trainable_token_indices", "megatron_config")
 PREFIX = "base_model.model."
-# Dimensions of each adapter tensor (default 2); None: not checked here (refused or scalar-like).
-_NDIM: dict[str, Optional[int]] = {
-    "lora_B.bias": 1, "lora_magnitude_vector": 1, "lora_magnitude_vector.weight": 1,
-    "vera_lambda_b": 1, "vera_lambda_d": 1, "ranknum": None, "hada_t1": None, "hada_t2": None,
-    "lokr_t2": None,
-}
 _BOOL_OPTIONS = ("use_rslora", "use_dora", "fan_in_fan_out")
 
 
@@ -96,13 +126,12 @@ class _Module:
 
 
 class PeftAdapter(Artifact):
-    def __init__(self, files: Files, *, model_id: Optional[str] = None, revision: Optional[str] = None) -> None:
+    def __init__(self, files: Files, *, model_id: Optional[str] = None) -> None:
         self.files = files
         self._location = files.path(WEIGHTS)
         self.config_text = files.read_text(CONFIG)
         self.config = files.read_json(CONFIG)
         self.model_id = model_id or files.name.rstrip("/").split("/")[-1]
-        self.revision = revision
         self.peft_type = self._peft_type()
         self._validate_config()
         self.ckpt = files.open_checkpoint(WEIGHTS)
@@ -119,18 +148,19 @@ class PeftAdapter(Artifact):
             raise self._cfg_error("missing field 'peft_type'; is this a PEFT adapter_config.json?",
                                   field="peft_type")
         ptype = str(self.config["peft_type"]).upper()
-        if ptype not in _KIND:
+        if ptype not in PEFT_TYPES:
             raise UnsupportedAdapterError(
                 f"peft_type {ptype!r} is not supported; zoospectra computes exact updates for "
-                f"{sorted(_KIND)} only", file=self.files.path(CONFIG), peft_type=ptype)
+                f"{sorted(PEFT_TYPES)} only", file=self.files.path(CONFIG), peft_type=ptype)
         return ptype
 
     def _validate_config(self) -> None:
-        for name in _REQUIRED[self.peft_type]:
+        required = PEFT_TYPES[self.peft_type].required
+        for name in required:
             if self.config.get(name) is None:
                 raise self._cfg_error(f"missing field {name!r} required for {self.peft_type}", field=name)
         for name in ("r", "init_r"):
-            if name in _REQUIRED[self.peft_type] and not _is_pos_int(self.config[name]):
+            if name in required and not _is_pos_int(self.config[name]):
                 raise self._cfg_error(f"{name} must be a positive integer below 2**31, got {self.config[name]!r}",
                                       field=name)
         targets = self.config.get("target_modules")
@@ -199,7 +229,7 @@ class PeftAdapter(Artifact):
 
     # --- keys -----------------------------------------------------------------------------
     def _group_keys(self) -> tuple[dict[str, _Module], dict[str, str]]:
-        suffixes = sorted(_SUFFIXES[self.peft_type], key=len, reverse=True)
+        suffixes = sorted(PEFT_TYPES[self.peft_type].suffixes, key=len, reverse=True)
         mts = self.config.get("modules_to_save") or []
         modules: dict[str, _Module] = {}
         shared: dict[str, str] = {}
@@ -220,14 +250,14 @@ class PeftAdapter(Artifact):
                 continue
             raise UnsupportedAdapterError(
                 f"tensor {key!r} is not a {self.peft_type} parameter zoospectra knows "
-                f"(expected a suffix in {list(_SUFFIXES[self.peft_type])} or a modules_to_save module)",
+                f"(expected a suffix in {list(PEFT_TYPES[self.peft_type].suffixes)} or a modules_to_save module)",
                 file=self._location, tensor=key)
         if not modules:
             raise AdapterConfigError("adapter holds no adapter tensors", file=self._location)
         return modules, shared
 
     def _artifact_kind(self) -> str:
-        kind = _KIND[self.peft_type]
+        kind = PEFT_TYPES[self.peft_type].kind
         if kind == "lora" and (self.config.get("use_dora") or any(
                 "lora_magnitude_vector" in k for m in self.modules.values() for k in m.keys)):
             kind = "dora"
@@ -281,7 +311,7 @@ class PeftAdapter(Artifact):
         k, pt = mod.keys, self.peft_type
         self._check_factors(mod)
         fifo = bool(self.config.get("fan_in_fan_out", False))
-        kind: UpdateKind = _KIND[pt]
+        kind: UpdateKind = PEFT_TYPES[pt].kind
         role = role_of(base_key)
         if pt == "LORA" and "lora_embedding_A" in k:
             need = {"lora_embedding_A", "lora_embedding_B"}
@@ -337,16 +367,13 @@ class PeftAdapter(Artifact):
     def _check_factors(self, mod: _Module) -> None:
         """Factors that cannot be multiplied are refused from headers, before any compute."""
         k, pt = mod.keys, self.peft_type
+        spec = PEFT_TYPES[pt]
         for suffix, key in k.items():
-            want = _NDIM.get(suffix, 2)
+            want = spec.dims(suffix)
             if want is not None and len(self._shape(key)) != want:
                 raise AdapterWeightsError(f"{key!r} has shape {self._shape(key)}; a {pt} {suffix} must be "
                                           f"{want}-D: the adapter file is malformed", file=self._location, tensor=key)
-        pairs = {"LORA": [("lora_B.weight", "lora_A.weight"), ("lora_embedding_B", "lora_embedding_A")],
-                 "ADALORA": [("lora_B", "lora_A")],
-                 "LOHA": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")],
-                 "LOKR": [("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")]}.get(pt, [])
-        for left, right in pairs:  # left @ right must be defined
+        for left, right in spec.chains:  # left @ right must be defined
             if left in k and right in k and self._shape(k[left])[1] != self._shape(k[right])[0]:
                 raise AdapterWeightsError(
                     f"{k[left]!r} {self._shape(k[left])} and {k[right]!r} {self._shape(k[right])} disagree on "
@@ -410,45 +437,48 @@ class PeftAdapter(Artifact):
 
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None) -> MatrixUpdate:
+                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         target = self._target(target_or_tensor, base)
         if not hasattr(self, "_plan") or target.tensor not in self._plan:
             self.targets(base)
         mod, target = self._plan[target.tensor]
+        # Every product is formed in `dtype` from the stored factors (float64 runs stay float64:
+        # a float32 product would add rounding noise singular values of ~1e-7 s1 to a low-rank dW).
+        self._dtype = dtype
         upd = self._compute(mod, target, base, w0)
+        warnings = list(upd.warnings)
         if self.base_rewritten:
-            upd.notes["warning"] = (
+            upd.base_rewritten = True
+            warnings.append(
                 f"init_lora_weights={self.init!r} rewrote the base before training: dW is relative to a "
                 "modified base, not to this checkpoint (save with path_initial_model_for_weight_conversion "
                 "to get a plain LoRA against the original base)")
         if "lora_B.bias" in mod.keys:
-            upd.notes["bias"] = "lora_bias: the bias is updated too (not part of this matrix)"
+            warnings.append("lora_bias: the bias is updated too (not part of this matrix)")
         if "ia3_l" in mod.keys and self._shape(mod.keys["ia3_l"])[1] == 1:
-            upd.notes["bias"] = "IA3 on outputs also scales the bias (not part of this matrix)"
+            warnings.append("IA3 on outputs also scales the bias (not part of this matrix)")
+        upd.warnings = tuple(warnings)
         return upd
 
-    def _t(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return read(self.ckpt, key, self._location, dtype)
+    def _t(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One adapter tensor, upcast to the requested precision (float64 where the formula needs it)."""
+        return read(self.ckpt, key, self._location, dtype or getattr(self, "_dtype", torch.float32))
 
     def _compute(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
-        k, pt = mod.keys, self.peft_type
         if mod.replacement:
-            new = self._t(k["weight"], torch.float64)
-            return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save")
-        if pt == "LORA":
-            return self._lora(mod, t, base, w0)
-        if pt == "ADALORA":
-            return self._adalora(mod, t)
-        if pt == "LOHA":
-            r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
-            w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-            return dense_update(t, F.loha_dense(*w, scale), "loha", rank=r, alpha=alpha, scale=scale)
-        if pt == "LOKR":
-            return self._lokr(mod, t)
-        if pt == "VERA":
-            return self._vera(mod, t)
+            new = self._t(mod.keys["weight"], torch.float64)
+            return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save", self._dtype)
+        return getattr(self, PEFT_TYPES[self.peft_type].compute)(mod, t, base, w0)
+
+    def _loha(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+        k = mod.keys
+        r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
+        w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        return dense_update(t, F.loha_dense(*w, scale), "loha", self._dtype, rank=r, alpha=alpha, scale=scale)
+
+    def _ia3(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         w0_64 = checked_w0(w0, base, t, torch.float64)
-        return dense_update(t, F.ia3_dense(w0_64, self._t(k["ia3_l"], torch.float64)), "ia3")
+        return dense_update(t, F.ia3_dense(w0_64, self._t(mod.keys["ia3_l"], torch.float64)), "ia3", self._dtype)
 
     def _lora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         k = mod.keys
@@ -468,9 +498,9 @@ class PeftAdapter(Artifact):
                                     f"{t.shape} weight", file=self._location, tensor=mag_key, base_tensor=t.tensor)
         dw = F.dora_dense(checked_w0(w0, base, t, torch.float64), B, A, mag, per_column=embedding)
         info.pop("role")
-        return dense_update(t, dw, "dora", **info)
+        return dense_update(t, dw, "dora", self._dtype, **info)
 
-    def _adalora(self, mod: _Module, t: Target) -> MatrixUpdate:
+    def _adalora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         k, c = mod.keys, self.config
         a, b, e = self._t(k["lora_A"]), self._t(k["lora_B"]), self._t(k["lora_E"])  # [r, n], [m, r], [r, 1]
         rank, init_r, alpha = a.shape[0], int(c["init_r"]), float(c["lora_alpha"])
@@ -487,10 +517,9 @@ class PeftAdapter(Artifact):
         B, A, eff = F.adalora_factors(a, b, e, scale, ranknum)
         info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=frobenius(a), norm_b=frobenius(b))
         if rank == 0:  # every singular value pruned: PEFT keeps an empty module
-            return dense_update(t, torch.zeros(t.shape), "adalora", **info)
-        return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role,
-                            notes={"E": "A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)"},
-                            **info)
+            return dense_update(t, torch.zeros(t.shape), "adalora", self._dtype, **info)
+        # A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)
+        return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role, **info)
 
     def _adalora_pattern_rank(self, path: str) -> Optional[int]:
         """AdaLoRA's rank_pattern maps parameter names ("...query.lora_E") to boolean keep-masks."""
@@ -500,7 +529,7 @@ class PeftAdapter(Artifact):
                 return int(sum(bool(x) for x in mask))
         return None
 
-    def _lokr(self, mod: _Module, t: Target) -> MatrixUpdate:
+    def _lokr(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         k = mod.keys
         r, alpha = self.rank_alpha(mod.path)
         for name in ("lokr_w1_a", "lokr_w2_a"):
@@ -509,9 +538,10 @@ class PeftAdapter(Artifact):
         w1 = self._t(k["lokr_w1"]) if "lokr_w1" in k else self._t(k["lokr_w1_a"]) @ self._t(k["lokr_w1_b"])
         w2 = self._t(k["lokr_w2"]) if "lokr_w2" in k else self._t(k["lokr_w2_a"]) @ self._t(k["lokr_w2_b"])
         scale = alpha / r
-        return dense_update(t, F.lokr_dense(w1, w2, scale, t.shape), "lokr", rank=r, alpha=alpha, scale=scale)
+        return dense_update(t, F.lokr_dense(w1, w2, scale, t.shape), "lokr", self._dtype,
+                            rank=r, alpha=alpha, scale=scale)
 
-    def _vera(self, mod: _Module, t: Target) -> MatrixUpdate:
+    def _vera(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
         k, r = mod.keys, int(self.config["r"])
         lam_b, lam_d = self._t(k["vera_lambda_b"]), self._t(k["vera_lambda_d"])   # [m], [r]
         if lam_d.numel() != r:
@@ -523,10 +553,10 @@ class PeftAdapter(Artifact):
             raise BaseMismatchError(f"shared VeRA projections {tuple(vera_b.shape)}/{tuple(vera_a.shape)} are "
                                     f"smaller than module {mod.path!r} ({m} x {n})",
                                     file=self._location, tensor=k["vera_lambda_b"], base_tensor=t.tensor)
-        B, A = F.vera_factors(lam_b, lam_d, vera_a, vera_b, m, n)
+        B, A = F.vera_factors(lam_b, lam_d, vera_a.to(lam_b.dtype), vera_b.to(lam_b.dtype), m, n)
+        # norm_a / norm_b are of lambda_d * A and lambda_b * B (VeRA's A and B are frozen and shared)
         return MatrixUpdate(tensor=t.tensor, kind="vera", shape=t.shape, B=B, A=A, role=t.role, rank=r,
-                            scale=1.0, norm_a=frobenius(A), norm_b=frobenius(B),
-                            notes={"norms": "norm_a/norm_b are of lambda_d * A and lambda_b * B"})
+                            scale=1.0, norm_a=frobenius(A), norm_b=frobenius(B))
 
     def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self, "_vera_ab"):

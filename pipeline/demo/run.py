@@ -24,7 +24,9 @@ zoospectra sql {out} "
   SELECT model_id, sum(n_intruders) AS intruders_top10_eps05
   FROM intruders(0.5, 10) GROUP BY model_id ORDER BY intruders_top10_eps05 DESC"
 zoospectra sql {out} "SELECT * FROM intruder_curve(10) WHERE model_id LIKE 'lora_r8%'"
-duckdb -c "SELECT module, avg(eff_rank) FROM read_parquet('{out}/units/*/matrices.parquet') GROUP BY ALL\""""
+zoospectra sql {out} "SELECT module, avg(eff_rank) FROM matrices GROUP BY ALL ORDER BY ALL"
+zoospectra report {out} --out {out}-report
+zoospectra shell {out}        # an interactive DuckDB shell with the same views and macros"""
 
 
 def _quiet_libraries() -> None:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,8 +36,10 @@ from ..errors import (
     HubUnreachableError,
     UnsafeCheckpointError,
     ZoospectraError,
+    error_row,
+    redact,
 )
-from .identity import artifact_uid
+from .identity import Pinned
 
 logger = logging.getLogger("zoospectra.io.hub")
 T = TypeVar("T")
@@ -49,7 +50,6 @@ WHOLE_FILES = ("adapter_model.safetensors",)
 WHOLE_SUFFIXES = (".json", ".txt", ".md")
 # Expanded listing properties: enough to pin, filter and catalog without one call per repo.
 LIST_EXPAND = ["sha", "siblings", "gated", "lastModified", "private"]
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,6 @@ class HubOptions:
 
 
 # --- errors and retries ------------------------------------------------------------------
-def _redact(text: str) -> str:
-    return _TOKEN_LIKE.sub("hf_***", text)
-
-
 def _status(err: BaseException) -> Optional[int]:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
@@ -101,7 +97,7 @@ def _server_reason(err: BaseException) -> str:
     if response is None:
         return type(err).__name__
     msg = response.headers.get("X-Error-Message") or ""
-    return _redact(f"HTTP {response.status_code}" + (f" ({msg})" if msg else ""))
+    return redact(f"HTTP {response.status_code}" + (f" ({msg})" if msg else ""))
 
 
 def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> Optional[float]:
@@ -497,16 +493,9 @@ def unanalysed(entries: Iterable[CatalogEntry], analysed: Iterable[tuple[str, st
     return [e for e in entries if e.key not in done]
 
 
-def error_record(err: BaseException, repo_id: Optional[str], sha: Optional[str] = None,
-                 stage: str = "hub") -> dict:
-    """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id."""
-    ctx = {k: str(v) for k, v in (getattr(err, "context", None) or {}).items()}
-    model_uid = artifact_uid("hub", repo_id, sha) if repo_id and sha else None
-    return {
-        "model_uid": model_uid, "model_id": repo_id, "tensor": ctx.get("tensor"),
-        "stage": stage, "error_type": type(err).__name__, "message": _redact(str(err)),
-        "context_json": json.dumps(ctx, sort_keys=True), "at": datetime.now(timezone.utc),
-    }
+def pinned_ref(repo_id: str, sha: Optional[str]) -> Optional[Pinned]:
+    """repo@sha as the identity of an `errors` row; None when no sha is known."""
+    return Pinned("hub", repo_id, sha) if sha else None
 
 
 def discover(base_models: list[str], *, include_full: bool = False, limit: Optional[int] = None,
@@ -536,7 +525,7 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
                     lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
                     "list models", opts, repo=base, filter=",".join(filters))
             except HubError as err:
-                found.errors.append(error_record(err, base))
+                found.errors.append(error_row("hub", err, model_id=base))
                 continue
             for i, info in enumerate(listed, 1):
                 if on_progress:  # checking a repo is a request or two: minutes for thousands
@@ -547,7 +536,7 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
                 try:
                     found.entries.append(_admit(info, kind, base, opts))
                 except ZoospectraError as err:
-                    found.errors.append(error_record(err, info.id, info.sha))
+                    found.errors.append(error_row("hub", err, model=pinned_ref(info.id, info.sha), model_id=info.id))
     found.entries.sort()
     return found
 

@@ -12,10 +12,10 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ..errors import HubError, ZoospectraError
-from ..io.hub import HubFileSource, HubOptions, discover, error_record, pin, weights_file
+from ..errors import HubError, ZoospectraError, error_row
+from ..io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, weights_file
 from ..io.refs import ModelRef, hub_ref
-from .execute import new_run_id, run_plan
+from .execute import Executor, new_run_id, run_plan
 from .plan import build_plan
 from .store import ResultsStore
 
@@ -49,7 +49,7 @@ class CrawlSummary:
         return sum(b.units_done for b in self.bases)
 
 
-def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: str = "ray",
+def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: Executor = "ray",
               command: str = "", on_progress: Optional[Callable[[int, int, str], None]] = None
               ) -> CrawlSummary:
     """One crawl: discovery + catalog + plan + execute, one run per base model.
@@ -60,7 +60,7 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
     return summary
 
 
-def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
+def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Executor,
                 command: str, on_progress: Optional[Callable[[int, int, str], None]] = None) -> BaseCrawl:
     store = ResultsStore(spec.out)
     store.repair()  # damaged units go to quarantine/ (recorded in _verify.json) and are recomputed
@@ -81,12 +81,12 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: str,
         plan = build_plan(base_ref, [hub_ref(e.repo_id, e.sha, options) for e in found.entries], spec.analysis,
                           batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
     except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
-        errors.append(error_record(err, base, report.base_sha, stage="plan"))
+        errors.append(error_row("plan", err, model=pinned_ref(base, report.base_sha), model_id=base))
         plan = None
     if plan is not None:
         if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
             executor = "local"
-        result = run_plan(plan, spec.out, run_id=run_id, executor=executor,  # type: ignore[arg-type]
+        result = run_plan(plan, spec.out, run_id=run_id, executor=executor,
                           address=spec.ray_address, command=command)
         report.units, report.units_done = result.n_units, result.n_done
         report.units_skipped, report.units_failed = result.n_skipped, result.n_failed

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
 from ..config import AnalysisConfig
-from ..errors import ClusterUnreachableError, ConfigError
-from .plan import Plan, WorkUnit, error_row
+from ..errors import ClusterUnreachableError, ConfigError, error_row
+from .plan import Plan, WorkUnit
 from .unit import UnitOutcome, process_unit
 
 log = logging.getLogger(__name__)
@@ -220,14 +220,9 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task):
 def _task_failure(unit: WorkUnit, err: Exception, run_id: str, root: str) -> UnitOutcome:
     from .store import ResultsStore
 
+    # the same redacted, capped row as every other stage: a Ray traceback quotes whatever the
+    # worker saw, tokens included
     rows = [dict(error_row("execute", err, model=m, tensor=unit.tensor), run_id=run_id,
-                 unit_id=unit.unit_id, message=_short(err)) for m in unit.members]
+                 unit_id=unit.unit_id) for m in unit.members]
     ResultsStore(root).write_errors(run_id, unit.unit_id, rows)
     return UnitOutcome(unit.unit_id, "failed", n_failed=len(rows), errors=rows)
-
-
-def _short(err: Exception) -> str:
-    text = str(err)
-    return text if len(text) < 2000 else text[:2000] + " ..."
-
-

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..config import AnalysisConfig
+from ..errors import error_row, redact
 from ..io.refs import ModelRef
+
+if TYPE_CHECKING:
+    from ..updates import Role
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class WorkUnit:
     base: ModelRef
     tensor: str                      # base checkpoint key
     shape: tuple[int, int]           # [out, in] after any transpose
-    role: str
+    role: Role
     members: tuple[ModelRef, ...]    # artifacts whose update of `tensor` this unit analyses
     transpose_w0: bool = False       # GPT-2 Conv1D stores [in, out]
 
@@ -47,36 +49,6 @@ class Plan:
 def unit_id_for(base: ModelRef, tensor: str, members: Sequence[ModelRef], cfg: AnalysisConfig) -> str:
     key = json.dumps([base.uid, tensor, sorted(m.uid for m in members), cfg.fingerprint()])
     return hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
-_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-
-
-def redact(text: str) -> str:
-    """`text` with Hub tokens masked: this process's own (HF_TOKEN) and anything token-like.
-    Error rows and model rows quote files written by strangers; none of it may carry a secret."""
-    for var in _TOKEN_VARS:
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-    return _TOKEN_LIKE.sub("hf_***", text)
-
-
-def error_row(stage: str, err: BaseException, *, model: ModelRef | None = None,
-              tensor: str | None = None) -> dict:
-    """An `errors` row (run_id / unit_id are filled in by whoever writes it)."""
-    ctx = getattr(err, "context", {}) or {}
-    return {
-        "model_uid": model.uid if model else None,
-        "model_id": model.model_id if model else None,
-        "tensor": tensor or ctx.get("tensor"),
-        "stage": stage,
-        "error_type": type(err).__name__,
-        "message": redact(str(err)),
-        "context_json": redact(json.dumps({k: str(v) for k, v in ctx.items()}, sort_keys=True)),
-        "at": datetime.now(timezone.utc),
-    }
 
 
 def build_plan(
@@ -106,7 +78,7 @@ def build_plan(
     models, errors, n_done_pairs = [], [], 0
     for ref in sorted(set(artifacts)):
         try:
-            art = open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+            art = open_artifact(ref.open_source(), model_id=ref.model_id)
             targets = art.targets(base_ckpt)
             skipped = [f"{key}: {why}" for key, why in art.skipped]
             if not cfg.include_embeddings:  # reported, kept apart: the paper studies the linear layers

@@ -45,14 +45,6 @@ def split_tensor_key(key: str) -> tuple[Optional[int], str]:
     return None, path
 
 
-def _flag(notes: dict[str, str], name: str) -> Optional[bool]:
-    """A boolean note set by the adapter loader ("true"/"false"), None when absent."""
-    value = notes.get(name)
-    if value is None:
-        return None
-    return str(value).strip().lower() in ("1", "true", "yes")
-
-
 def _float(x: Optional[float]) -> Optional[float]:
     return None if x is None or not np.isfinite(x) else float(x)
 
@@ -76,7 +68,7 @@ def _matrix_row(ctx: UnitContext, member: tuple[str, str], update: MatrixUpdate,
         "intr_k": item.intr_k, "intr_eps": item.intr_eps,
         "intruders_u": item.intruders_u, "intruders_v": item.intruders_v,
         "amplification": _float(item.amplification), "amp_rank": item.amp_rank,
-        "base_rewritten": _flag(update.notes, "base_rewritten"),
+        "base_rewritten": update.base_rewritten, "warnings": list(update.warnings),
         "mode": item.mode, "device": device, "seconds": item.seconds,
     }
 

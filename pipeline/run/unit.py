@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Literal, Optional
 
 from ..config import AnalysisConfig
-from ..errors import ZoospectraError
-from .plan import WorkUnit, error_row
+from ..errors import ZoospectraError, error_row
+from .plan import WorkUnit
 from ..io.refs import ModelRef
 
 if TYPE_CHECKING:
@@ -28,10 +28,13 @@ if TYPE_CHECKING:
     from ..updates import MatrixUpdate
 
 
+UnitStatus = Literal["done", "skipped", "failed"]
+
+
 @dataclass
 class UnitOutcome:
     unit_id: str
-    status: str                     # done | skipped | failed
+    status: UnitStatus
     n_done: int = 0                 # members analysed
     n_failed: int = 0               # members that became error rows
     seconds: float = 0.0
@@ -61,7 +64,7 @@ def _checkpoint(ref: ModelRef):
 def _artifact(ref: ModelRef):
     from ..adapters import open_artifact
 
-    return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
+    return open_artifact(ref.open_source(), model_id=ref.model_id)
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +81,11 @@ def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfi
 
 
 def _maybe_crash_for_tests() -> None:
-    """Fault injection for the worker-crash test: the first task to claim the marker dies hard."""
+    """Fault injection for the worker-crash test: the first task to claim the marker dies hard;
+    ZOOSPECTRA_TEST_FAIL_UNIT=<message> makes every task raise, for the task-failure path."""
+    failure = os.environ.get("ZOOSPECTRA_TEST_FAIL_UNIT")
+    if failure:
+        raise RuntimeError(failure)
     marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
     if marker:
         try:
@@ -91,6 +98,7 @@ def _maybe_crash_for_tests() -> None:
 
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
                  device: str = "cpu") -> UnitOutcome:
+    from ..spectral.inputs import torch_dtype
     from .records import UnitContext, unit_tables
     from .store import ResultsStore
 
@@ -111,7 +119,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     updates, members = [], []
     for ref in unit.members:
         try:
-            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0))
+            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0, dtype=torch_dtype(cfg.dtype)))
             members.append(ref)
         except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))

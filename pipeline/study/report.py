@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 import pyarrow as pa
 
 from .._version import __version__
+from ..config import AnalysisConfig
 from ..errors import ResultsError
 from .studies import STUDIES, Scope, Study, connect_scoped, run_study, svg_text
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "index.html"
 MAX_TABLE_ROWS = 40
-SUMMARY_SQL = "SELECT * FROM model_summary(eps := 0.5, k := 10)"
+SUMMARY_SQL = f"SELECT * FROM model_summary(eps := {AnalysisConfig.eps}, k := {AnalysisConfig.k})"
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;

@@ -7,7 +7,7 @@
 
 A Scope narrows the views (models, matrices, vectors, spectra, similarity, pairs) to the models
 of one base and/or some kinds, so every macro answers for that subset unchanged. matplotlib is
-imported only when a figure is drawn (the `plot` extra), always with the Agg backend.
+imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast), always with the Agg backend.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
+from ..config import AnalysisConfig
 from ..errors import ConfigError, ResultsError
 from ..io.refs import ModelRef, local_ref
 
@@ -255,7 +256,8 @@ def _pyplot() -> "ModuleType":
     try:
         import matplotlib
     except ImportError as e:  # the `plot` extra
-        raise ConfigError("plots need matplotlib: pip install 'zoospectra[plot]'") from e
+        raise ConfigError("plots need matplotlib, a dependency of zoospectra: reinstall it "
+                          "(pip install --force-reinstall zoospectra)") from e
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -282,15 +284,58 @@ def _by(rows: Sequence[dict], key: str) -> dict[Any, list[dict]]:
     return out
 
 
-def _colors(n: int) -> list:
+LEGEND_FONTSIZE = 9   # ~12 px in the report at 1400 px wide (7 pt rendered about 6 px)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styles(keys: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+    """One distinct (colour, marker, line style) per key, fixed for the whole figure.
+
+    Ten tab10 colours; past ten, each further block of ten reuses them with another marker and
+    line style, so no two series share a look (tab20's pairs are two shades of one hue, and a
+    colour cycle restarted per panel gave unrelated models the same blue)."""
     plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+    cmap = plt.get_cmap("tab10")
+    return {key: {"color": cmap(i % 10), "marker": _MARKERS[(i // 10) % len(_MARKERS)],
+                  "ls": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
+            for i, key in enumerate(keys)}
+
+
+def _colors(n: int) -> list:
+    return [s["color"] for s in _styles(range(max(n, 1))).values()]
 
 
 def _legend(ax: "Axes", n: int) -> None:
+    """Beside the axes, not over the data; two columns once it gets long."""
     if n:
-        ax.legend(fontsize=7, loc="best", frameon=False, ncol=1 if n <= 8 else 2)
+        ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                  ncol=1 if n <= 12 else 2, borderaxespad=0.0)
+
+
+def _fig_legend(fig: "Figure", axes: Iterable["Axes"]) -> None:
+    """One legend for every panel of a figure, each label once, outside on the right."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        handles = dict(sorted(handles.items()))
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper",
+                   fontsize=LEGEND_FONTSIZE, frameon=False, ncol=1 if len(handles) <= 16 else 2)
+
+
+def _log_ticks(axis: Any) -> None:
+    """Readable log-axis labels: plain numbers, denser steps on short ranges, no minor labels
+    (matplotlib labels minor ticks on short ranges, and those overlapped). Call after plotting."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.2 else (1.0, 2.0, 5.0) if decades < 3 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10.0, subs=subs, numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 # --- the figures -----------------------------------------------------------------------------
@@ -298,20 +343,26 @@ def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
     """Fig. 5: one panel per kind; one line per model (colour by rank)."""
     plt = _pyplot()
     rows = _rows(table)
-    kinds = _by(rows, "kind")
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False,
+    kinds = sorted(_by(rows, "kind").items(), key=lambda kv: str(kv[0]))
+    ncols = min(3, max(1, len(kinds)))     # wrapped, so the page never shrinks a wide figure
+    nrows = max(1, math.ceil(len(kinds) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols + 2.6, 3.2 * nrows), squeeze=False,
                              sharey=True, layout="constrained")
-    for ax, (kind, krows) in zip(axes[0], sorted(kinds.items(), key=lambda kv: str(kv[0]))):
-        models = _by(krows, "model_uid")
-        for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+    style = _styles(sorted({(r["kind"] or "", r["r"] or 0, r["model_id"], r["model_uid"]) for r in rows}))
+    for ax, (kind, krows) in zip(axes.flat, kinds):
+        for _, mrows in sorted(_by(krows, "model_uid").items(), key=lambda kv: _label(kv[1][0])):
             mrows = sorted(mrows, key=lambda r: r["eps"])
-            ax.plot([r["eps"] for r in mrows], [r["n_intruders"] for r in mrows], marker="o",
-                    ms=3, color=color, label=f"{_label(mrows[0])} (r={mrows[0]['r']})"
-                    if mrows[0]["r"] is not None else _label(mrows[0]))
+            first = mrows[0]
+            ax.plot([r["eps"] for r in mrows], [r["n_intruders"] for r in mrows], ms=4,
+                    **style[(first["kind"] or "", first["r"] or 0, first["model_id"], first["model_uid"])],
+                    label=f"{_label(first)} (r={first['r']})" if first["r"] is not None else _label(first))
         ax.set_title(f"{kind}")
         ax.set_xlabel("eps (max |cos| threshold)")
-        _legend(ax, len(models))
-    axes[0][0].set_ylabel(f"intruders in top {params.get('k')} (sum over matrices)")
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel(f"intruders in top {params.get('k')}\n(sum over matrices)")
+    _fig_legend(fig, axes.flat)
     fig.suptitle("Intruder dimensions vs eps (Shuttleworth et al. Fig. 5)")
     return fig
 
@@ -321,14 +372,16 @@ def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
     plt = _pyplot()
     rows = _rows(table)
     models = _by(rows, "model_uid")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), layout="constrained")
+    ordered = sorted(models.items(), key=lambda kv: _label(kv[1][0]))
+    style = _styles([uid for uid, _ in ordered])
+    for uid, mrows in ordered:
         mrows = sorted(mrows, key=lambda r: r["fraction"])
-        ax.plot([r["fraction"] for r in mrows], [r["n_intruders"] for r in mrows], marker="o",
-                ms=3, color=color, label=f"{_label(mrows[0])} ({_group_key(mrows[0])})")
+        ax.plot([r["fraction"] for r in mrows], [r["n_intruders"] for r in mrows], ms=4,
+                **style[uid], label=f"{_label(mrows[0])} ({_group_key(mrows[0])})")
     ax.set_xscale("log")
     fractions = sorted({r["fraction"] for r in rows})
-    ax.set_xticks(fractions, [f"{f:g}" for f in fractions], rotation=45, fontsize=8)
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions], rotation=45, fontsize=9)
     ax.minorticks_off()
     ax.set_xlabel("fraction of singular vectors examined (k / min(m, n))")
     ax.set_ylabel(f"intruders at eps = {params.get('eps')} (sum over matrices)")
@@ -347,22 +400,21 @@ def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.8, 3.2 * nrows), squeeze=False,
                              layout="constrained")
     model_ids = sorted({(r["model_id"], r["model_uid"]) for r in rows})
-    color_of = dict(zip(model_ids, _colors(len(model_ids))))
+    style = _styles(model_ids)
     for ax, module in zip(axes.flat, modules):
         mrows = [r for r in rows if r["module"] == module]
         for key, lrows in sorted(_by(mrows, "model_uid").items()):
             lrows = sorted(lrows, key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in lrows], [r["eff_rank"] for r in lrows], marker="o", ms=3,
-                    color=color_of[(lrows[0]["model_id"], key)], label=_label(lrows[0]))
-        ax.set_title(module, fontsize=9)
+            ax.plot([r["layer"] for r in lrows], [r["eff_rank"] for r in lrows], ms=4,
+                    **style[(lrows[0]["model_id"], key)], label=_label(lrows[0]))
+        ax.set_title(module, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_yscale("log")
+        _log_ticks(ax.yaxis)
     for ax in list(axes.flat)[len(modules):]:
         ax.axis("off")
     axes[0][0].set_ylabel("effective rank of dW")
-    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7,
-               frameon=False)
+    _fig_legend(fig, axes.flat)
     fig.suptitle("Effective rank of the update by layer and module (Fig. 6)")
     return fig
 
@@ -405,7 +457,7 @@ def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
     ax1.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')})")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("mean effective rank of dW")
-    _legend(ax1, len(series))
+    _fig_legend(fig, [ax1])
     fig.suptitle("Evolution over checkpoints (Fig. 7)")
     return fig
 
@@ -426,7 +478,7 @@ def plot_alpha(table: pa.Table, params: Params) -> "Figure":
         ax.set_xlabel("LoRA rank r")
     ax1.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')})")
     ax2.set_ylabel("mean ||dW||_F / ||W0||_F")
-    _legend(ax1, len(rules))
+    _fig_legend(fig, [ax1])
     fig.suptitle("alpha = 2r versus fixed alpha")
     return fig
 
@@ -435,12 +487,14 @@ def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
     """LoRA+: ||B||_F against ||A||_F per matrix; B under-trained sits below the diagonal."""
     plt = _pyplot()
     models = _by(_rows(table), "model_uid")
-    fig, ax = plt.subplots(figsize=(5.6, 4.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.6, 4.8), layout="constrained")
     lo, hi = math.inf, 0.0
-    for color, (_, mrows) in zip(_colors(len(models)), models.items()):
+    ordered = sorted(models.items(), key=lambda kv: _label(kv[1][0]))
+    style = _styles([uid for uid, _ in ordered])
+    for uid, mrows in ordered:
         a = [r["norm_a"] for r in mrows]
         b = [r["norm_b"] for r in mrows]
-        ax.scatter(a, b, s=14, color=color, label=_label(mrows[0]))
+        ax.scatter(a, b, s=18, color=style[uid]["color"], marker=style[uid]["marker"], label=_label(mrows[0]))
         positive = [v for v in a + b if v > 0]
         if positive:
             lo, hi = min(lo, min(positive)), max(hi, max(positive))
@@ -448,6 +502,8 @@ def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label="||B|| = ||A||")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _log_ticks(ax.xaxis)
+    _log_ticks(ax.yaxis)
     ax.set_xlabel("||A||_F")
     ax.set_ylabel("||B||_F")
     ax.set_title("LoRA A/B norm balance (LoRA+)")
@@ -489,17 +545,17 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
     return fig
 
 
-_EPS_K = (("eps", 0.5), ("k", 10))
+_EPS_K = (("eps", AnalysisConfig.eps), ("k", AnalysisConfig.k))
 
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("intruders-eps", "Intruder dimensions vs eps", "Shuttleworth et al. 2024, Fig. 5",
-          "study_intruders_eps", (("k", 10),), plot_intruders_eps,
+          "study_intruders_eps", (("k", AnalysisConfig.k),), plot_intruders_eps,
           "any analysed model",
           "Per model, intruders among the top k singular vectors of every fine-tuned matrix, "
           "summed over matrices, for eps = 0.1 .. 0.9; grouped by kind, coloured by rank."),
     Study("intruders-fraction", "Intruders vs fraction of singular vectors examined",
           "Shuttleworth et al. 2024, Fig. 11", "study_intruders_fraction",
-          (("eps", 0.5), ("fractions", [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0])),
+          (("eps", AnalysisConfig.eps), ("fractions", [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0])),
           plot_intruders_fraction,
           "any analysed model (fractions above K_store / min(m, n) need --k-store all)",
           "k as a fraction of each matrix; only fractions every matrix of a model stored "
@@ -509,7 +565,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           "any analysed model", "Roy-Vetterli effective rank of the update, per layer and module."),
     Study("similarity", "Similarity of singular vectors, one matrix",
           "Shuttleworth et al. 2024, Figs 1 and 3", "study_similarity",
-          (("model_name", None), ("tensor_name", None), ("eps", 0.5)), plot_similarity,
+          (("model_name", None), ("tensor_name", None), ("eps", AnalysisConfig.eps)), plot_similarity,
           "a similarity block (analysed with sim_k >= 1)",
           "|<u0_i, ut_j>| for the top singular vectors of the pre-trained and fine-tuned matrix; "
           "by default the matrix with the most intruders."),

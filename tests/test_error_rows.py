@@ -1,0 +1,55 @@
+"""One `errors` row and one redactor for every stage, the Ray task-failure path included."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from zoospectra.demo.zoo import build_zoo, lora
+from zoospectra.errors import MESSAGE_LIMIT, AdapterConfigError, error_row
+
+ENV_SECRET = "s3cret-not-token-shaped-0042"           # HF_TOKEN of this process: masked by value
+TOKEN_LIKE = "hf_QwErTyUiOpAsDfGhJkLzXcVbNm1234"      # anyone's token: masked by shape
+
+
+@pytest.fixture(scope="module")
+def one_lora(tmp_path_factory) -> Path:
+    return build_zoo(tmp_path_factory.mktemp("zoo"), [lora("lora_q", 4, 8, targets=("query",))], steps=1)[0]
+
+
+@pytest.mark.slow
+def test_ray_task_failure_stores_redacted_message(minilm_dir, one_lora, tmp_path) -> None:
+    """A task that raises on a real local Ray worker: the driver's row carries no secret."""
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_TOKEN": ENV_SECRET,
+           "ZOOSPECTRA_TEST_FAIL_UNIT": f"worker saw {ENV_SECRET} and {TOKEN_LIKE}"}
+    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
+                           f"q={one_lora}", "--out", str(out), "--batch-size", "6"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 3, proc.stderr                      # completed, with error rows
+    rows = duckdb.sql(f"SELECT stage, error_type, message, context_json, model_id, tensor "
+                      f"FROM read_parquet('{out}/errors/*/*.parquet')").fetchall()
+    assert len(rows) == 6 and {r[0] for r in rows} == {"execute"}  # one row per layer's member
+    for stage, error_type, message, context, model_id, tensor in rows:
+        assert "worker saw *** and hf_***" in message, message     # the worker's own text, masked
+        assert ENV_SECRET not in message + context and TOKEN_LIKE not in message + context
+        assert error_type.startswith("RayTaskError") and model_id == "q" and "query" in tensor
+        assert len(message) <= MESSAGE_LIMIT + 4
+    stored = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert ENV_SECRET.encode() not in stored and TOKEN_LIKE.encode() not in stored
+    assert ENV_SECRET not in proc.stderr + proc.stdout
+
+
+def test_error_row_redacts_context_and_caps_message(monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    err = AdapterConfigError("x" * 5000 + ENV_SECRET, file=f"/cache/{TOKEN_LIKE}/adapter_config.json",
+                             tensor="layer.0.q")
+    row = error_row("plan", err)
+    assert len(row["message"]) == MESSAGE_LIMIT + 4 and row["message"].endswith(" ...")
+    assert json.loads(row["context_json"]) == {"file": "/cache/hf_***/adapter_config.json", "tensor": "layer.0.q"}
+    assert row["tensor"] == "layer.0.q" and row["model_uid"] is None and row["stage"] == "plan"
