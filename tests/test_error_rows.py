@@ -26,8 +26,9 @@ def one_lora(tmp_path_factory) -> Path:
 def test_ray_task_failure_stores_redacted_message(minilm_dir, one_lora, tmp_path) -> None:
     """A task that raises on a real local Ray worker: the driver's row carries no secret."""
     out = tmp_path / "results"
-    env = {**os.environ, "HF_TOKEN": ENV_SECRET,
-           "ZOOSPECTRA_TEST_FAIL_UNIT": f"worker saw {ENV_SECRET} and {TOKEN_LIKE}"}
+    inject = str(Path(__file__).parent / "inject")  # sitecustomize: units raise in Ray workers only
+    env = {**os.environ, "HF_TOKEN": ENV_SECRET, "INJECT_UNIT_FAILURE": f"worker saw {ENV_SECRET} and {TOKEN_LIKE}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
                            f"q={one_lora}", "--out", str(out), "--batch-size", "6"],
                           capture_output=True, text=True, env=env, timeout=600)

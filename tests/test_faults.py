@@ -28,6 +28,7 @@ import torch
 
 from fixtures_faults import MEMBER_TABLES, duplicates
 from rows import table_rows
+from workers import WorkerKiller
 from zoospectra.config import AnalysisConfig
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
@@ -160,18 +161,21 @@ def test_ray_cli_driver_killed_with_a_dead_worker_resumes(minilm_dir: Path, tiny
                                                           reference: Path, tmp_path: Path) -> None:
     """A real `zoospectra analyze` on a local Ray: one worker dies hard (retried), then the whole
     process group (driver and Ray) is killed at a random point; a rerun finishes the job."""
-    out, marker = tmp_path / "results", tmp_path / "worker-crashed"
+    out = tmp_path / "results"
     cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
            *[f"{n}={p}" for n, p in zip(IDS, tiny_loras)], "--out", str(out), "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **ONE_THREAD, "ZOOSPECTRA_TEST_CRASH_ONCE": str(marker)})
+                            env={**os.environ, **ONE_THREAD})
+    killer = WorkerKiller()  # one worker SIGKILLed from outside while it runs a unit
+    killer.start()
     n = random.Random(KILL_SEED + 1).randint(3, 12)
     wait_for_units(out, n, proc, timeout=300)
+    killer.stop()
     assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     settle(out)  # a worker may finish the commit it was in, a moment after its raylet died
-    assert marker.exists(), "a Ray worker must have died mid-task (and its task been retried)"
+    assert killer.killed is not None, "a Ray worker must have died mid-task (and its task been retried)"
     partial = len(ResultsStore(out).done_units())
     assert n <= partial < 18
     assert_only_whole_units_visible(out)

@@ -80,22 +80,6 @@ def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfi
     return w0, base_svd(w0, cfg, device, tensor=tensor)
 
 
-def _maybe_crash_for_tests() -> None:
-    """Fault injection for the worker-crash test: the first task to claim the marker dies hard;
-    ZOOSPECTRA_TEST_FAIL_UNIT=<message> makes every task raise, for the task-failure path."""
-    failure = os.environ.get("ZOOSPECTRA_TEST_FAIL_UNIT")
-    if failure:
-        raise RuntimeError(failure)
-    marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
-    if marker:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(17)
-
-
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
                  device: str = "cpu") -> UnitOutcome:
     from ..spectral.inputs import torch_dtype
@@ -106,7 +90,6 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     store = ResultsStore(results_root)
     if store.is_done(unit.unit_id):
         return UnitOutcome(unit.unit_id, "skipped", device=device)
-    _maybe_crash_for_tests()
 
     errors: list[dict] = []
     try:
