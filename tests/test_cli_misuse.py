@@ -24,7 +24,6 @@ from typing import Callable, Optional
 import duckdb
 import pytest
 
-from fixtures_faults import tiny_loras  # noqa: F401
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
 from zoospectra.outputs import MARKER

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fixtures_faults import VOLATILE, tiny_loras  # noqa: F401
+from rows import VOLATILE
 from fixtures_store import build_zoo
 from zoospectra.cli import VERIFY_DAMAGED, app, run_analysis
 from zoospectra.config import AnalysisConfig

@@ -12,7 +12,6 @@ import duckdb
 import pytest
 
 import zoospectra.spectral.fast as fast_mod
-from fixtures_faults import tiny_loras  # noqa: F401
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
 from zoospectra.run.execute import run_plan
