@@ -7,7 +7,7 @@
     out: s3://bucket/zoospectra
     schedule: "0 3 * * *"     # documentation for deploy/ (the CronJob carries the real one)
     ray_address: auto         # optional; omitted = a local Ray
-    analysis: {k: 10, eps: 0.5, k_store: 32, mode: exact, dtype: float32}
+    analysis: {k: 10, eps: 0.5, k_store: 32, mode: fast, dtype: float32}
     hub: {timeout: 30, max_retries: 4, backoff: 1, retry_after_max: 120}   # optional
 
 `hub` tunes the Hub client (zoospectra.io.hub.HubOptions) for discovery, planning and the Ray
