@@ -64,6 +64,7 @@ def analyze(
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
     max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
+    base_cache: Optional[str] = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
@@ -76,14 +77,15 @@ def analyze(
         refs.append(local_ref(path, name or None))
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
                            executor="local" if local else "ray", max_in_flight=max_in_flight,
-                           device=device)
+                           device=device, base_cache=base_cache)
     if summary.n_failed or summary.n_member_errors or summary.n_plan_errors:
         raise typer.Exit(code=3)  # the run completed, but some artifacts became errors rows
 
 
 def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
                  address: Optional[str] = None, executor: str = "ray",
-                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto"):
+                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto",
+                 base_cache: Optional[str] = None):
     """Plan + execute with a progress bar; shared by analyze, demo and crawl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -118,13 +120,14 @@ def run_analysis(base_ref, refs, cfg: AnalysisConfig, out: str, *, batch_size: i
 
         summary = run_plan(plan, out, run_id=run_id, executor=executor, address=address,
                            max_in_flight=max_in_flight, command=shlex.join(sys.argv), on_progress=tick,
-                           device=device)
+                           device=device, base_cache=base_cache)
     if not quiet:
         console.print(
             f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "
             f"{summary.n_failed} failed, {summary.n_member_errors + len(plan.errors)} error rows "
             f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
-            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
+            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB; base SVDs {summary.base_svd_computed} "
+            f"computed, {summary.base_svd_reused} reused) -> {esc(out)}"
         )
     return summary
 

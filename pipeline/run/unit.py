@@ -38,6 +38,7 @@ class UnitOutcome:
     device: str = "cpu"
     errors: list[dict] = field(default_factory=list)
     peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
+    base_svd_computed: int = 0      # 1 when this unit had to decompose W0 itself (store had none)
 
 
 def peak_rss_mb() -> float:
@@ -63,19 +64,6 @@ def _artifact(ref: ModelRef):
     return open_artifact(ref.open_source(), model_id=ref.model_id, revision=ref.revision)
 
 
-@lru_cache(maxsize=1)
-def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, device: str):
-    """W0 [out, in] and its SVD, kept for the next unit: the planner emits the units of one tensor
-    back to back, so a worker usually gets the next batch of the same base matrix and skips both
-    the read and the decomposition (one entry: bounded memory)."""
-    from ..spectral import base_svd
-
-    w0 = _checkpoint(ref).get(tensor)
-    if transpose:
-        w0 = w0.T.contiguous()
-    return w0, base_svd(w0, cfg, device, tensor=tensor)
-
-
 def _maybe_crash_for_tests() -> None:
     """Fault injection for the worker-crash test: the first task to claim the marker dies hard."""
     marker = os.environ.get("ZOOSPECTRA_TEST_CRASH_ONCE")
@@ -89,7 +77,9 @@ def _maybe_crash_for_tests() -> None:
 
 
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
-                 device: str = "cpu") -> UnitOutcome:
+                 device: str = "cpu", base_cache: Optional[str] = None) -> UnitOutcome:
+    """`base_cache`: where decompositions of W0 are stored and shared (default RESULTS/bases)."""
+    from .basecache import default_base_cache, obtain
     from .records import UnitContext, unit_tables
     from .store import ResultsStore
 
@@ -102,7 +92,9 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     errors: list[dict] = []
     try:
         base = _checkpoint(unit.base)
-        w0, w0_svd = _base_matrix(unit.base, unit.tensor, unit.transpose_w0, cfg, device)
+        got = obtain(unit.base, unit.tensor, unit.transpose_w0, cfg, device,
+                     base_cache or default_base_cache(results_root))
+        w0, w0_svd = got.w0, got.svd
     except ZoospectraError as err:  # the base matrix is unreadable: every member fails
         errors = [error_row("load", err, model=m, tensor=unit.tensor) for m in unit.members]
         return _failed(store, run_id, unit, errors, t0, device)
@@ -115,12 +107,12 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
         except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))
     if not updates:
-        return _failed(store, run_id, unit, errors, t0, device)
+        return _failed(store, run_id, unit, errors, t0, device, int(got.how == "computed"))
 
     analysis, updates, members, bad = _analyze(w0, w0_svd, updates, members, cfg, device, unit.tensor)
     errors += bad
     if analysis is None:
-        return _failed(store, run_id, unit, errors, t0, device)
+        return _failed(store, run_id, unit, errors, t0, device, int(got.how == "computed"))
 
     ctx = UnitContext(
         run_id=run_id, unit_id=unit.unit_id, base_uid=unit.base.uid, base_id=unit.base.model_id,
@@ -133,6 +125,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     return UnitOutcome(
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
+        base_svd_computed=int(got.how == "computed"),
     )
 
 
@@ -234,7 +227,9 @@ def _fill(rows: list[dict], run_id: str, unit_id: str) -> list[dict]:
     return [dict(r, run_id=run_id, unit_id=unit_id) for r in rows]
 
 
-def _failed(store, run_id: str, unit: WorkUnit, errors: list[dict], t0: float, device: str) -> UnitOutcome:
+def _failed(store, run_id: str, unit: WorkUnit, errors: list[dict], t0: float, device: str,
+            computed: int = 0) -> UnitOutcome:
     store.write_errors(run_id, unit.unit_id, _fill(errors, run_id, unit.unit_id))
     return UnitOutcome(unit.unit_id, "failed", n_failed=len(errors),
-                       seconds=time.perf_counter() - t0, device=device, errors=errors)
+                       seconds=time.perf_counter() - t0, device=device, errors=errors,
+                       base_svd_computed=computed)
