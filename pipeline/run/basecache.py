@@ -215,7 +215,7 @@ def obtain(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig"
     The planner emits the units of one tensor back to back, so a worker usually finds the next
     unit's base in memory; otherwise the store has it (prepare_base ran first)."""
     from ..io.checkpoint import Checkpoint
-    from ..spectral import base_svd
+    from ..spectral import BaseSVD, base_svd
     from ..spectral.inputs import resolve_device
 
     mem_key = (base, tensor, bool(transpose), cfg.dtype, str(device), cache_uri)
@@ -232,6 +232,10 @@ def obtain(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig"
     how = "stored"
     if svd is None:
         svd = base_svd(w0, cfg, device, tensor=tensor)
+        # the layout a load gives (row-major): LAPACK returns U column-major, and products with
+        # the two layouts round differently, so a unit's rows would depend on where its base came from
+        svd = BaseSVD(U=svd.U.contiguous(), S=svd.S.contiguous(), Vh=svd.Vh.contiguous(),
+                      seconds=svd.seconds)
         cache.store(key, svd, w0_sha)
         how = "computed"
     _MEMORY.clear()
