@@ -144,7 +144,8 @@ def write_base(base_dir: Path, layers: int, modules: dict[str, tuple[int, int]])
         for j, (name, (m, n)) in enumerate(modules.items()):
             tensors[f"model.layers.{i}.{name}.weight"] = realistic_base(m, n, seed=100 * i + j)
     save_file(tensors, str(base_dir / "model.safetensors"))
-    hidden, inter = modules["self_attn.q_proj"][0], modules["mlp.up_proj"][0]
+    hidden = min(min(s) for s in modules.values())          # any subset of the 7 modules
+    inter = max(max(s) for s in modules.values())
     (base_dir / "config.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "architectures": ["LlamaForCausalLM"]}))

@@ -176,3 +176,17 @@ def test_each_base_tensor_is_decomposed_once_per_base_ever(zoo, tmp_path) -> Non
     for table in ("matrices", "vectors", "spectra", "similarity"):
         assert rows(other, table, names) == rows(out, table, names), table
     assert set(rows(other, "spectra", {"base"})) == set(rows(out, "spectra", {"base"}))   # W0's own
+
+
+def test_default_location_and_spec_option() -> None:
+    from zoospectra.errors import ConfigError
+    from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.basecache import default_base_cache
+
+    assert default_base_cache("s3://bucket/zs/") == "s3://bucket/zs/bases"
+    assert default_base_cache("/r/results") == "/r/results/bases"
+    spec = CrawlSpec.from_dict({"name": "x", "base_models": "org/base", "out": "/tmp/r",
+                                "base_cache": "s3://b/bases"})
+    assert spec.base_cache == "s3://b/bases" and spec.analysis.mode == "fast"
+    with pytest.raises(ConfigError, match="base_cache"):
+        CrawlSpec.from_dict({"name": "x", "base_models": "org/base", "out": "/tmp/r", "base_cache": 5})
