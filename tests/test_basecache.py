@@ -190,3 +190,18 @@ def test_default_location_and_spec_option() -> None:
     assert spec.base_cache == "s3://b/bases" and spec.analysis.mode == "fast"
     with pytest.raises(ConfigError, match="base_cache"):
         CrawlSpec.from_dict({"name": "x", "base_models": "org/base", "out": "/tmp/r", "base_cache": 5})
+
+
+def test_unwritable_cache_costs_reuse_not_the_analysis(tmp_path) -> None:
+    """A cache root that cannot be written (a file where the directory should be): the base
+    SVD is still computed and returned, and the failure is only logged."""
+    from zoospectra.run import basecache
+
+    base = write_base(tmp_path / "base")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    basecache._MEMORY.clear()
+    got = basecache.obtain(local_ref(base, "base"), "model.layers.0.mlp.up_proj.weight", False,
+                           AnalysisConfig(), "cpu", str(blocker / "bases"))
+    assert got.how == "computed" and tuple(got.svd.U.shape) == (80, 48)
+    assert blocker.read_text() == "x"

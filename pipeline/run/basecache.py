@@ -165,7 +165,11 @@ class BaseCache:
         """The stored decomposition on `device`, or None (absent, or damaged and moved aside)."""
         from ..spectral import BaseSVD
 
-        raw = self._fs.read(key.file_name)
+        try:
+            raw = self._fs.read(key.file_name)
+        except OSError as err:  # an unreadable cache costs reuse, not the analysis
+            log.warning("base SVD cache %s: could not read %s (%s); recomputing", self.uri, key.file_name, err)
+            return None
         if raw is None:
             return None
         try:
@@ -236,7 +240,11 @@ def obtain(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig"
         # the two layouts round differently, so a unit's rows would depend on where its base came from
         svd = BaseSVD(U=svd.U.contiguous(), S=svd.S.contiguous(), Vh=svd.Vh.contiguous(),
                       seconds=svd.seconds)
-        cache.store(key, svd, w0_sha)
+        try:
+            cache.store(key, svd, w0_sha)
+        except OSError as err:  # an unwritable cache costs reuse, not the analysis
+            log.warning("base SVD cache %s: could not store %s (%s); later units recompute it",
+                        cache.uri, key.tensor, err)
         how = "computed"
     _MEMORY.clear()
     _MEMORY[mem_key] = Obtained(w0, svd, how)
