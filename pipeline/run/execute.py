@@ -174,15 +174,15 @@ def _tally_base(summary: RunSummary, o: BaseOutcome) -> None:
 
 
 def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
-    """("base", first unit of a tensor) ahead of that tensor's ("unit", u) entries."""
-    first = {t: next(u for u in units if (u.tensor, u.transpose_w0) == t) for t in base_tensors(units)}
+    """("base", first unit of a tensor) ahead of that tensor's ("unit", u) entries: one base
+    decomposition per touched tensor (plan.base_tensors), each before the first of its units."""
+    todo = set(base_tensors(units))
     out: list[tuple[str, WorkUnit]] = []
-    seen: set = set()
     for u in units:
         key = (u.tensor, u.transpose_w0)
-        if key not in seen:
-            seen.add(key)
-            out.append(("base", first[key]))
+        if key in todo:
+            todo.discard(key)
+            out.append(("base", u))
         out.append(("unit", u))
     return out
 
@@ -217,15 +217,17 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
     # held by workers at once, and none go through the object store (tasks return outcomes).
     pending: dict = {}
     queue = _schedule(list(units))
-    base_ref = None
+    base_refs: dict = {}          # (tensor, transpose) -> its prepare task, which its units wait on
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             kind, u = queue.pop(0)
+            key = (u.tensor, u.transpose_w0)
             if kind == "base":
-                base_ref = base_task.options(**opts).remote(u, cfg_ref, cache)
-                pending[base_ref] = (kind, u)
+                base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache)
+                pending[base_refs[key]] = (kind, u)
             else:
-                pending[task.options(**opts).remote(u, cfg_ref, run_id, root, cache, base_ref)] = (kind, u)
+                ref = task.options(**opts).remote(u, cfg_ref, run_id, root, cache, base_refs[key])
+                pending[ref] = (kind, u)
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             kind, unit = pending.pop(ref)
