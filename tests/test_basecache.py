@@ -205,3 +205,19 @@ def test_unwritable_cache_costs_reuse_not_the_analysis(tmp_path) -> None:
                            AnalysisConfig(), "cpu", str(blocker / "bases"))
     assert got.how == "computed" and tuple(got.svd.U.shape) == (80, 48)
     assert blocker.read_text() == "x"
+
+
+def test_a_tensors_only_unit_obtains_its_base_itself(zoo, tmp_path) -> None:
+    """One unit per tensor: no separate decomposition task (it would read W0 a second time);
+    the unit computes and stores it, and the counts still say what happened."""
+    from zoospectra.cli import run_analysis
+
+    base, first, fresh = zoo
+    out = tmp_path / "results"
+    kw = dict(quiet=True, executor="local", device="cpu", batch_size=64)
+    s1 = run_analysis(local_ref(base, "base"), [local_ref(a) for a in first[:3]], AnalysisConfig(), str(out), **kw)
+    assert s1.n_units == len(MODULES)
+    assert (s1.base_svd_computed, s1.base_svd_reused) == (len(MODULES), 0)
+    s2 = run_analysis(local_ref(base, "base"), [local_ref(a) for a in fresh[:2]], AnalysisConfig(), str(out), **kw)
+    row = runs_row(out, s2.run_id)
+    assert (row["base_svd_computed"], row["base_svd_reused"]) == (0, len(MODULES))

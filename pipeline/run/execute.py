@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
@@ -127,13 +128,15 @@ def run_plan(
             else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight,
                           gpus_per_task, cache)
         )
-        i = 0
+        i, solo = 0, _solo_units(todo)
         for outcome in outcomes:
             if isinstance(outcome, BaseOutcome):
                 _tally_base(summary, outcome)
                 continue
             i += 1
             _tally(summary, outcome)
+            if outcome.unit_id in solo:  # no prepare task ran for its tensor: the unit's own load
+                summary.base_svd_reused += outcome.base_svd_loaded
             if on_progress:
                 on_progress(i, len(todo), outcome)
         status = "finished"
@@ -173,10 +176,19 @@ def _tally_base(summary: RunSummary, o: BaseOutcome) -> None:
         log.warning("base decomposition of %s failed: %s", o.tensor, o.error)
 
 
+def _solo_units(units: list[WorkUnit]) -> set[str]:
+    """Units that are the only one of their tensor: they obtain the base themselves (a separate
+    decomposition task would only read W0 a second time, on another worker)."""
+    count = Counter((u.tensor, u.transpose_w0) for u in units)
+    return {u.unit_id for u in units if count[(u.tensor, u.transpose_w0)] == 1}
+
+
 def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
     """("base", first unit of a tensor) ahead of that tensor's ("unit", u) entries: one base
-    decomposition per touched tensor (plan.base_tensors), each before the first of its units."""
-    todo = set(base_tensors(units))
+    decomposition per touched tensor (plan.base_tensors) of two or more units, each before the
+    first of its units; a tensor's only unit decomposes (or loads) its base itself."""
+    solo = _solo_units(units)
+    todo = set(base_tensors([u for u in units if u.unit_id not in solo]))
     out: list[tuple[str, WorkUnit]] = []
     for u in units:
         key = (u.tensor, u.transpose_w0)
@@ -226,7 +238,8 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
                 base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache)
                 pending[base_refs[key]] = (kind, u)
             else:
-                ref = task.options(**opts).remote(u, cfg_ref, run_id, root, cache, base_refs[key])
+                after = [base_refs[key]] if key in base_refs else []
+                ref = task.options(**opts).remote(u, cfg_ref, run_id, root, cache, *after)
                 pending[ref] = (kind, u)
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

@@ -39,6 +39,7 @@ class UnitOutcome:
     errors: list[dict] = field(default_factory=list)
     peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
     base_svd_computed: int = 0      # 1 when this unit had to decompose W0 itself (store had none)
+    base_svd_loaded: int = 0        # 1 when it used a stored (or its worker's last) decomposition
 
 
 def peak_rss_mb() -> float:
@@ -125,7 +126,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     return UnitOutcome(
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
-        base_svd_computed=int(got.how == "computed"),
+        base_svd_computed=int(got.how == "computed"), base_svd_loaded=int(got.how != "computed"),
     )
 
 
