@@ -102,7 +102,7 @@ def duplicates(root: Path) -> dict[str, int]:
     return dupes(root)
 
 
-def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int = 32, mode: str = "exact",
+def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int = 32, mode: str = "fast",
              executor: str = "ray", k_store: int = 32, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Publish, crawl, count. The caller's environment must already point huggingface_hub at
     `work` (see main); the FakeHub runs in this process."""
@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repos", type=int, default=500)
     parser.add_argument("--distinct", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--mode", default="exact", choices=("exact", "fast"))
+    parser.add_argument("--mode", default="fast", choices=("exact", "fast"))
     parser.add_argument("--keep", default=None, help="work directory to keep (default: a temp dir)")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="zs-load-"))

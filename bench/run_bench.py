@@ -126,29 +126,45 @@ def bench_matrix(shape: tuple[int, int], ranks: list[int], device: str, amortize
 
 
 # --- end to end -----------------------------------------------------------------------------
-def write_zoo(root: Path, n_adapters: int, layers: int, log) -> tuple[Path, list[Path]]:
-    """A Llama-shaped base checkpoint and n PEFT-format LoRA adapters of mixed ranks."""
+def llama_modules(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """The 7 linear modules of a Llama block: name -> (out, in)."""
+    h, i = hidden, intermediate
+    return {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+            "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+            "mlp.down_proj": (h, i)}
+
+
+def write_base(base_dir: Path, layers: int, modules: dict[str, tuple[int, int]]) -> None:
+    """A Llama-shaped base checkpoint with realistic (decaying) spectra."""
     from safetensors.torch import save_file
 
-    base_dir = root / "base"
     base_dir.mkdir(parents=True)
     tensors = {}
     for i in range(layers):
-        for j, (name, (m, n)) in enumerate(LLAMA_MODULES.items()):
+        for j, (name, (m, n)) in enumerate(modules.items()):
             tensors[f"model.layers.{i}.{name}.weight"] = realistic_base(m, n, seed=100 * i + j)
     save_file(tensors, str(base_dir / "model.safetensors"))
+    hidden = min(min(s) for s in modules.values())          # any subset of the 7 modules
+    inter = max(max(s) for s in modules.values())
     (base_dir / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "architectures": ["LlamaForCausalLM"]}))
+
+
+def write_adapters(root: Path, base_dir: Path, names: range, layers: int,
+                   modules: dict[str, tuple[int, int]]) -> list[Path]:
+    """PEFT-format LoRA adapters lora_<k>_r<r> of ranks cycling 4..64, one per k in `names`."""
+    from safetensors.torch import save_file
+
     ranks = [4, 8, 16, 32, 64]
     adapters = []
-    for k in range(n_adapters):
+    for k in names:
         r = ranks[k % len(ranks)]
         d = root / f"lora_{k:03d}_r{r}"
         d.mkdir()
         weights = {}
         for i in range(layers):
-            for name, (m, n) in LLAMA_MODULES.items():
+            for name, (m, n) in modules.items():
                 b, a = lora(m, n, r, seed=1000 * k + i)
                 key = f"base_model.model.model.layers.{i}.{name}"
                 weights[f"{key}.lora_A.weight"] = a.contiguous()
@@ -156,9 +172,17 @@ def write_zoo(root: Path, n_adapters: int, layers: int, log) -> tuple[Path, list
         save_file(weights, str(d / "adapter_model.safetensors"))
         (d / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": r, "lora_alpha": r**0.5 * 1.0, "task_type": "CAUSAL_LM",
-            "target_modules": [n.split(".")[-1] for n in LLAMA_MODULES],
+            "target_modules": [n.split(".")[-1] for n in modules],
             "base_model_name_or_path": str(base_dir), "init_lora_weights": True}))
         adapters.append(d)
+    return adapters
+
+
+def write_zoo(root: Path, n_adapters: int, layers: int, log) -> tuple[Path, list[Path]]:
+    """A Llama-shaped base checkpoint and n PEFT-format LoRA adapters of mixed ranks."""
+    base_dir = root / "base"
+    write_base(base_dir, layers, LLAMA_MODULES)
+    adapters = write_adapters(root, base_dir, range(n_adapters), layers, LLAMA_MODULES)
     log(f"  zoo: {n_adapters} adapters x {layers * len(LLAMA_MODULES)} matrices under {root}")
     return base_dir, adapters
 

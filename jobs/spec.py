@@ -7,8 +7,9 @@
     out: s3://bucket/zoospectra
     schedule: "0 3 * * *"     # documentation for deploy/ (the CronJob carries the real one)
     ray_address: auto         # optional; omitted = a local Ray
-    analysis: {k: 10, eps: 0.5, k_store: 32, mode: exact, dtype: float32}
+    analysis: {k: 10, eps: 0.5, k_store: 32, mode: fast, dtype: float32}
     hub: {timeout: 30, max_retries: 4, backoff: 1, retry_after_max: 120}   # optional
+    base_cache: s3://bucket/zoospectra-bases   # optional; base SVDs shared across roots (default OUT/bases)
 
 `hub` tunes the Hub client (zoospectra.io.hub.HubOptions) for discovery, planning and the Ray
 workers alike; it has no token field on purpose (HF_TOKEN / `hf auth login` supply it).
@@ -46,6 +47,7 @@ class CrawlSpec:
     ray_address: Optional[str] = None
     schedule: Optional[str] = None
     hub: HubOptions = field(default_factory=HubOptions)
+    base_cache: Optional[str] = None   # where base SVDs are stored and reused (default OUT/bases)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or len(self.name) > 52:
@@ -61,6 +63,8 @@ class CrawlSpec:
             raise ConfigError("out must be a results root (local path or filesystem URI)", option="out")
         if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
             raise ConfigError(f"limit must be a positive integer, got {self.limit!r}", option="limit")
+        if self.base_cache is not None and (not isinstance(self.base_cache, str) or not self.base_cache):
+            raise ConfigError("base_cache must be a path or filesystem URI", option="base_cache")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}",
                               option="batch_size")

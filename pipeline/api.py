@@ -61,6 +61,7 @@ def analyze(
     address: Optional[str] = None,
     max_in_flight: Optional[int] = None,
     device: str = "auto",
+    base_cache: Optional[str] = None,
     command: str = "",
     on_plan: Optional[Callable[[Plan], None]] = None,
     on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
@@ -69,7 +70,8 @@ def analyze(
     """Analyse fine-tuned artifacts against `base` and commit the tables under `out`.
 
     Plans from headers and configs only, then runs every unit not yet committed (a rerun
-    resumes and never duplicates rows). Damaged committed units (see `zoospectra verify`) are
+    resumes and never duplicates rows). Base decompositions are stored in `base_cache`
+    (default `out/bases/`) and reused by every later run. Damaged committed units (see `zoospectra verify`) are
     first moved to `out/quarantine/` and planned again; `on_quarantine` sees each move.
     `on_plan` sees the plan before execution starts; `on_progress(i, n, outcome)` is called
     after each unit.
@@ -91,7 +93,7 @@ def analyze(
         on_plan(plan)
     return run_plan(plan, root, run_id=run_id, executor=executor, address=address,
                     max_in_flight=max_in_flight, command=command, on_progress=on_progress,
-                    device=device)
+                    device=device, base_cache=base_cache)
 
 
 def crawl(spec: Union[CrawlSpec, Mapping, PathLike], *, options: Optional[HubOptions] = None,

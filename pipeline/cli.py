@@ -101,7 +101,7 @@ def analyze(
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
     k_spec: str = typer.Option(_kstr(_D.k_spec), help="Singular values kept per spectrum ('all')."),
     sim_k: int = typer.Option(_D.sim_k, help="Size of the stored |U0^T Ut| similarity block."),
-    mode: str = typer.Option(_D.mode, help="exact (paper's full SVDs) or fast (structured solvers)."),
+    mode: str = typer.Option(_D.mode, help="fast (structured solvers, default) or exact (the paper's full SVDs, the check)."),
     dtype: str = typer.Option(_D.dtype, help="float32 or float64 for every decomposition and every update."),
     pairs: bool = typer.Option(_D.pairs, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
     embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
@@ -111,6 +111,7 @@ def analyze(
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
     max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
+    base_cache: Optional[str] = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
@@ -131,7 +132,7 @@ def analyze(
         probe_address(address)
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
                            executor="local" if local else "ray", max_in_flight=max_in_flight,
-                           device=device)
+                           device=device, base_cache=base_cache)
     if summary.n_failed or summary.n_member_errors or summary.n_plan_errors:
         raise typer.Exit(code=3)  # the run completed, but some artifacts became errors rows
 
@@ -260,7 +261,7 @@ def crawl(
     limit: Optional[int] = typer.Option(None, help="At most N repos per base model and kind."),
     include: List[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
-    mode: str = typer.Option(_D.mode, help="exact or fast."),
+    mode: str = typer.Option(_D.mode, help="fast (default) or exact (the paper's full SVDs)."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all')."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),

@@ -23,7 +23,8 @@ class AnalysisConfig:
     sim_k:      size of the |U0[:, :K]^T Ut[:, :K]| block in `similarity`.
     pair_max:   largest i, j of the adapter-vs-adapter phi grid in `pairs`.
     pairs:      compute adapter-vs-adapter subspace similarity within each unit (O(batch^2)).
-    mode:       "exact" = the paper's full SVDs; "fast" = structured solvers (docs/architecture.md#engines).
+    mode:       "fast" (default) = structured solvers (docs/architecture.md#engines); "exact" =
+                the paper's full SVDs, the check every fast result is tested against.
     dtype:      float32 or float64 for every decomposition (never half precision).
     """
 
@@ -34,7 +35,7 @@ class AnalysisConfig:
     sim_k: int = 10
     pair_max: int = 64
     pairs: bool = False
-    mode: Mode = "exact"
+    mode: Mode = "fast"
     dtype: Dtype = "float32"
     include_embeddings: bool = False
 

@@ -29,7 +29,8 @@ def esc(x: object) -> str:
 
 def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
                  address: Optional[str] = None, executor: Executor = "ray",
-                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto") -> RunSummary:
+                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto",
+                 base_cache: Optional[str] = None) -> RunSummary:
     """zoospectra.analyze with the CLI's plan summary, progress bar and run summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -68,13 +69,14 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
         summary = run(refs, base=base_ref, out=out, config=cfg, batch_size=batch_size,
                       executor=executor, address=address, max_in_flight=max_in_flight,
                       command=shlex.join(sys.argv), on_plan=show_plan, on_progress=tick, on_quarantine=quarantined,
-                      device=device)
+                      device=device, base_cache=base_cache)
     if not quiet:
         console.print(
             f"[bold]run {summary.run_id}[/]: {summary.n_done} units done, {summary.n_skipped} skipped, "
             f"{summary.n_failed} failed, {summary.n_member_errors + summary.n_plan_errors} error rows "
             f"in {summary.seconds:.1f}s on {summary.devices or 'nothing'} "
-            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB) -> {esc(out)}"
+            f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB; base SVDs {summary.base_svd_computed} "
+            f"computed, {summary.base_svd_reused} reused) -> {esc(out)}"
         )
         if summary.n_solver_fallbacks:  # once per run, not a line per unit
             console.print(f"  note: {summary.n_solver_fallbacks} fast-engine solves fell back to a dense "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks
+SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -161,6 +161,9 @@ RUNS = pa.schema(
         _f("version", _str),
         _f("host", _str),
         _f("n_solver_fallbacks", _i32, doc="fast engine: solves that fell back to a dense SVD"),
+        _f("mode", _str, doc="exact|fast (also in config_json)"),
+        _f("base_svd_computed", _i32, doc="base matrices decomposed by this run (stored for reuse)"),
+        _f("base_svd_reused", _i32, doc="base matrices whose stored decomposition this run reused"),
     ]
 )
 

@@ -154,7 +154,7 @@ def test_fast_matches_exact_engine_on_every_field(shape, r, scale, seed, krylov_
     m, n = shape
     w0 = torch.tensor(decaying_base(m, n, seed))
     ups = [lora_update(m, n, r, scale, seed), lora_update(m, n, 8, scale, seed + 1)]
-    cfg = AnalysisConfig(dtype="float64", pairs=True, pair_max=8)
+    cfg = AnalysisConfig(mode="exact", dtype="float64", pairs=True, pair_max=8)
     ex = analyze_batch(w0, ups, cfg)
     fa = analyze_batch(w0, ups, dataclasses.replace(cfg, mode="fast"))
     for a, b in zip(ex.items, fa.items):
@@ -205,7 +205,7 @@ def test_dense_updates(krylov_always) -> None:
     vv, _ = np.linalg.qr(rng.standard_normal((n, n)))
     dw = (uu * (0.3 * np.arange(1, n + 1) ** -1.5)) @ vv.T
     up = MatrixUpdate(tensor=TENSOR, kind="full", shape=(m, n), dense=torch.tensor(dw))
-    cfg = AnalysisConfig(dtype="float64", pairs=True, pair_max=8)
+    cfg = AnalysisConfig(mode="exact", dtype="float64", pairs=True, pair_max=8)
     fa = analyze_batch(torch.tensor(w0), [up, up], dataclasses.replace(cfg, mode="fast"))
     ex = analyze_batch(torch.tensor(w0), [up], cfg).items[0]
     ref = reference(w0, dw, 32)

@@ -93,7 +93,7 @@ def test_matrices_rows(unit) -> None:
         assert (row["layer"], row["module"], row["m"], row["n"]) == (3, "self_attn.q_proj", M, N)
         assert (row["kind"], row["role"], row["rank"], row["alpha"], row["scale"]) == (
             upd.kind, upd.role, upd.rank, upd.alpha, upd.scale)
-        assert (row["mode"], row["device"], row["intr_k"], row["intr_eps"]) == ("exact", "cpu", 10, 0.5)
+        assert (row["mode"], row["device"], row["intr_k"], row["intr_eps"]) == ("fast", "cpu", 10, 0.5)  # the default
         assert row["seconds"] > 0
         assert row["norm_w0"] == pytest.approx(np.linalg.norm(w0), rel=1e-10)
         assert row["norm_dw"] == pytest.approx(np.linalg.norm(dw), rel=1e-10, abs=1e-300)

@@ -153,7 +153,7 @@ def test_intruder_counts_match_reference_float64(case: Case) -> None:
     counts = []
     for eps in EPS_SWEEP:
         assert_margin(ref, 10, eps, 1e-6)
-        item = run(case, AnalysisConfig(k=10, eps=eps, dtype="float64"))
+        item = run(case, AnalysisConfig(mode="exact", k=10, eps=eps, dtype="float64"))
         assert item.intr_k == 10 and item.intr_eps == eps
         assert item.intruders_u == ref_intruders(ref.cos_u, 10, eps), eps
         assert item.intruders_v == ref_intruders(ref.cos_v, 10, eps), eps
@@ -173,7 +173,7 @@ def test_cases_cover_interesting_counts() -> None:
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:5], ids=lambda c: c.name)
 def test_per_vector_records_match_reference(case: Case) -> None:
     ref = ref_case(case.name)
-    item = run(case, AnalysisConfig(k=10, k_store=20, dtype="float64"))
+    item = run(case, AnalysisConfig(mode="exact", k=10, k_store=20, dtype="float64"))
     for side, cos in (("u", ref.cos_u), ("v", ref.cos_v)):
         vecs = getattr(item, side)
         assert len(vecs) == 20
@@ -193,7 +193,7 @@ def test_k_store_all_and_k_above_min_dim() -> None:
     """k_store = all records every vector; k > min(m, n) counts all of them (PEFT's cos[:k])."""
     case = make_case("small", 12, 7, 20.0, 7, r=3)
     ref = ref_analysis(case.w0, case.dw)
-    item = run(case, AnalysisConfig(k=10, k_store=ALL, eps=0.9, dtype="float64"))
+    item = run(case, AnalysisConfig(mode="exact", k=10, k_store=ALL, eps=0.9, dtype="float64"))
     assert len(item.u) == len(item.v) == 7
     assert item.intruders_u == ref_intruders(ref.cos_u, 7, 0.9)
     np.testing.assert_allclose(item.u.max_cos, ref.cos_u.max(axis=1), rtol=1e-8)
@@ -203,7 +203,7 @@ def test_k_store_all_and_k_above_min_dim() -> None:
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:5], ids=lambda c: c.name)
 def test_matrix_statistics_match_reference(case: Case) -> None:
     ref = ref_case(case.name)
-    item = run(case, AnalysisConfig(dtype="float64"))
+    item = run(case, AnalysisConfig(mode="exact", dtype="float64"))
     fro_dw, spec_dw = np.linalg.norm(case.dw), np.linalg.norm(case.dw, 2)
     assert item.shape == case.w0.shape
     np.testing.assert_allclose(item.norm_w0, np.linalg.norm(case.w0), rtol=1e-10)
@@ -224,12 +224,12 @@ def test_effective_and_stable_rank_known_values() -> None:
     q1 = np.linalg.qr(rng.standard_normal((50, 5)))[0]
     q2 = np.linalg.qr(rng.standard_normal((30, 5)))[0]
     case = Case("flat", rng.standard_normal((50, 30)), 3.0 * q1, q2.T)
-    item = run(case, AnalysisConfig(dtype="float64"))
+    item = run(case, AnalysisConfig(mode="exact", dtype="float64"))
     assert item.eff_rank == pytest.approx(5.0, rel=1e-10)
     assert item.stable_rank == pytest.approx(5.0, rel=1e-10)
     assert item.spec_norm_dw == pytest.approx(3.0, rel=1e-10)
     # float32: trailing singular values are rounding noise, dropped by the zero tolerance
-    item32 = run(case, AnalysisConfig(dtype="float32"))
+    item32 = run(case, AnalysisConfig(mode="exact", dtype="float32"))
     assert item32.dw_rank == 5
     assert item32.eff_rank == pytest.approx(5.0, rel=1e-5)
 
@@ -238,15 +238,15 @@ def test_amplification_rank_rules() -> None:
     case = CASES[1]
     ref = ref_case(case.name)
     # dense update without a rank: r = min(k, rank(dW)) = 4
-    dense = run(case, AnalysisConfig(dtype="float64"), dense=True)
+    dense = run(case, AnalysisConfig(mode="exact", dtype="float64"), dense=True)
     assert dense.amp_rank == 4
     np.testing.assert_allclose(dense.amplification, ref_amplification(case.w0, case.dw, 4), rtol=1e-8)
     # declared rank 2 < rank(dW): Hu et al. use the adapter's r
-    r2 = run(case, AnalysisConfig(dtype="float64"), rank=2)
+    r2 = run(case, AnalysisConfig(mode="exact", dtype="float64"), rank=2)
     assert r2.amp_rank == 2
     np.testing.assert_allclose(r2.amplification, ref_amplification(case.w0, case.dw, 2), rtol=1e-8)
     # declared rank 8 > rank(dW) = 4: vectors past rank(dW) are arbitrary, r is clipped to 4
-    r8 = run(case, AnalysisConfig(dtype="float64"), rank=8)
+    r8 = run(case, AnalysisConfig(mode="exact", dtype="float64"), rank=8)
     assert r8.amp_rank == 4 and r8.amplification == pytest.approx(dense.amplification, rel=1e-8)
     assert ref.sd[4] < 1e-12 * ref.sd[0]
 
@@ -254,7 +254,7 @@ def test_amplification_rank_rules() -> None:
 def test_zero_update_has_no_undefined_numbers() -> None:
     case = CASES[0]
     zero = Case("zero", case.w0, np.zeros_like(case.b), case.a)
-    item = run(zero, AnalysisConfig(dtype="float64"))
+    item = run(zero, AnalysisConfig(mode="exact", dtype="float64"))
     assert item.norm_dw == 0.0 and item.spec_norm_dw == 0.0 and item.dw_rank == 0
     assert item.stable_rank is None and item.eff_rank is None and item.rel_update == 0.0
     assert item.amplification is None and item.amp_rank is None
@@ -267,7 +267,7 @@ def test_zero_update_has_no_undefined_numbers() -> None:
 def test_similarity_matrix(sim_k: int, expect: int) -> None:
     case = CASES[1]
     ref = ref_case(case.name)
-    item = run(case, AnalysisConfig(sim_k=sim_k, dtype="float64"))
+    item = run(case, AnalysisConfig(mode="exact", sim_k=sim_k, dtype="float64"))
     want = np.abs(ref.u0[:, :expect].T @ ref.ut[:, :expect])  # [i base, j fine-tuned]
     assert item.similarity.shape == (expect, expect)
     # the first block is well conditioned; deep in the tail W0's tiny gaps blur vectors a bit
@@ -279,7 +279,7 @@ def test_similarity_matrix(sim_k: int, expect: int) -> None:
 def test_spectra(k_spec: int) -> None:
     case = CASES[3]  # 48 x 80
     ref = ref_case(case.name)
-    cfg = AnalysisConfig(k_spec=k_spec, dtype="float64")
+    cfg = AnalysisConfig(mode="exact", k_spec=k_spec, dtype="float64")
     batch = analyze_batch(torch.tensor(case.w0), [case.update()], cfg)
     n = 48 if k_spec in (ALL, 64) else k_spec
     item = batch.items[0]
@@ -297,7 +297,7 @@ def test_float32_mode_agrees_with_float64_reference(case: Case) -> None:
     ref = ref_analysis(w0_32, b32 @ a32)
     compared = 0
     for eps in EPS_SWEEP:
-        item = run(case, AnalysisConfig(eps=eps, dtype="float32"))
+        item = run(case, AnalysisConfig(mode="exact", eps=eps, dtype="float32"))
         for got, cos in ((item.intruders_u, ref.cos_u), (item.intruders_v, ref.cos_v)):
             if np.all(np.abs(cos[:10].max(axis=1) - eps) > 1e-2):  # float32 resolves cos to ~1e-3
                 assert got == ref_intruders(cos, 10, eps), eps
@@ -318,7 +318,7 @@ def test_float32_mode_agrees_with_float64_reference(case: Case) -> None:
 
 def test_half_precision_inputs_are_upcast() -> None:
     case = CASES[1]
-    cfg = AnalysisConfig(dtype="float32")
+    cfg = AnalysisConfig(mode="exact", dtype="float32")
     w0_bf16 = torch.tensor(case.w0).to(torch.bfloat16)
     upd = MatrixUpdate(tensor=TENSOR, kind="lora", shape=case.w0.shape,
                        B=torch.tensor(case.b).half(), A=torch.tensor(case.a).half(), rank=4)
@@ -353,7 +353,7 @@ def _pair_updates() -> tuple[np.ndarray, list[MatrixUpdate]]:
 @pytest.mark.parametrize("pair_max", [64, 6])
 def test_pairs_match_reference(pair_max: int) -> None:
     w0, updates = _pair_updates()
-    cfg = AnalysisConfig(pairs=True, pair_max=pair_max, dtype="float64")
+    cfg = AnalysisConfig(mode="exact", pairs=True, pair_max=pair_max, dtype="float64")
     batch = analyze_batch(torch.tensor(w0), updates, cfg)
     grids = {(g.a, g.b): g.phi for g in batch.pairs}
     assert sorted(grids) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
@@ -372,13 +372,13 @@ def test_pairs_match_reference(pair_max: int) -> None:
 
 def test_pairs_off_by_default() -> None:
     w0, updates = _pair_updates()
-    assert analyze_batch(torch.tensor(w0), updates, AnalysisConfig(dtype="float64")).pairs == []
+    assert analyze_batch(torch.tensor(w0), updates, AnalysisConfig(mode="exact", dtype="float64")).pairs == []
 
 
 # --- batch, base sharing, device, errors -------------------------------------------------
 def test_base_svd_is_computed_once_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     w0, updates = _pair_updates()
-    cfg = AnalysisConfig(dtype="float64")
+    cfg = AnalysisConfig(mode="exact", dtype="float64")
     calls: list[tuple[int, ...]] = []
     real_svd = torch.linalg.svd
 
@@ -401,18 +401,18 @@ def test_base_svd_is_computed_once_per_batch(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_precomputed_base_must_match() -> None:
     w0, updates = _pair_updates()
-    cfg = AnalysisConfig(dtype="float64")
+    cfg = AnalysisConfig(mode="exact", dtype="float64")
     other = base_svd(torch.tensor(w0 * 2.0), cfg)
     with pytest.raises(AnalysisError, match="another matrix"):
         analyze_batch(torch.tensor(w0), updates, cfg, base=other)
-    wrong_dtype = base_svd(torch.tensor(w0), AnalysisConfig(dtype="float32"))
+    wrong_dtype = base_svd(torch.tensor(w0), AnalysisConfig(mode="exact", dtype="float32"))
     with pytest.raises(AnalysisError, match="does not match W0"):
         analyze_batch(torch.tensor(w0), updates, cfg, base=wrong_dtype)
 
 
 def test_empty_batch_gives_the_base_spectrum() -> None:
     w0 = CASES[0].w0
-    batch = analyze_batch(torch.tensor(w0), [], AnalysisConfig(dtype="float64", k_spec=5))
+    batch = analyze_batch(torch.tensor(w0), [], AnalysisConfig(mode="exact", dtype="float64", k_spec=5))
     assert batch.items == [] and batch.pairs == []
     np.testing.assert_allclose(batch.spectrum_w0, np.linalg.svd(w0, compute_uv=False)[:5], rtol=1e-10)
 
@@ -420,7 +420,7 @@ def test_empty_batch_gives_the_base_spectrum() -> None:
 def test_input_errors_are_typed_and_name_the_tensor() -> None:
     case = CASES[1]
     w0 = torch.tensor(case.w0)
-    cfg = AnalysisConfig(dtype="float64")
+    cfg = AnalysisConfig(mode="exact", dtype="float64")
     bad = case.update()
     bad.B[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeightsError, match="NaN") as e:
@@ -441,7 +441,7 @@ def test_input_errors_are_typed_and_name_the_tensor() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     w0, updates = _pair_updates()
-    cfg = AnalysisConfig(dtype="float64", pairs=True)
+    cfg = AnalysisConfig(mode="exact", dtype="float64", pairs=True)
     cpu = analyze_batch(torch.tensor(w0), updates, cfg, device="cpu")
     gpu = analyze_batch(torch.tensor(w0), updates, cfg, device="cuda")
     assert gpu.device.startswith("cuda")
@@ -463,7 +463,7 @@ def test_cuda_matches_cpu() -> None:
 def test_cuda_float32_counts_match_reference(case: Case) -> None:
     ref = ref_case(case.name)
     for eps in (0.3, 0.5, 0.7):
-        cfg = AnalysisConfig(eps=eps, dtype="float32")
+        cfg = AnalysisConfig(mode="exact", eps=eps, dtype="float32")
         item = analyze_batch(torch.tensor(case.w0, dtype=torch.float32),
                              [case.update(dtype=torch.float32)], cfg, device="cuda").items[0]
         for got, cos in ((item.intruders_u, ref.cos_u), (item.intruders_v, ref.cos_v)):
@@ -536,7 +536,7 @@ def test_intruder_counts_agree_with_peft(trained_lora) -> None:
     shapes = {u.shape for u in updates}
     assert len(updates) == 6 and {(384, 384), (1536, 384), (384, 1536)} <= shapes
 
-    ours = {u.tensor: analyze_batch(bases[u.tensor], [u], AnalysisConfig(k=10, eps=0.5)).items[0]
+    ours = {u.tensor: analyze_batch(bases[u.tensor], [u], AnalysisConfig(mode="exact", k=10, eps=0.5)).items[0]
             for u in updates}
     compared, total = 0, 0
     for idx, eps in enumerate(EPS_SWEEP):

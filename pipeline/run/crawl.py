@@ -87,7 +87,7 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Execu
         if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
             executor = "local"
         result = run_plan(plan, spec.out, run_id=run_id, executor=executor,
-                          address=spec.ray_address, command=command)
+                          address=spec.ray_address, command=command, base_cache=spec.base_cache)
         report.units, report.units_done = result.n_units, result.n_done
         report.units_skipped, report.units_failed = result.n_skipped, result.n_failed
         report.error_rows = result.n_member_errors + len(plan.errors)

@@ -1,7 +1,9 @@
 """Executors: run a Plan's units on Ray (the default, local or a cluster) or in-process (debug).
 
-The executor knows nothing about SVDs: it ships frozen WorkUnits to `unit.process_unit`, keeps a
-bounded number in flight, retries tasks whose worker died, and records the run's manifest.
+The executor knows nothing about the math: ahead of each touched base tensor's units it
+schedules one `basecache.prepare_base` (the base SVD, loaded from or written to the durable base
+cache; the units depend on it), ships frozen WorkUnits to `unit.process_unit`, keeps a bounded
+number of tasks in flight, retries tasks whose worker died, and records the run's manifest.
 """
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
 from ..config import AnalysisConfig
 from ..errors import ClusterUnreachableError, ConfigError, error_row
-from .plan import Plan, WorkUnit
+from .basecache import BaseCache, BaseOutcome, default_base_cache, prepare_base
+from .plan import Plan, WorkUnit, base_tensors
 from .unit import UnitOutcome, process_unit
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,8 @@ class RunSummary:
     devices: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float = 0.0        # the largest peak resident memory reported by a worker
     n_solver_fallbacks: int = 0     # fast engine: dense-SVD fallbacks over all units
+    base_svd_computed: int = 0      # base decompositions this run computed (and stored)
+    base_svd_reused: int = 0        # base decompositions found valid in the store
 
 
 def new_run_id() -> str:
@@ -97,12 +103,25 @@ def _ray_task():
     import ray
 
     @ray.remote(max_retries=3, retry_exceptions=False)
-    def analyze_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, root: str) -> UnitOutcome:
+    def analyze_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, root: str, cache: str,
+                     *after: BaseOutcome) -> UnitOutcome:
+        # `after`: the tensor's prepare_base result; Ray starts this task only once it exists
         gpu_ids = ray.get_gpu_ids()
         device = "cuda" if gpu_ids else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES for this worker
-        return process_unit(unit, cfg, run_id, root, device=device)
+        return process_unit(unit, cfg, run_id, root, device=device, base_cache=cache)
 
     return analyze_unit
+
+
+def _ray_base_task():
+    import ray
+
+    @ray.remote(max_retries=3, retry_exceptions=False)
+    def prepare(unit: WorkUnit, cfg: AnalysisConfig, cache: str) -> BaseOutcome:
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        return prepare_base(unit.base, unit.tensor, unit.transpose_w0, cfg, device, cache)
+
+    return prepare
 
 
 def run_plan(
@@ -117,8 +136,11 @@ def run_plan(
     device: str = "auto",
     command: str = "",
     on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
+    base_cache: Optional[str] = None,
 ) -> RunSummary:
-    """Execute every unit not yet committed under `results_root`; write the run manifest."""
+    """Execute every unit not yet committed under `results_root`; write the run manifest.
+
+    `base_cache`: where base decompositions are stored and shared (default RESULTS/bases)."""
     from .store import ResultsStore
 
     if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
@@ -126,6 +148,8 @@ def run_plan(
         raise ConfigError(f"--max-in-flight must be an integer >= 1, got {max_in_flight!r}",
                           option="max_in_flight")
     store = ResultsStore(results_root)
+    # absolute (local) or the URI: Ray workers need not share the driver's working directory
+    cache = BaseCache(base_cache or default_base_cache(results_root)).uri
     run_id = run_id or new_run_id()
     store.start_run(run_id, plan.config.to_json(), command)
     if plan.models:
@@ -144,12 +168,20 @@ def run_plan(
     status = "failed"
     try:
         outcomes = (
-            _run_local(todo, plan.config, run_id, results_root, device)
+            _run_local(todo, plan.config, run_id, results_root, device, cache)
             if executor == "local"
-            else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight, gpus_per_task)
+            else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight,
+                          gpus_per_task, cache)
         )
-        for i, outcome in enumerate(outcomes, 1):
+        i, solo = 0, _solo_units(todo)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseOutcome):
+                _tally_base(summary, outcome)
+                continue
+            i += 1
             _tally(summary, outcome)
+            if outcome.unit_id in solo:  # no prepare task ran for its tensor: the unit's own load
+                summary.base_svd_reused += outcome.base_svd_loaded
             if on_progress:
                 on_progress(i, len(todo), outcome)
         status = "finished"
@@ -161,7 +193,9 @@ def run_plan(
             n_skipped=summary.n_skipped, n_failed=summary.n_failed,
             extra={"seconds": round(summary.seconds, 3), "devices": summary.devices,
                    "worker_peak_rss_mb": round(summary.peak_rss_mb, 1),
-                   "n_solver_fallbacks": summary.n_solver_fallbacks},
+                   "n_solver_fallbacks": summary.n_solver_fallbacks,
+                   "base_svd_computed": summary.base_svd_computed,
+                   "base_svd_reused": summary.base_svd_reused, "base_cache": cache},
         )
     return summary
 
@@ -176,45 +210,94 @@ def _tally(summary: RunSummary, o: UnitOutcome) -> None:
     summary.n_member_errors += o.n_failed
     summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
     summary.peak_rss_mb = max(summary.peak_rss_mb, o.peak_rss_mb)
-    summary.n_solver_fallbacks += getattr(o, "n_solver_fallbacks", 0)
+    summary.n_solver_fallbacks += o.n_solver_fallbacks
+    summary.base_svd_computed += o.base_svd_computed   # only when the store had no valid copy
 
 
-def _run_local(units, cfg, run_id, root, device: str):
+def _tally_base(summary: RunSummary, o: BaseOutcome) -> None:
+    if o.how == "computed":
+        summary.base_svd_computed += 1
+    elif o.how == "reused":
+        summary.base_svd_reused += 1
+    else:  # the tensor's units meet the same failure and write it as their error rows
+        log.warning("base decomposition of %s failed: %s", o.tensor, o.error)
+
+
+def _solo_units(units: list[WorkUnit]) -> set[str]:
+    """Units that are the only one of their tensor: they obtain the base themselves (a separate
+    decomposition task would only read W0 a second time, on another worker)."""
+    count = Counter((u.tensor, u.transpose_w0) for u in units)
+    return {u.unit_id for u in units if count[(u.tensor, u.transpose_w0)] == 1}
+
+
+def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
+    """("base", first unit of a tensor) ahead of that tensor's ("unit", u) entries: one base
+    decomposition per touched tensor (plan.base_tensors) of two or more units, each before the
+    first of its units; a tensor's only unit decomposes (or loads) its base itself."""
+    solo = _solo_units(units)
+    todo = set(base_tensors([u for u in units if u.unit_id not in solo]))
+    out: list[tuple[str, WorkUnit]] = []
+    for u in units:
+        key = (u.tensor, u.transpose_w0)
+        if key in todo:
+            todo.discard(key)
+            out.append(("base", u))
+        out.append(("unit", u))
+    return out
+
+
+def _run_local(units, cfg, run_id, root, device: str, cache: str):
     """In-process executor, for debugging and single-GPU boxes (same unit code as the Ray path)."""
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    for u in units:
-        yield process_unit(u, cfg, run_id, root, device=device)
+    for kind, u in _schedule(list(units)):
+        if kind == "base":
+            yield prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache)
+        else:
+            yield process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
 
 
-def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task):
+def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, cache: str):
     import ray
 
     if not units:  # nothing to do: no cluster to start or join
         return
     ensure_ray(address)
-    task = _ray_task()
+    task, base_task = _ray_task(), _ray_base_task()
     n_gpus = ray.cluster_resources().get("GPU", 0)
     if gpus_per_task is None:
         gpus_per_task = 0.25 if n_gpus else 0  # several units share a GPU (one CUDA context per worker)
     opts = {"num_gpus": gpus_per_task} if gpus_per_task else {}
     max_in_flight = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
     cfg_ref = ray.put(cfg)
+    # Base decompositions count against the in-flight bound too: at most that many W0 SVDs are
+    # held by workers at once, and none go through the object store (tasks return outcomes).
     pending: dict = {}
-    queue = list(units)
+    queue = _schedule(list(units))
+    base_refs: dict = {}          # (tensor, transpose) -> its prepare task, which its units wait on
     while queue or pending:
         while queue and len(pending) < max_in_flight:
-            u = queue.pop(0)
-            pending[task.options(**opts).remote(u, cfg_ref, run_id, root)] = u
+            kind, u = queue.pop(0)
+            key = (u.tensor, u.transpose_w0)
+            if kind == "base":
+                base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache)
+                pending[base_refs[key]] = (kind, u)
+            else:
+                after = [base_refs[key]] if key in base_refs else []
+                ref = task.options(**opts).remote(u, cfg_ref, run_id, root, cache, *after)
+                pending[ref] = (kind, u)
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            unit = pending.pop(ref)
+            kind, unit = pending.pop(ref)
             try:
                 yield ray.get(ref)
             except Exception as err:  # task failed past its retries: an error row, the run goes on
-                yield _task_failure(unit, err, run_id, root)
+                if kind == "base":
+                    yield BaseOutcome(unit.tensor, "failed", error=_short(err))
+                else:
+                    yield _task_failure(unit, err, run_id, root)
 
 
 def _task_failure(unit: WorkUnit, err: Exception, run_id: str, root: str) -> UnitOutcome:

@@ -46,6 +46,12 @@ class Plan:
         return sum(len(u.members) for u in self.units)
 
 
+def base_tensors(units: Sequence[WorkUnit]) -> list[tuple[str, bool]]:
+    """(tensor, transpose_w0) of every base matrix the units touch, in unit order: one base
+    decomposition is scheduled per entry, ahead of that tensor's units."""
+    return list(dict.fromkeys((u.tensor, u.transpose_w0) for u in units))
+
+
 def unit_id_for(base: ModelRef, tensor: str, members: Sequence[ModelRef], cfg: AnalysisConfig) -> str:
     key = json.dumps([base.uid, tensor, sorted(m.uid for m in members), cfg.fingerprint()])
     return hashlib.sha256(key.encode()).hexdigest()[:24]

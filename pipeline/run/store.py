@@ -506,6 +506,7 @@ class ResultsStore:
             "finished_at": None, "n_units": None, "n_done": None, "n_skipped": None, "n_failed": None,
             "command": command, "version": __version__, "host": socket.gethostname(),
             "schema_version": SCHEMA_VERSION, "config": config, "config_json": config_json,
+            "mode": config.get("mode") if isinstance(config, dict) else None,
         })
 
     def finish_run(self, run_id: str, status: str, *, n_units: int | None = None,

@@ -42,6 +42,8 @@ class UnitOutcome:
     errors: list[dict] = field(default_factory=list)
     peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
     n_solver_fallbacks: int = 0     # fast engine: solves that fell back to a dense SVD
+    base_svd_computed: int = 0      # 1 when this unit had to decompose W0 itself (store had none)
+    base_svd_loaded: int = 0        # 1 when it used a stored (or its worker's last) decomposition
 
 
 def peak_rss_mb() -> float:
@@ -53,13 +55,6 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-@lru_cache(maxsize=8)
-def _checkpoint(ref: ModelRef):
-    from ..io.checkpoint import Checkpoint
-
-    return Checkpoint.open(ref.open_source())
-
-
 @lru_cache(maxsize=256)
 def _artifact(ref: ModelRef):
     from ..adapters import open_artifact
@@ -67,22 +62,11 @@ def _artifact(ref: ModelRef):
     return open_artifact(ref.open_source(), model_id=ref.model_id)
 
 
-@lru_cache(maxsize=1)
-def _base_matrix(ref: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, device: str):
-    """W0 [out, in] and its SVD, kept for the next unit: the planner emits the units of one tensor
-    back to back, so a worker usually gets the next batch of the same base matrix and skips both
-    the read and the decomposition (one entry: bounded memory)."""
-    from ..spectral import base_svd
-
-    w0 = _checkpoint(ref).get(tensor)
-    if transpose:
-        w0 = w0.T.contiguous()
-    return w0, base_svd(w0, cfg, device, tensor=tensor)
-
-
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
-                 device: str = "cpu") -> UnitOutcome:
+                 device: str = "cpu", base_cache: Optional[str] = None) -> UnitOutcome:
+    """`base_cache`: where decompositions of W0 are stored and shared (default RESULTS/bases)."""
     from ..spectral.inputs import torch_dtype
+    from .basecache import default_base_cache, obtain, open_checkpoint
     from .records import UnitContext, unit_tables
     from .store import ResultsStore
 
@@ -93,8 +77,10 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
 
     errors: list[dict] = []
     try:
-        base = _checkpoint(unit.base)
-        w0, w0_svd = _base_matrix(unit.base, unit.tensor, unit.transpose_w0, cfg, device)
+        base = open_checkpoint(unit.base)
+        got = obtain(unit.base, unit.tensor, unit.transpose_w0, cfg, device,
+                     base_cache or default_base_cache(results_root))
+        w0, w0_svd = got.w0, got.svd
     except ZoospectraError as err:  # the base matrix is unreadable: every member fails
         errors = [error_row("load", err, model=m, tensor=unit.tensor) for m in unit.members]
         return _failed(store, run_id, unit, errors, t0, device)
@@ -107,7 +93,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
         except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))
     if not updates:
-        return _failed(store, run_id, unit, errors, t0, device)
+        return _failed(store, run_id, unit, errors, t0, device, int(got.how == "computed"))
 
     from ..spectral.fast import fallback_count
 
@@ -116,7 +102,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     n_fallbacks = fallback_count() - fallbacks0
     errors += bad
     if analysis is None:
-        return _failed(store, run_id, unit, errors, t0, device)
+        return _failed(store, run_id, unit, errors, t0, device, int(got.how == "computed"))
 
     ctx = UnitContext(
         run_id=run_id, unit_id=unit.unit_id, base_uid=unit.base.uid, base_id=unit.base.model_id,
@@ -130,6 +116,7 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
         unit.unit_id, "done" if committed else "skipped", n_done=len(members),
         n_failed=len(errors), seconds=time.perf_counter() - t0, device=device, errors=errors,
         n_solver_fallbacks=n_fallbacks,
+        base_svd_computed=int(got.how == "computed"), base_svd_loaded=int(got.how != "computed"),
     )
 
 
@@ -231,7 +218,9 @@ def _fill(rows: list[dict], run_id: str, unit_id: str) -> list[dict]:
     return [dict(r, run_id=run_id, unit_id=unit_id) for r in rows]
 
 
-def _failed(store, run_id: str, unit: WorkUnit, errors: list[dict], t0: float, device: str) -> UnitOutcome:
+def _failed(store, run_id: str, unit: WorkUnit, errors: list[dict], t0: float, device: str,
+            computed: int = 0) -> UnitOutcome:
     store.write_errors(run_id, unit.unit_id, _fill(errors, run_id, unit.unit_id))
     return UnitOutcome(unit.unit_id, "failed", n_failed=len(errors),
-                       seconds=time.perf_counter() - t0, device=device, errors=errors)
+                       seconds=time.perf_counter() - t0, device=device, errors=errors,
+                       base_svd_computed=computed)

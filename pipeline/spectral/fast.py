@@ -22,6 +22,7 @@ converge falls back to a dense SVD of the small operator and is logged.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .base import prepare_batch
 from .inputs import delta, place, svd, svdvals
-from .krylov import F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets
+from .krylov import (F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets,
+                     top_triplets_lowrank_batched)
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
 from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
@@ -50,6 +52,7 @@ TOL = 1e-10          # residual of every used singular vector, relative to s_1 (
 # float32 singular values; float64 runs hold the values 10x tighter.
 TOL_VALUES, TOL_VALUES_FLOAT32 = 1e-8, 1e-7
 DENSE_FRACTION = 0.35  # a small operator whose Krylov subspace would reach this share of p: dense SVD
+BATCH_GROUP = 64       # same-rank items per batched solve (bounds the [G, p, c] blocks' memory)
 
 
 @dataclass(frozen=True)
@@ -171,13 +174,52 @@ def _head(want: Wanted, p: int) -> int:
     return min(p, want.k_val + 8)
 
 
+def use_batched(device: torch.device) -> bool:
+    """Batched same-rank solves: on by default on CUDA, where one adapter's many small kernels are
+    launch-bound; off on CPU, where items already run side by side on one BLAS thread each and
+    the batched method's fixed extra expansions cost more than they save (bench/RESULTS.md).
+    ZOOSPECTRA_BATCHED=1 / 0 forces it either way."""
+    env = os.environ.get("ZOOSPECTRA_BATCHED", "auto").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return device.type == "cuda"
+
+
+def batched_wt(base: BaseSVD, factors: dict[int, Factors], want: Wanted) -> dict[int, Triplets]:
+    """Top triplets of Wt for the low-rank items, same-rank items solved together
+    (krylov.top_triplets_lowrank_batched); items that take the dense path, or miss the residual
+    bounds in the batch, are left out and solved alone by wt_triplets."""
+    p = int(base.S.shape[0])
+    head = _head(want, p)
+    s0 = base.S.to(F64)
+    by_rank: dict[tuple, list[int]] = {}
+    for i, f in factors.items():
+        r = int(f.bt.shape[1])
+        if want.all_ or head + 2 * r + 2 * want.k_val > DENSE_FRACTION * p:
+            continue                                   # dense SVD of the small operator instead
+        by_rank.setdefault((r, tuple(f.bt.shape), tuple(f.at.shape)), []).append(i)
+    out: dict[int, Triplets] = {}
+    for _, items in sorted(by_rank.items()):
+        for at in range(0, len(items), BATCH_GROUP):
+            chunk = items[at : at + BATCH_GROUP]
+            got = top_triplets_lowrank_batched(
+                s0, torch.stack([factors[i].bt for i in chunk]), torch.stack([factors[i].at for i in chunk]),
+                head, want.k_val, k_vectors=want.k_vectors, tol=want.tol, tol_values=want.tol_values)
+            out.update({i: t for i, t in zip(chunk, got) if t is not None})
+    return out
+
+
 def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f: Factors,
-                  cfg: AnalysisConfig, want: Wanted, shared_seconds: float
-                  ) -> tuple[MatrixAnalysis, torch.Tensor]:
+                  cfg: AnalysisConfig, want: Wanted, shared_seconds: float,
+                  wt: Optional[Triplets] = None) -> tuple[MatrixAnalysis, torch.Tensor]:
+    """`wt`: Wt's top triplets when a batched solve already found them (else solved here)."""
     start = time.perf_counter()
     shape, p = base.shape, int(base.S.shape[0])
     s0 = base.S.to(F64)
-    wt = wt_triplets(reduced_operator(s0, f, _head(want, p)), want)
+    if wt is None:
+        wt = wt_triplets(reduced_operator(s0, f, _head(want, p)), want)
     _log_fallback(wt, update.tensor)
     dw = f.dw_svd()
     sd = dw[1]
@@ -306,8 +348,11 @@ def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) ->
 
 
 def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
-                 device: str | torch.device = "cpu", base: BaseSVD | None = None) -> BatchAnalysis:
-    """docs/architecture.md#engines on one base matrix and a batch of its updates (API of exact)."""
+                 device: str | torch.device = "cpu", base: BaseSVD | None = None,
+                 batched: Optional[bool] = None) -> BatchAnalysis:
+    """docs/architecture.md#engines on one base matrix and a batch of its updates (API of exact).
+
+    batched: solve same-rank LoRA items together (None: use_batched's default for the device)."""
     start = time.perf_counter()
     shape = (int(w0.shape[0]), int(w0.shape[1]))
     w0, tensor, base, base_seconds = prepare_batch(w0, updates, cfg, device, base)
@@ -317,10 +362,13 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
     low = [i for i, u in enumerate(updates) if u.is_low_rank]
     t0 = time.perf_counter()
     factors = dict(zip(low, project_factors(base, [updates[i] for i in low]))) if low else {}
-    shared = (time.perf_counter() - t0) / max(len(low), 1)    # batched products, split evenly
+    pre: dict[int, Triplets] = {}
+    if factors and (use_batched(w0.device) if batched is None else batched):
+        pre = batched_wt(base, factors, want)
+    shared = (time.perf_counter() - t0) / max(len(low), 1)    # batched work, split evenly
 
     done = dict(zip(low, _each_core(
-        lambda i: _lowrank_item(base, base_sigma, updates[i], factors[i], cfg, want, shared),
+        lambda i: _lowrank_item(base, base_sigma, updates[i], factors[i], cfg, want, shared, pre.get(i)),
         low, w0.device)))
     items, subspaces = [], []
     for i, update in enumerate(updates):

@@ -1,0 +1,216 @@
+"""The whole `zoospectra analyze` CLI (default flags, Ray start included) vs the paper's method,
+timed in one run on a Llama-shaped zoo (issue 13).
+
+    python -m bench.cli_bench                              # hidden 1024, inter 2816, 2 layers, 30 LoRAs
+    python -m bench.cli_bench --adapters 10 --paper-pairs 2   # quick: paper timed on 2 pairs per shape
+
+The zoo: a synthetic base (realistic decaying spectra) and PEFT-format LoRA adapters of ranks
+4..64 on all 7 linear modules. The CLI runs as a subprocess exactly as a user types it, into a
+fresh results root (its base cache starts empty, so the base SVDs are in the figure). A second
+CLI run over new adapters of the same base into the same root shows the stored base SVDs reused.
+The paper's method: per (adapter, matrix), two full float32 thin SVDs (W0 and Wt = W0 + dW) and
+the max |cos| of the top-k singular vectors of Wt against every base vector, both sides; its
+intruder totals are compared with the CLI's (`matrices` table). By default every pair is timed;
+`--paper-pairs N` times N pairs per shape and scales by the pair counts (totals then not compared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.run_bench import llama_modules, machine, write_adapters, write_base
+
+K, EPS = 10, 0.5
+
+
+def run_cli(base: Path, adapters: list[Path], out: Path, *extra: str) -> float:
+    """Wall seconds of one `zoospectra analyze` process (interpreter and Ray start included)."""
+    cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(base), *map(str, adapters),
+           "--out", str(out), *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"zoospectra analyze failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return dt
+
+
+def cli_counts(out: Path) -> dict[tuple[str, str], tuple[int, int]]:
+    """(model_id, tensor) -> (intruders_u, intruders_v) from the `matrices` table."""
+    import pyarrow.parquet as pq
+
+    got = {}
+    for path in (out / "units").glob("*/matrices.parquet"):
+        for r in pq.read_table(path, columns=["model_id", "tensor", "intruders_u", "intruders_v"]).to_pylist():
+            got[(r["model_id"], r["tensor"])] = (r["intruders_u"], r["intruders_v"])
+    return got
+
+
+def cli_totals(counts: dict) -> tuple[int, int, int]:
+    return len(counts), sum(u for u, _ in counts.values()), sum(v for _, v in counts.values())
+
+
+def last_run(out: Path) -> dict:
+    runs = sorted((out / "runs").glob("*.json"))
+    return json.loads(runs[-1].read_text())
+
+
+def paper_counts(w0: torch.Tensor, wt: torch.Tensor) -> tuple[int, int]:
+    """Shuttleworth et al.: full SVDs of W0 and Wt; top-k vectors of Wt with max |cos| < eps."""
+    u0, _, vh0 = torch.linalg.svd(w0, full_matrices=False)
+    ut, _, vht = torch.linalg.svd(wt, full_matrices=False)
+    cu = (ut[:, :K].T @ u0).abs().max(dim=1).values
+    cv = (vht[:K] @ vh0.T).abs().max(dim=1).values
+    return int((cu < EPS).sum()), int((cv < EPS).sum())
+
+
+def best_of_threads(w0: torch.Tensor, wt: torch.Tensor) -> tuple[float, tuple[int, int]]:
+    """The paper's pair timed on 1 and on all BLAS threads; the faster one counts (on a shared,
+    oversubscribed machine multi-threaded LAPACK can be several times slower than one thread)."""
+    best, counts = float("inf"), (0, 0)
+    n = torch.get_num_threads()
+    for threads in sorted({1, n}):
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        counts = paper_counts(w0, wt)
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(n)
+    return best, counts
+
+
+def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -> dict:
+    """Time the paper's method over every (adapter, matrix) pair, or per_shape pairs per shape."""
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        w0s = {k: f.get_tensor(k).float() for k in f.keys()}
+    seconds, timed, counts, shape_s, per_pair = 0.0, 0, [0, 0], {}, {}
+    n_pairs: dict[tuple, int] = {}
+    for d in adapters:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"]
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            for key in sorted(w0s):
+                stem = "base_model.model." + key.removesuffix(".weight")
+                w0 = w0s[key]
+                shape = tuple(w0.shape)
+                n_pairs[shape] = n_pairs.get(shape, 0) + 1
+                if per_shape is not None and len(shape_s.get(shape, [])) >= per_shape:
+                    continue
+                b, a = f.get_tensor(f"{stem}.lora_B.weight"), f.get_tensor(f"{stem}.lora_A.weight")
+                wt = w0 + scale * (b @ a)
+                dt, (cu, cv) = best_of_threads(w0, wt)
+                seconds += dt
+                timed += 1
+                counts[0] += cu
+                counts[1] += cv
+                per_pair[(d.name, key)] = (cu, cv)
+                shape_s.setdefault(shape, []).append(dt)
+        log(f"  paper: {timed} pairs timed, {seconds:.0f}s so far")
+    if per_shape is not None:  # scale each shape's mean by its pair count
+        seconds = sum(sum(v) / len(v) * n_pairs[s] for s, v in shape_s.items())
+    return {"seconds": seconds, "timed_pairs": timed, "pairs": sum(n_pairs.values()),
+            "intruders_u": counts[0], "intruders_v": counts[1], "per_pair": per_pair,
+            "per_shape": {f"{s[0]}x{s[1]}": sum(v) / len(v) for s, v in shape_s.items()}}
+
+
+def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict) -> str:
+    ratio = paper["seconds"] / cli["seconds"]
+    exact_totals = paper["timed_pairs"] == paper["pairs"]
+    lines = [
+        "## Whole CLI vs the paper's method (issue 13, `python -m bench.cli_bench "
+        f"{' '.join(args.argv)}`, {time.strftime('%Y-%m-%d %H:%M')})", "",
+        *machine("cpu"), "",
+        f"Llama-shaped zoo: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers x 7 "
+        f"modules, {args.adapters} LoRA adapters of ranks 4..64 = {zoo['pairs']} (adapter, matrix) pairs. "
+        "`zoospectra analyze BASE ADAPTERS... --out R` with default flags (fast mode, batch 32), "
+        "wall time of the process, Ray start included, fresh results root and base cache.", "",
+        f"Load average before / after: {args.load_before} / {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        "(the 2 cores are shared with other jobs: absolute seconds are noisy, the ratio is of one run).", "",
+        "| | seconds |", "|---|---|",
+        f"| zoospectra analyze (default flags, whole process) | {cli['seconds']:.1f} |",
+        f"| paper's method, two float32 SVDs per pair, best of 1 and {torch.get_num_threads()} threads ({'all pairs timed' if exact_totals else 'scaled from %d timed pairs' % paper['timed_pairs']}) | {paper['seconds']:.0f} |",
+        f"| **ratio** | **{ratio:.1f}x** |", "",
+        f"Base SVDs: {cli['run'].get('base_svd_computed')} computed, {cli['run'].get('base_svd_reused')} reused "
+        f"({zoo['tensors']} base tensors touched).",
+    ]
+    checked = {pair: cli["counts"].get(pair) for pair in paper["per_pair"]}
+    diff = sum(checked[pair] != want for pair, want in paper["per_pair"].items())
+    sub = {k: cli["counts"][k] for k in paper["per_pair"] if k in cli["counts"]}
+    lines.append(f"Intruder counts (k={K}, eps={EPS}, U and V) on the {len(checked)} pairs the paper's "
+                 f"method ran on: CLI U {sum(u for u, _ in sub.values())}, V {sum(v for _, v in sub.values())}; "
+                 f"paper U {paper['intruders_u']}, V {paper['intruders_v']}; {diff} pairs differ"
+                 + (" (all pairs: totals identical)." if exact_totals and diff == 0 else "."))
+    if second:
+        lines.append(f"Second run, {second['adapters']} new adapters into the same root: "
+                     f"{second['seconds']:.1f}s, base SVDs {second['run'].get('base_svd_computed')} computed, "
+                     f"{second['run'].get('base_svd_reused')} reused.")
+    lines.append("Paper seconds per pair: " + ", ".join(f"{k}: {v:.2f}" for k, v in paper["per_shape"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--adapters", type=int, default=30)
+    ap.add_argument("--second", type=int, default=10, help="new adapters for the second run (0: none)")
+    ap.add_argument("--paper-pairs", type=int, default=None, help="time N pairs per shape and scale")
+    ap.add_argument("--work", default=None, help="zoo + results directory (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="append the section to this Markdown file")
+    args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    work = Path(args.work or tempfile.mkdtemp(prefix="zs-cli-bench-"))
+    modules = llama_modules(args.hidden, args.intermediate)
+    zoo_dir = work / "zoo"
+    if zoo_dir.exists():
+        shutil.rmtree(zoo_dir)
+    base = zoo_dir / "base"
+    write_base(base, args.layers, modules)
+    adapters = write_adapters(zoo_dir, base, range(args.adapters), args.layers, modules)
+    fresh = write_adapters(zoo_dir, base, range(args.adapters, args.adapters + args.second),
+                           args.layers, modules)
+    zoo = {"pairs": args.adapters * args.layers * 7, "tensors": args.layers * 7}
+    log(f"zoo: {args.adapters} + {args.second} adapters x {zoo['tensors']} matrices under {zoo_dir}")
+
+    out = work / "results"
+    if out.exists():
+        shutil.rmtree(out)
+    cli = {"seconds": run_cli(base, adapters, out)}
+    log(f"cli: {cli['seconds']:.1f}s")
+    cli["counts"], cli["run"] = cli_counts(out), last_run(out)
+    cli["totals"] = cli_totals(cli["counts"])
+    log(f"cli: {cli['seconds']:.1f}s, {cli['totals'][0]} pairs, intruders U {cli['totals'][1]} "
+        f"V {cli['totals'][2]}, base SVDs computed {cli['run'].get('base_svd_computed')}")
+    second = None
+    if args.second:
+        second = {"seconds": run_cli(base, fresh, out), "adapters": args.second}
+        second["run"] = last_run(out)
+        log(f"second run: {second['seconds']:.1f}s, base SVDs computed "
+            f"{second['run'].get('base_svd_computed')} reused {second['run'].get('base_svd_reused')}")
+    paper = paper_method(base, adapters, args.paper_pairs, log)
+    log(f"paper: {paper['seconds']:.0f}s -> {paper['seconds'] / cli['seconds']:.1f}x")
+    text = report(args, zoo, cli, second, paper)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
