@@ -2,7 +2,9 @@
 
     python -m zoospectra.jobs.entrypoint --spec jobs/nightly-example.yaml
 
-Exit 0 when the crawl completed (also with `errors` rows), 2 for an invalid spec.
+Exit 0 when the crawl completed (also with `errors` rows: a scheduled job does not fail because
+one repo is bad), 2 for an invalid spec, 1 when the Hub or the results root cannot be reached;
+every error is one line on stderr.
 """
 from __future__ import annotations
 
@@ -38,7 +40,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"invalid job spec: {err}", file=sys.stderr)
         return 2
     command = shlex.join([sys.executable, "-m", "zoospectra.jobs.entrypoint", *(argv or sys.argv[1:])])
-    summary = crawl(spec, executor="local" if args.local else "ray", command=command)
+    try:
+        summary = crawl(spec, executor="local" if args.local else "ray", command=command)
+    except ZoospectraError as err:  # e.g. the Hub endpoint cannot be reached: one line, no traceback
+        print(f"error ({err.kind}): {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # the results root cannot be written
+        print(f"error (os): {err}", file=sys.stderr)
+        return 1
     print(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
     return 0
 

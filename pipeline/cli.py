@@ -298,6 +298,8 @@ def crawl(
         summary = run_crawl(crawl_spec, executor="local" if local else "ray", command=shlex.join(sys.argv),
                             on_progress=tick)
     typer.echo(json.dumps({"name": summary.name, "bases": [asdict(b) for b in summary.bases]}, indent=2))
+    if any(b.error_rows or b.units_failed for b in summary.bases):
+        raise typer.Exit(code=3)  # the crawl completed, but some repos became errors rows
 
 
 @app.command()

@@ -410,3 +410,15 @@ def test_spec_hub_section_is_validated_into_hub_options() -> None:
                        ({"endpoint": "mirror"}, "http"), ([1], "mapping")]:
         with pytest.raises(ConfigError, match=match):
             CrawlSpec.from_dict({**base, "hub": bad})
+
+
+def test_cli_crawl_with_an_error_row_exits_3(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Like `analyze`: the crawl completes (good repos analysed) and says so with exit 3."""
+    _tiny_zoo(fake_hub, "u/gated")
+    out = tmp_path / "results"
+    proc = cli("crawl", "--base-model", TINY, "--out", str(out), "--local", env=hub_env(fake_hub))
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert [(b["discovered"], b["units_done"], b["error_rows"]) for b in summary["bases"]] == [(2, 2, 1)]
+    assert _analysed(out) == {"u/good-0", "u/good-1"}
