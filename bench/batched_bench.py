@@ -13,7 +13,6 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from bench.run_bench import _sync, lora, machine, realistic_base
 from zoospectra.config import AnalysisConfig

@@ -188,9 +188,9 @@ def write_zoo(root: Path, n_adapters: int, layers: int, log) -> tuple[Path, list
 
 
 def bench_e2e(n_adapters: int, layers: int, device: str, log) -> dict:
+    from zoospectra.io.refs import local_ref
     from zoospectra.run.execute import new_run_id
     from zoospectra.run.plan import build_plan
-    from zoospectra.io.refs import local_ref
     from zoospectra.run.store import ResultsStore
     from zoospectra.run.unit import process_unit
 

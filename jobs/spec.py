@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -41,13 +41,13 @@ class CrawlSpec:
     base_models: tuple[str, ...]
     out: str
     include_full: bool = False
-    limit: Optional[int] = None
+    limit: int | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     batch_size: int = 32
-    ray_address: Optional[str] = None
-    schedule: Optional[str] = None
+    ray_address: str | None = None
+    schedule: str | None = None
     hub: HubOptions = field(default_factory=HubOptions)
-    base_cache: Optional[str] = None   # where base SVDs are stored and reused (default OUT/bases)
+    base_cache: str | None = None   # where base SVDs are stored and reused (default OUT/bases)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or len(self.name) > 52:
@@ -75,7 +75,7 @@ class CrawlSpec:
             validate_cron(self.schedule)
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str = "job spec") -> "CrawlSpec":
+    def from_dict(cls, raw: Any, where: str = "job spec") -> CrawlSpec:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}", file=where)
         known = {f.name for f in fields(cls)}
@@ -93,7 +93,7 @@ class CrawlSpec:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CrawlSpec":
+    def load(cls, path: str | Path) -> CrawlSpec:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"job spec {p} does not exist; pass the path of a YAML spec", file=str(p))

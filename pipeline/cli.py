@@ -4,7 +4,6 @@ from __future__ import annotations
 import shlex
 import sys
 from contextlib import contextmanager
-from typing import List, Optional
 
 import typer
 
@@ -37,7 +36,7 @@ def _k(value: str, name: str) -> int:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _check_positive(value: Optional[int], option: str) -> None:
+def _check_positive(value: int | None, option: str) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{option} must be >= 1, got {value}", option=option)
 
@@ -54,13 +53,13 @@ def _check_device(device: str) -> None:
                               "--device cpu or auto", option="device")
 
 
-def parse_tuned(specs: List[str]) -> list[tuple[Optional[str], str]]:
+def parse_tuned(specs: list[str]) -> list[tuple[str | None, str]]:
     """(name or None, path) per NAME=PATH / PATH argument. An existing path is taken whole even
     when it contains '='; otherwise NAME is everything before the first '=' (paths may hold '=',
     names may not). Two artifacts under one name would merge under one model id: refused."""
     import os
 
-    out: list[tuple[Optional[str], str]] = []
+    out: list[tuple[str | None, str]] = []
     for spec in specs:
         if os.path.exists(spec) or "=" not in spec:
             out.append((None, spec))
@@ -93,9 +92,9 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
 @app.command()
 def analyze(
     base: str = typer.Argument(..., help="Base checkpoint: a local directory (Hub bases: zoospectra crawl)."),
-    tuned: List[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
+    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
-    base_name: Optional[str] = typer.Option(None, help="Id recorded for the base (default: directory name)."),
+    base_name: str | None = typer.Option(None, help="Id recorded for the base (default: directory name)."),
     k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
     eps: float = typer.Option(_D.eps, help="Intruder test: max |cos| threshold."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
@@ -107,11 +106,11 @@ def analyze(
     embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
                                     help="Also analyse embedding/head matrices."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work (sharing one base SVD)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
-    max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
-    base_cache: Optional[str] = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
+    max_in_flight: int | None = typer.Option(None, help="Ray tasks in flight at once."),
+    base_cache: str | None = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
@@ -142,11 +141,12 @@ def sql(
     results: str = typer.Argument(..., help="Results root."),
     query: str = typer.Argument(..., help="SQL; views and macros such as intruders(eps, k) are loaded."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
-    output: Optional[str] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
+    output: str | None = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
 ) -> None:
     """Run one SQL query over the results with zoospectra's views and macros."""
     from .outputs import claim_file, require_results_root
-    from .study.sql import format_table, query as run_query
+    from .study.sql import format_table
+    from .study.sql import query as run_query
 
     require_results_root(results)
     if output:
@@ -256,17 +256,17 @@ def submit(
 
 @app.command()
 def crawl(
-    base_model: List[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
+    base_model: list[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
     out: str = typer.Option(..., "--out", "-o", help="Results root."),
-    limit: Optional[int] = typer.Option(None, help="At most N repos per base model and kind."),
-    include: List[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
+    limit: int | None = typer.Option(None, help="At most N repos per base model and kind."),
+    include: list[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
     mode: str = typer.Option(_D.mode, help="fast (default) or exact (the paper's full SVDs)."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all')."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
-    spec: Optional[str] = typer.Option(None, help="A YAML job spec instead of the flags above."),
+    spec: str | None = typer.Option(None, help="A YAML job spec instead of the flags above."),
 ) -> None:
     """Discover adapters / fine-tunes of base models on the Hub and analyse what is new."""
     import json
@@ -274,7 +274,6 @@ def crawl(
 
     from .api import crawl as run_crawl
     from .jobs.spec import CrawlSpec
-
     from .outputs import claim_results_root
     from .run.execute import probe_address
 
@@ -313,7 +312,7 @@ def demo(
 
 
 # --- studies, report, mitigation (pipeline/study/studies.py, report.py, mitigate.py) ---------------
-def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
+def _scope(base_model: str | None, kinds: list[str] | None):
     from .study.studies import Scope
 
     return Scope(base=base_model, kinds=tuple(kinds or ()))
@@ -323,8 +322,8 @@ def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
 def report(
     results: str = typer.Argument(..., help="Results root."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for index.html (self-contained)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
-    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
     force: bool = typer.Option(False, "--force", help="Replace a previous report in --out (never other files)."),
 ) -> None:
     """Every study as one offline HTML page: figures, summary tables and the SQL behind each."""
@@ -341,10 +340,10 @@ def report(
 def plot(
     results: str = typer.Argument(..., help="Results root."),
     study: str = typer.Argument(..., help="Study name (zoospectra plot RESULTS list: all of them)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output .png or .svg (default: STUDY.png)."),
-    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Study parameter NAME=VALUE (repeatable)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
-    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output .png or .svg (default: STUDY.png)."),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="Study parameter NAME=VALUE (repeatable)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
 ) -> None:
     """One study's figure as PNG or SVG."""
     from .study.studies import STUDIES, parse_param, save_plot
@@ -368,7 +367,7 @@ def mitigate(
     lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values (PEFT's mitigation_lambda)."),
     k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
     eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
-    base: Optional[str] = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
+    base: str | None = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
     force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out (never other files)."),
 ) -> None:
@@ -418,7 +417,7 @@ def _fail(kind: str, message: object, code: int) -> int:
     return code
 
 
-def _run(args: Optional[List[str]] = None) -> int:
+def _run(args: list[str] | None = None) -> int:
     """The command's exit status. Exit codes: 0 done; 3 the run completed with error rows;
     2 invalid input (options, paths, files, configs, SQL: ZoospectraError by default, DuckDB
     errors, usage errors); 1 a runtime failure (ZoospectraError kinds with exit_code 1, OSError,

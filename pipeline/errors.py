@@ -10,7 +10,7 @@ import json
 import os
 import re
 from datetime import datetime, timezone
-from typing import Literal, Optional, Protocol
+from typing import Literal, Protocol
 
 
 class ZoospectraError(Exception):
@@ -171,8 +171,8 @@ def redact(text: str) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-def error_row(stage: Stage, err: BaseException, *, model: Optional[_Model] = None,
-              model_id: Optional[str] = None, tensor: Optional[str] = None) -> dict:
+def error_row(stage: Stage, err: BaseException, *, model: _Model | None = None,
+              model_id: str | None = None, tensor: str | None = None) -> dict:
     """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id, which the writer adds.
 
     `model` is a pinned ModelRef; `model_id` names a repo that could not be pinned (hub

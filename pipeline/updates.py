@@ -7,7 +7,7 @@ in PyTorch's [out, in] layout (fan_in_fan_out already undone).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -28,15 +28,15 @@ class MatrixUpdate:
     tensor: str                      # base checkpoint key, e.g. "encoder.layer.0.attention.self.query.weight"
     kind: UpdateKind
     shape: tuple[int, int]           # (m, n) of the base matrix
-    dense: Optional[torch.Tensor] = None
-    B: Optional[torch.Tensor] = None
-    A: Optional[torch.Tensor] = None
+    dense: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
     role: Role = "linear"
-    rank: Optional[int] = None       # adapter rank r (LoRA family), None for dense kinds
-    alpha: Optional[float] = None
-    scale: Optional[float] = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
-    norm_a: Optional[float] = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
-    norm_b: Optional[float] = None
+    rank: int | None = None       # adapter rank r (LoRA family), None for dense kinds
+    alpha: float | None = None
+    scale: float | None = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
+    norm_a: float | None = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
+    norm_b: float | None = None
     # The init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) rewrote the base before training: dW is
     # relative to a modified base. Stored as matrices.base_rewritten.
     base_rewritten: bool = False

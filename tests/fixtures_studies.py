@@ -14,17 +14,17 @@ Set ZOOSPECTRA_STUDIES_CACHE=DIR to keep the trained zoo between sessions (devel
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from zoospectra.config import AnalysisConfig
-from zoospectra.io.refs import ModelRef, local_ref
 from zoospectra.demo.zoo import ZooSpec, build_zoo, minilm_dir
+from zoospectra.io.refs import ModelRef, local_ref
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS = [0, 1, 2]
@@ -103,12 +103,12 @@ def study_zoo(tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
 
 
 def _analysed_zoo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
+    import torch
+
     from zoospectra.run.execute import run_plan
     from zoospectra.run.plan import build_plan
     from zoospectra.run.store import ResultsStore
     from zoospectra.study.studies import checkpoint_refs
-
-    import torch
 
     paths = build_study_zoo(zoo_dir)
     torch.set_num_threads(1)  # build_zoo sets its own thread count

@@ -6,19 +6,26 @@ import json
 import pickle
 import struct
 from pathlib import Path
-from typing import Union
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zoospectra.io.checkpoint import (
-    Checkpoint, FileSource, LocalFileSource, TensorInfo, read_header,
-)
 from zoospectra.errors import (
-    CheckpointNotFoundError, CorruptSafetensorsError, NonFiniteWeightsError,
-    TensorNotFoundError, UnsafeCheckpointError, UnsupportedDtypeError,
+    CheckpointNotFoundError,
+    CorruptSafetensorsError,
+    NonFiniteWeightsError,
+    TensorNotFoundError,
+    UnsafeCheckpointError,
+    UnsupportedDtypeError,
+)
+from zoospectra.io.checkpoint import (
+    Checkpoint,
+    FileSource,
+    LocalFileSource,
+    TensorInfo,
+    read_header,
 )
 
 
@@ -106,8 +113,8 @@ def all_dtypes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_raw(path: Path, header: Union[dict, bytes], data: bytes = b"",
-              length: Union[int, None] = None) -> Path:
+def write_raw(path: Path, header: dict | bytes, data: bytes = b"",
+              length: int | None = None) -> Path:
     """A safetensors file built by hand, so any field can be wrong."""
     body = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(body) if length is None else length) + body + data)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import duckdb
 import pytest
@@ -82,7 +82,7 @@ def outside(snap: dict[str, tuple], outputs: tuple[str, ...]) -> dict[str, tuple
     return {k: v for k, v in snap.items() if not any(k == o or k.startswith(o + "/") for o in outputs)}
 
 
-def cli(args: list[str], cwd: Path, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200", **(env or {})}
     full.pop("ZOOSPECTRA_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "zoospectra.cli", *args], cwd=cwd, env=full,
@@ -109,7 +109,7 @@ class Case:
     env: dict = field(default_factory=dict)
     outputs: tuple[str, ...] = ()   # scratch paths the tool may create or change
     max_s: float = 90.0
-    setup: Optional[Callable[[Path], None]] = None
+    setup: Callable[[Path], None] | None = None
 
 
 def _chmod_note(s: Path) -> None:
@@ -315,7 +315,7 @@ def test_a_config_naming_another_base_is_warned_and_recorded(scratch: Path, mini
 
 
 def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str, after: float,
-               second: Optional[float] = None) -> tuple[int, str]:
+               second: float | None = None) -> tuple[int, str]:
     """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with
     `wait_for` (and again `second` seconds later); its exit code and all its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -17,10 +17,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
+from fixtures_store import build_zoo
+from rows import VOLATILE
 from typer.testing import CliRunner
 
-from rows import VOLATILE
-from fixtures_store import build_zoo
 from zoospectra.cli import VERIFY_DAMAGED, app, run_analysis
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref

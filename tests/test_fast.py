@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+from fixtures_zoo import base_path_of
 
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import ALL, AnalysisConfig
+from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.spectral import analyze_batch, base_svd
 from zoospectra.spectral import fast as fast_mod
 from zoospectra.spectral.krylov import DenseOperator, LowRankUpdate, orthonormal_extension, top_triplets
 from zoospectra.updates import MatrixUpdate
-
-from fixtures_zoo import base_path_of
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 EPS_SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
@@ -47,7 +45,7 @@ class Reference:
 
 
 def reference(w0: np.ndarray, dw: np.ndarray, k: int, sim_k: int = 10,
-              w0_svd: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> Reference:
+              w0_svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Reference:
     u0, s0, v0h = w0_svd if w0_svd is not None else np.linalg.svd(w0, full_matrices=False)
     ut, st, vth = np.linalg.svd(w0 + dw, full_matrices=False)
     cu = np.abs(ut[:, :k].T @ u0)            # [k, p]
@@ -257,7 +255,7 @@ def test_top_triplets_residual_guarantee(rows: int, cols: int, exact_head: int) 
     np.testing.assert_allclose(dense.sigma.numpy(), s[:8], rtol=1e-12)
 
 
-def _orthonormal_and_spanning(q: torch.Tensor, z: Optional[torch.Tensor], t: torch.Tensor) -> None:
+def _orthonormal_and_spanning(q: torch.Tensor, z: torch.Tensor | None, t: torch.Tensor) -> None:
     eye = torch.eye(q.shape[1], dtype=q.dtype)
     assert float((q.T @ q - eye).abs().max()) < 1e-12
     if z is not None:

@@ -20,21 +20,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from fixtures_faults import MEMBER_TABLES, duplicates
 from rows import table_rows
 from workers import WorkerKiller
+
 from zoospectra.config import AnalysisConfig
+from zoospectra.io.refs import local_ref
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
-from zoospectra.io.refs import local_ref
-from zoospectra.study.sql import connect
 from zoospectra.run.store import ResultsStore
+from zoospectra.study.sql import connect
 
 torch.set_num_threads(1)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -271,10 +270,9 @@ def test_flaky_hub_bounded_retries_then_error_rows(fake_hub, minilm_dir: Path, t
                                                    tmp_path: Path) -> None:
     from huggingface_hub import constants
 
-    from fixtures_hub import publish_dir
     from zoospectra.io.hub import HubOptions
-    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
 
     base = "sentence-transformers/all-MiniLM-L6-v2"
     fake_hub.add_repo(base, {n: (minilm_dir / n).read_bytes() for n in ("model.safetensors", "config.json")})

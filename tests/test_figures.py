@@ -7,8 +7,8 @@ import itertools
 
 import pyarrow as pa
 import pytest
-
 from fixtures_studies import StudyZoo
+
 from zoospectra.study.studies import LEGEND_FONTSIZE, STUDIES, connect_scoped, plot_intruders_eps, run_study
 
 

@@ -23,9 +23,9 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import duckdb
 import pyarrow.parquet as pq
@@ -35,13 +35,12 @@ from rows import table_rows
 
 from zoospectra import errors as E
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import AnalysisConfig
+from zoospectra.io.checkpoint import Checkpoint
+from zoospectra.io.refs import local_ref
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
-from zoospectra.io.refs import local_ref
 from zoospectra.spectral import analyze_batch
-
 
 torch.set_num_threads(1)
 
@@ -64,7 +63,7 @@ def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def join_safetensors(header: dict | bytes, data: bytes, length: Optional[int] = None) -> bytes:
+def join_safetensors(header: dict | bytes, data: bytes, length: int | None = None) -> bytes:
     blob = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(blob) if length is None else length) + blob + data
 
@@ -182,7 +181,7 @@ def full_ft(edit: Callable[[torch.Tensor], torch.Tensor]) -> Builder:
     return build
 
 
-def sharded_index(shard: str, *, link_outside: bool = False, index: Optional[bytes] = None) -> Builder:
+def sharded_index(shard: str, *, link_outside: bool = False, index: bytes | None = None) -> Builder:
     """A sharded full fine-tune whose index points at `shard` (or is `index` verbatim)."""
     def build(good: Path, dst: Path, base: Path) -> Path:
         full_ft(lambda w: w)(good, dst, base)
@@ -339,7 +338,7 @@ def _tree_digest(artifact: Path, siblings: bool = True) -> str:
 
 
 def test_every_case_corrupts_the_good_adapter(hostile: dict[str, Path], goods: list[Path],
-                                             base_ckpt: "Checkpoint") -> None:
+                                             base_ckpt: Checkpoint) -> None:
     """A builder that silently left the good adapter unchanged would make its case test nothing
     (the good one loads fine): every case must differ on disk from the good adapter and from
     every other case."""
@@ -474,7 +473,7 @@ def test_a_model_row_that_does_not_fit_the_schema_is_a_plan_error(goods: list[Pa
 INJECT = "x'); COPY (SELECT 42) TO '{marker}'; --"
 
 
-def cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zoospectra.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=600)
 
@@ -592,6 +591,7 @@ def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
 def test_a_hub_listing_odd_repo_ids_gives_error_rows(goods: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from fixtures_hub import serving_hub
+
     from zoospectra.io.hub import HubOptions, discover
 
     base = "sentence-transformers/all-MiniLM-L6-v2"

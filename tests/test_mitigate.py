@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fixtures_studies import StudyZoo, one_thread
+
+from zoospectra.demo.zoo import minilm_dir
 from zoospectra.errors import CheckpointNotFoundError, ConfigError, UnsupportedAdapterError
 from zoospectra.mitigate import MitigationParams, mitigate_adapter
-from zoospectra.demo.zoo import minilm_dir
 
 LAM, K, EPS = 0.75, 10, 0.5
 
@@ -84,8 +84,8 @@ def test_reanalysis_shows_intruders_scaled_by_lambda(study_zoo: StudyZoo, mitiga
     """The engine on the output: each intruder's singular value is lam times the old one (up to
     PEFT's rank-r truncation of the mitigated update), and it is still an intruder."""
     from zoospectra.adapters import open_artifact
-    from zoospectra.io.checkpoint import Checkpoint
     from zoospectra.config import AnalysisConfig
+    from zoospectra.io.checkpoint import Checkpoint
     from zoospectra.spectral import analyze_batch
 
     out, result = mitigated

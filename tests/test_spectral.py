@@ -10,7 +10,6 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -18,7 +17,11 @@ import torch
 
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.errors import (
-    AnalysisError, BaseMismatchError, ConfigError, NonFiniteWeightsError, UnsupportedDtypeError,
+    AnalysisError,
+    BaseMismatchError,
+    ConfigError,
+    NonFiniteWeightsError,
+    UnsupportedDtypeError,
 )
 from zoospectra.spectral import BatchAnalysis, MatrixAnalysis, analyze_batch, base_svd
 from zoospectra.updates import MatrixUpdate
@@ -40,7 +43,7 @@ class Case:
     def dw(self) -> np.ndarray:
         return self.b @ self.a
 
-    def update(self, rank: Optional[int] = None, dense: bool = False, dtype=torch.float64) -> MatrixUpdate:
+    def update(self, rank: int | None = None, dense: bool = False, dtype=torch.float64) -> MatrixUpdate:
         m, n = self.w0.shape
         if dense:
             return MatrixUpdate(tensor=TENSOR, kind="full", shape=(m, n),
@@ -91,7 +94,7 @@ class Ref:
     dw: np.ndarray
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_case(name: str) -> Ref:
     case = next(c for c in CASES if c.name == name)
     return ref_analysis(case.w0, case.dw)

@@ -28,7 +28,7 @@ __all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "open_artifact",
 _PICKLES = ("adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "training_args.bin")
 
 
-def open_artifact(location: Union[str, os.PathLike, "FileSource"], *, model_id: Optional[str] = None) -> Artifact:
+def open_artifact(location: str | os.PathLike | FileSource, *, model_id: str | None = None) -> Artifact:
     """A PEFT adapter or a full fine-tune, from a local directory or any FileSource."""
     files = Files(location)
     if files.exists("adapter_config.json"):

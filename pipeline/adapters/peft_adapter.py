@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +29,16 @@ from ..numeric import frobenius
 from ..updates import MatrixUpdate, UpdateKind
 from . import formulas as F
 from .common import (
-    Artifact, Files, Target, check_dtype, ckpt_name, checked_w0, dense_update, match_base_key, nearest_keys, read,
+    Artifact,
+    Files,
+    Target,
+    check_dtype,
+    checked_w0,
+    ckpt_name,
+    dense_update,
+    match_base_key,
+    nearest_keys,
+    read,
     role_of,
 )
 
@@ -56,11 +65,11 @@ class PeftType:
     kind: UpdateKind
     required: tuple[str, ...]
     suffixes: tuple[str, ...]
-    ndim: tuple[tuple[str, Optional[int]], ...] = ()
+    ndim: tuple[tuple[str, int | None], ...] = ()
     chains: tuple[tuple[str, str], ...] = ()
     compute: str = ""
 
-    def dims(self, suffix: str) -> Optional[int]:
+    def dims(self, suffix: str) -> int | None:
         return dict(self.ndim).get(suffix, 2)
 
 
@@ -108,7 +117,7 @@ def _is_finite_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def get_pattern_key(patterns: list[str], module: str) -> Optional[str]:
+def get_pattern_key(patterns: list[str], module: str) -> str | None:
     """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first match wins."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
@@ -126,7 +135,7 @@ class _Module:
 
 
 class PeftAdapter(Artifact):
-    def __init__(self, files: Files, *, model_id: Optional[str] = None) -> None:
+    def __init__(self, files: Files, *, model_id: str | None = None) -> None:
         self.files = files
         self._location = files.path(WEIGHTS)
         self.config_text = files.read_text(CONFIG)
@@ -265,7 +274,7 @@ class PeftAdapter(Artifact):
         return "mixed" if has_mts else kind
 
     # --- planning -------------------------------------------------------------------------
-    def targets(self, base: "Checkpoint") -> list[Target]:
+    def targets(self, base: Checkpoint) -> list[Target]:
         base_keys = set(base.keys())
         base_name = ckpt_name(base)
         for key in self.ckpt.keys():  # quantised / integer adapter tensors fail at plan time
@@ -288,8 +297,8 @@ class PeftAdapter(Artifact):
     def _shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.ckpt.info(key).shape)
 
-    def _plan_module(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
-                     base_name: str) -> Optional[Target]:
+    def _plan_module(self, mod: _Module, base: Checkpoint, base_keys: set[str],
+                     base_name: str) -> Target | None:
         if mod.replacement:
             return self._plan_replacement(mod, base, base_keys, base_name)
         first = next(iter(mod.keys.values()))
@@ -397,8 +406,8 @@ class PeftAdapter(Artifact):
                 f"module {mod.path!r} lacks tensors {missing} (has {sorted(mod.keys)}); the adapter file is incomplete",
                 file=self._location, tensor=f"{PREFIX}{mod.path}.{missing[0]}")
 
-    def _plan_replacement(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
-                          base_name: str) -> Optional[Target]:
+    def _plan_replacement(self, mod: _Module, base: Checkpoint, base_keys: set[str],
+                          base_name: str) -> Target | None:
         for leaf, key in mod.keys.items():
             if leaf != "weight" or len(self._shape(key)) != 2:
                 self._skipped.append((key, "modules_to_save: not a 2-D weight"))
@@ -436,8 +445,8 @@ class PeftAdapter(Artifact):
         return r, alpha, F.lora_scale(alpha, r, bool(self.config.get("use_rslora", False)))
 
     # --- loading ----------------------------------------------------------------------------
-    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+    def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
+                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         target = self._target(target_or_tensor, base)
         if not hasattr(self, "_plan") or target.tensor not in self._plan:
             self.targets(base)
@@ -460,27 +469,27 @@ class PeftAdapter(Artifact):
         upd.warnings = tuple(warnings)
         return upd
 
-    def _t(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def _t(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One adapter tensor, upcast to the requested precision (float64 where the formula needs it)."""
         return read(self.ckpt, key, self._location, dtype or getattr(self, "_dtype", torch.float32))
 
-    def _compute(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _compute(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         if mod.replacement:
             new = self._t(mod.keys["weight"], torch.float64)
             return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save", self._dtype)
         return getattr(self, PEFT_TYPES[self.peft_type].compute)(mod, t, base, w0)
 
-    def _loha(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _loha(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
         w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
         return dense_update(t, F.loha_dense(*w, scale), "loha", self._dtype, rank=r, alpha=alpha, scale=scale)
 
-    def _ia3(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _ia3(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         w0_64 = checked_w0(w0, base, t, torch.float64)
         return dense_update(t, F.ia3_dense(w0_64, self._t(mod.keys["ia3_l"], torch.float64)), "ia3", self._dtype)
 
-    def _lora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _lora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         embedding = "lora_embedding_A" in k
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -500,7 +509,7 @@ class PeftAdapter(Artifact):
         info.pop("role")
         return dense_update(t, dw, "dora", self._dtype, **info)
 
-    def _adalora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _adalora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k, c = mod.keys, self.config
         a, b, e = self._t(k["lora_A"]), self._t(k["lora_B"]), self._t(k["lora_E"])  # [r, n], [m, r], [r, 1]
         rank, init_r, alpha = a.shape[0], int(c["init_r"]), float(c["lora_alpha"])
@@ -521,7 +530,7 @@ class PeftAdapter(Artifact):
         # A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)
         return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role, **info)
 
-    def _adalora_pattern_rank(self, path: str) -> Optional[int]:
+    def _adalora_pattern_rank(self, path: str) -> int | None:
         """AdaLoRA's rank_pattern maps parameter names ("...query.lora_E") to boolean keep-masks."""
         for name, mask in (self.config.get("rank_pattern") or {}).items():
             prefix = name.rsplit(".", 1)[0] if not name.endswith(".default") else name.rsplit(".", 2)[0]
@@ -529,7 +538,7 @@ class PeftAdapter(Artifact):
                 return int(sum(bool(x) for x in mask))
         return None
 
-    def _lokr(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _lokr(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         r, alpha = self.rank_alpha(mod.path)
         for name in ("lokr_w1_a", "lokr_w2_a"):
@@ -541,7 +550,7 @@ class PeftAdapter(Artifact):
         return dense_update(t, F.lokr_dense(w1, w2, scale, t.shape), "lokr", self._dtype,
                             rank=r, alpha=alpha, scale=scale)
 
-    def _vera(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _vera(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k, r = mod.keys, int(self.config["r"])
         lam_b, lam_d = self._t(k["vera_lambda_b"]), self._t(k["vera_lambda_d"])   # [m], [r]
         if lam_d.numel() != r:

@@ -25,10 +25,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -50,11 +51,11 @@ class ZooSpec:
     """
 
     name: str
-    peft: Optional[dict[str, Any]] = None
+    peft: dict[str, Any] | None = None
     base: BaseName = "minilm"
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    seed: Optional[int] = None
+    steps: int | None = None
+    lr: float | None = None
+    seed: int | None = None
     base_dtype: Literal["float32", "bfloat16"] = "float32"  # tiny_llama only
 
     @property
@@ -174,7 +175,7 @@ def build_tiny_llama(path: Path, *, dtype: str = "float32", seed: int = 0) -> Pa
     return path
 
 
-def load_model(base: BaseName, path: str | os.PathLike) -> "torch.nn.Module":
+def load_model(base: BaseName, path: str | os.PathLike) -> torch.nn.Module:
     """The trainable model for a base, always float32 (bf16 bases are upcast); a fresh copy each call."""
     import copy
 
@@ -182,7 +183,7 @@ def load_model(base: BaseName, path: str | os.PathLike) -> "torch.nn.Module":
 
 
 @lru_cache(maxsize=4)
-def _load_model_cached(base: BaseName, path: str) -> "torch.nn.Module":
+def _load_model_cached(base: BaseName, path: str) -> torch.nn.Module:
     import torch
     from transformers import AutoModel, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -191,7 +192,7 @@ def _load_model_cached(base: BaseName, path: str) -> "torch.nn.Module":
 
 
 # --- training -----------------------------------------------------------------------------
-def make_peft_config(d: dict[str, Any]) -> "PeftConfig":
+def make_peft_config(d: dict[str, Any]) -> PeftConfig:
     from peft import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -211,7 +212,7 @@ class _Task:
 
         self.base = base
         self.gen = torch.Generator().manual_seed(seed)
-        self.head: Optional[torch.nn.Linear] = None
+        self.head: torch.nn.Linear | None = None
         if base == "minilm":
             self.ids, self.mask, self.labels = _encoded_corpus()
             torch.manual_seed(seed)
@@ -223,10 +224,10 @@ class _Task:
             steps = torch.arange(length).unsqueeze(0)
             self.ids = (start * 7 + steps * 13) % v
 
-    def params(self) -> list["torch.nn.Parameter"]:
+    def params(self) -> list[torch.nn.Parameter]:
         return list(self.head.parameters()) if self.head is not None else []
 
-    def loss(self, model: "torch.nn.Module", batch: int = 8) -> "torch.Tensor":
+    def loss(self, model: torch.nn.Module, batch: int = 8) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
 
@@ -240,7 +241,7 @@ class _Task:
 
 
 @lru_cache(maxsize=1)
-def _encoded_corpus() -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+def _encoded_corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids [N, T], attention mask [N, T] and labels [N] of corpus() with MiniLM's tokenizer."""
     import torch
     from transformers import AutoTokenizer
@@ -251,8 +252,8 @@ def _encoded_corpus() -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in rows])
 
 
-def train(model: "torch.nn.Module", task: _Task, *, steps: int, lr: float,
-          on_step: Optional[Any] = None) -> list[float]:
+def train(model: torch.nn.Module, task: _Task, *, steps: int, lr: float,
+          on_step: Any | None = None) -> list[float]:
     """Plain Adam (no weight decay, so untouched weights stay bit-identical); eval mode, no dropout."""
     import torch
 
@@ -295,15 +296,15 @@ def build_one(spec: ZooSpec, out: Path, base_path: Path, *, steps: int, lr: floa
     return out
 
 
-def _save_full(model: "torch.nn.Module", spec: ZooSpec, out: Path) -> None:
+def _save_full(model: torch.nn.Module, spec: ZooSpec, out: Path) -> None:
     """A merged full fine-tune with the base checkpoint's own key names (and shards for Llama)."""
     shard = "100KB" if spec.base == "tiny_llama" else "5GB"
     model.save_pretrained(str(out), max_shard_size=shard)
 
 
 def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: int = 30,
-              seed: int = 0, lr: Optional[float] = None,
-              on_progress: Optional[Callable[[int, int, str, bool], None]] = None) -> list[Path]:
+              seed: int = 0, lr: float | None = None,
+              on_progress: Callable[[int, int, str, bool], None] | None = None) -> list[Path]:
     """Build every spec under out_dir/<name>/, skipping outputs that are complete and current.
     on_progress(i, n, name, built) after each artifact (built False: it was cached)."""
     import torch
@@ -323,20 +324,20 @@ def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: in
         torch.set_num_threads(threads)
 
 
-def _settings(spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> tuple[int, int, float]:
+def _settings(spec: ZooSpec, steps: int, seed: int, lr: float | None) -> tuple[int, int, float]:
     s_steps = spec.steps if spec.steps is not None else steps
     s_seed = spec.seed if spec.seed is not None else seed
     s_lr = spec.lr if spec.lr is not None else (lr if lr is not None else default_lr(spec))
     return s_steps, s_seed, s_lr
 
 
-def _is_current(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> bool:
+def _is_current(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: float | None) -> bool:
     s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
     done = out_dir / spec.name / DONE
     return done.is_file() and done.read_text().strip() == spec.fingerprint(s_steps, s_lr, s_seed)
 
 
-def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> Path:
+def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: float | None) -> Path:
     s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
     out = out_dir / spec.name
     fp = spec.fingerprint(s_steps, s_lr, s_seed)

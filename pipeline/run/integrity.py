@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-
 class RootFS(Protocol):
     """What integrity needs of a results root's filesystem (store.py's _Local and _Remote)."""
 
@@ -89,7 +88,7 @@ class UnitCheck:
         name = f"{table}.parquet"
         return name if name in self.files else None
 
-    def damage(self, problem: str) -> "UnitCheck":
+    def damage(self, problem: str) -> UnitCheck:
         self.state = "damaged"
         self.problems.append(problem)
         return self

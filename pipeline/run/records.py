@@ -5,8 +5,8 @@ here, as the schemas say; undefined statistics (None) become nulls.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ class UnitContext:
     members: tuple[tuple[str, str], ...]
 
 
-def split_tensor_key(key: str) -> tuple[Optional[int], str]:
+def split_tensor_key(key: str) -> tuple[int | None, str]:
     """(layer, module) from a checkpoint key: the first all-digit path segment is the block index.
 
     "encoder.layer.3.attention.self.query.weight" -> (3, "attention.self.query");
@@ -45,7 +45,7 @@ def split_tensor_key(key: str) -> tuple[Optional[int], str]:
     return None, path
 
 
-def _float(x: Optional[float]) -> Optional[float]:
+def _float(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 

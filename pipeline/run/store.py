@@ -40,8 +40,16 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidNameError, ResultsError, SchemaMismatchError
 from ..schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
-from .integrity import (VERIFY_FILE, RootScan, UnitCheck, file_record, quarantine, record_verification,
-                        scan, success_marker)
+from .integrity import (
+    VERIFY_FILE,
+    RootScan,
+    UnitCheck,
+    file_record,
+    quarantine,
+    record_verification,
+    scan,
+    success_marker,
+)
 
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 RUN_STATUSES = ("running", "finished", "failed")

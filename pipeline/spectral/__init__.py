@@ -13,7 +13,7 @@ shared base SVD), pairs (adapter vs adapter), inputs (device, dtype, validation)
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

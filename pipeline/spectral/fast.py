@@ -25,9 +25,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .base import prepare_batch
 from .inputs import delta, place, svd, svdvals
-from .krylov import (F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets,
-                     top_triplets_lowrank_batched)
+from .krylov import (
+    F64,
+    DenseOperator,
+    LowRankUpdate,
+    Triplets,
+    dense_triplets,
+    top_triplets,
+    top_triplets_lowrank_batched,
+)
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
 from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
@@ -71,7 +79,7 @@ class Wanted:
         return max(self.n_vec, self.sim_k)
 
     @staticmethod
-    def of(cfg: AnalysisConfig, p: int) -> "Wanted":
+    def of(cfg: AnalysisConfig, p: int) -> Wanted:
         n_vec, sim_k = clip_k(cfg.k_store, p), clip_k(cfg.sim_k, p)
         k_val = max(n_vec, sim_k, clip_k(cfg.k_spec, p))
         tol_values = TOL_VALUES if cfg.dtype == "float64" else TOL_VALUES_FLOAT32
@@ -213,7 +221,7 @@ def batched_wt(base: BaseSVD, factors: dict[int, Factors], want: Wanted) -> dict
 
 def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f: Factors,
                   cfg: AnalysisConfig, want: Wanted, shared_seconds: float,
-                  wt: Optional[Triplets] = None) -> tuple[MatrixAnalysis, torch.Tensor]:
+                  wt: Triplets | None = None) -> tuple[MatrixAnalysis, torch.Tensor]:
     """`wt`: Wt's top triplets when a batched solve already found them (else solved here)."""
     start = time.perf_counter()
     shape, p = base.shape, int(base.S.shape[0])
@@ -287,7 +295,7 @@ def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.T
 
 def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
               base_sigma: np.ndarray, wt: Triplets, dw_sigma: np.ndarray, want: Wanted,
-              amp: Optional[float], amp_r: int, seconds: float) -> MatrixAnalysis:
+              amp: float | None, amp_r: int, seconds: float) -> MatrixAnalysis:
     """wt.U / wt.V hold Wt's singular vectors in base coordinates: row i <-> u0_i / v0_i."""
     p = int(base_sigma.shape[0])
     cos_u = wt.U[:p, : want.n_vec].abs().max(dim=0)
@@ -349,7 +357,7 @@ def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) ->
 
 def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
                  device: str | torch.device = "cpu", base: BaseSVD | None = None,
-                 batched: Optional[bool] = None) -> BatchAnalysis:
+                 batched: bool | None = None) -> BatchAnalysis:
     """docs/architecture.md#engines on one base matrix and a batch of its updates (API of exact).
 
     batched: solve same-rank LoRA items together (None: use_batched's default for the device)."""

@@ -18,15 +18,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from ..errors import ConfigError, ResultsError
-from ..schemas.tables import SCHEMA_VERSION, TABLES
 from ..run.store import UNIT_TABLES, ResultsStore
+from ..schemas.tables import SCHEMA_VERSION, TABLES
 
 if TYPE_CHECKING:
     import duckdb
@@ -54,7 +54,7 @@ def _quoted_root(uri: str) -> str:
     return uri.replace("'", "''")  # a standard SQL literal: '' is the only escape
 
 
-@lru_cache(maxsize=None)
+@cache
 def _duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     """(column, DuckDB type) of a table, as DuckDB maps its Arrow schema."""
     import duckdb

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -38,7 +39,7 @@ _PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 # --- checkpoints (paper Fig. 7) -------------------------------------------------------------
-def checkpoint_refs(path: str | os.PathLike, name: Optional[str] = None) -> list[ModelRef]:
+def checkpoint_refs(path: str | os.PathLike, name: str | None = None) -> list[ModelRef]:
     """A directory of `checkpoint-<N>` folders (the Hugging Face Trainer's layout) as one ModelRef
     per checkpoint, named "<name>@step<N>" and ordered by N; study_checkpoints parses the step
     back out of the id. `name` defaults to the directory's name."""
@@ -57,7 +58,7 @@ def checkpoint_refs(path: str | os.PathLike, name: Optional[str] = None) -> list
 class Scope:
     """Models of one base (base_id or base_uid) and/or of some kinds; empty = everything."""
 
-    base: Optional[str] = None
+    base: str | None = None
     kinds: tuple[str, ...] = ()
 
     @property
@@ -70,7 +71,7 @@ class Scope:
         return "; ".join(parts) or "all models"
 
 
-def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> "duckdb.DuckDBPyConnection":
+def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> duckdb.DuckDBPyConnection:
     """sql.connect(root), with the per-model views narrowed to `scope` (the originals renamed
     to _all_<table>): macros resolve view names when called, so they all see the subset."""
     from .sql import connect
@@ -109,7 +110,7 @@ class Study:
     figure: str                                # what it reproduces
     macro: str                                 # table macro in schemas/studies.sql
     defaults: tuple[tuple[str, Any], ...]      # macro parameters and their defaults
-    plot: Callable[[pa.Table, Params], "Figure"]
+    plot: Callable[[pa.Table, Params], Figure]
     needs: str                                 # what the results must hold for rows to exist
     description: str = ""
 
@@ -168,7 +169,7 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def run_study(con: "duckdb.DuckDBPyConnection", study: Study, overrides: Params | None = None) -> pa.Table:
+def run_study(con: duckdb.DuckDBPyConnection, study: Study, overrides: Params | None = None) -> pa.Table:
     """The study's rows, or a ResultsError naming the study when its query fails."""
     import duckdb
 
@@ -208,7 +209,7 @@ def save_plot(root: str | os.PathLike, name: str, out: str | os.PathLike,
     return out
 
 
-def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
+def write_figure(fig: Figure, out: str | os.PathLike) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -228,7 +229,7 @@ def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def svg_text(fig: "Figure", salt: str) -> str:
+def svg_text(fig: Figure, salt: str) -> str:
     """The figure as an inline <svg> element (no XML prolog); `salt` keeps ids unique per page."""
     import io
 
@@ -252,7 +253,7 @@ def _prefix_ids(svg: str, prefix: str) -> str:
 
 
 # --- plotting helpers ------------------------------------------------------------------------
-def _pyplot() -> "ModuleType":
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError as e:  # the `plot` extra
@@ -306,14 +307,14 @@ def _colors(n: int) -> list:
     return [s["color"] for s in _styles(range(max(n, 1))).values()]
 
 
-def _legend(ax: "Axes", n: int) -> None:
+def _legend(ax: Axes, n: int) -> None:
     """Beside the axes, not over the data; two columns once it gets long."""
     if n:
         ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
                   ncol=1 if n <= 12 else 2, borderaxespad=0.0)
 
 
-def _fig_legend(fig: "Figure", axes: Iterable["Axes"]) -> None:
+def _fig_legend(fig: Figure, axes: Iterable[Axes]) -> None:
     """One legend for every panel of a figure, each label once, outside on the right."""
     handles: dict[str, Any] = {}
     for ax in axes:
@@ -339,7 +340,7 @@ def _log_ticks(axis: Any) -> None:
 
 
 # --- the figures -----------------------------------------------------------------------------
-def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
+def plot_intruders_eps(table: pa.Table, params: Params) -> Figure:
     """Fig. 5: one panel per kind; one line per model (colour by rank)."""
     plt = _pyplot()
     rows = _rows(table)
@@ -367,7 +368,7 @@ def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
+def plot_intruders_fraction(table: pa.Table, params: Params) -> Figure:
     """Fig. 11: share of the examined singular vectors that are intruders, vs the fraction examined."""
     plt = _pyplot()
     rows = _rows(table)
@@ -390,7 +391,7 @@ def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
+def plot_effective_rank(table: pa.Table, params: Params) -> Figure:
     """Fig. 6: effective rank of dW by layer, one panel per module, one line per model."""
     plt = _pyplot()
     rows = [r for r in _rows(table) if r["eff_rank"] is not None and r["layer"] is not None]
@@ -419,7 +420,7 @@ def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_similarity(table: pa.Table, params: Params) -> "Figure":
+def plot_similarity(table: pa.Table, params: Params) -> Figure:
     """Figs 1 and 3: |U0^T Ut| for the top vectors; columns that are intruders are marked."""
     import numpy as np
 
@@ -443,7 +444,7 @@ def plot_similarity(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
+def plot_checkpoints(table: pa.Table, params: Params) -> Figure:
     """Fig. 7: intruders (and effective rank) over training steps, one line per series."""
     plt = _pyplot()
     series = _by(_rows(table), "series")
@@ -462,7 +463,7 @@ def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_alpha(table: pa.Table, params: Params) -> "Figure":
+def plot_alpha(table: pa.Table, params: Params) -> Figure:
     """alpha = 2r vs fixed alpha: intruders and relative update against the rank."""
     plt = _pyplot()
     rules = _by(_rows(table), "alpha_rule")
@@ -483,7 +484,7 @@ def plot_alpha(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
+def plot_ab_balance(table: pa.Table, params: Params) -> Figure:
     """LoRA+: ||B||_F against ||A||_F per matrix; B under-trained sits below the diagonal."""
     plt = _pyplot()
     models = _by(_rows(table), "model_uid")
@@ -511,7 +512,7 @@ def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
+def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> Figure:
     """Hu et al. Fig. 3 style: phi(i, j) heatmaps for the pairs with the largest grids."""
     import numpy as np
 
