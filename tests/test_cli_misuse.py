@@ -314,6 +314,21 @@ def test_a_config_naming_another_base_is_warned_and_recorded(scratch: Path, mini
     assert outside(snapshot(scratch), ("r",)) == before
 
 
+def test_a_config_naming_the_base_directory_by_another_path_is_not_warned(minilm_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """The same local directory reached through a symlink is the same base (os.path.samefile)."""
+    from zoospectra.run.plan import base_warnings
+
+    base = local_ref(minilm_dir, "minilm")
+    (tmp_path / "link").symlink_to(minilm_dir, target_is_directory=True)
+    assert base_warnings({"base_model_name_or_path": str(tmp_path / "link")}, base) == []
+    assert base_warnings({"base_model_name_or_path": str(minilm_dir) + "/"}, base) == []
+    other = tmp_path / "other-base"
+    other.mkdir()
+    warned = base_warnings({"base_model_name_or_path": str(other)}, base)
+    assert len(warned) == 1 and "other-base" in warned[0] and "minilm" in warned[0]
+
+
 def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str, after: float,
                second: float | None = None) -> tuple[int, str]:
     """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with

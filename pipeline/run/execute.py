@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from ..config import AnalysisConfig
-from ..errors import ClusterUnreachableError, ConfigError, error_row
+from ..errors import ClusterUnreachableError, ConfigError, error_row, redact
 from .basecache import BaseCache, BaseOutcome, default_base_cache, prepare_base
 from .plan import Plan, WorkUnit, base_tensors
 from .unit import UnitOutcome, process_unit
@@ -296,7 +296,7 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
                 yield ray.get(ref)
             except Exception as err:  # task failed past its retries: an error row, the run goes on
                 if kind == "base":
-                    yield BaseOutcome(unit.tensor, "failed", error=_short(err))
+                    yield BaseOutcome(unit.tensor, "failed", error=redact(f"{type(err).__name__}: {err}"))
                 else:
                     yield _task_failure(unit, err, run_id, root)
 
