@@ -181,7 +181,7 @@ def validate_cron(expr: str) -> str:
     if len(parts) != 5:
         raise ConfigError(f"schedule {expr!r} must have 5 fields (minute hour day month weekday)",
                           option="schedule")
-    for i, (part, (what, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS)):
+    for i, (part, (what, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS, strict=True)):
         for item in part.split(","):
             if not _cron_item_ok(item.lower(), lo, hi, _CRON_NAMES.get(i, {})):
                 raise ConfigError(f"schedule {expr!r}: bad {what} field {part!r} (allowed {lo}-{hi})",

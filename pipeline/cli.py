@@ -30,7 +30,7 @@ def _k(value: str, name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise typer.BadParameter(f"{name} must be an integer or 'all', got {value!r}")
+        raise typer.BadParameter(f"{name} must be an integer or 'all', got {value!r}") from None
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -92,7 +92,8 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
 @app.command()
 def analyze(
     base: str = typer.Argument(..., help="Base checkpoint: a local directory (Hub bases: zoospectra crawl)."),
-    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
+    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. "
+                                                "NAME=PATH sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
     base_name: str | None = typer.Option(None, help="Id recorded for the base (default: directory name)."),
     k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
@@ -100,7 +101,8 @@ def analyze(
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
     k_spec: str = typer.Option(_kstr(_D.k_spec), help="Singular values kept per spectrum ('all')."),
     sim_k: int = typer.Option(_D.sim_k, help="Size of the stored |U0^T Ut| similarity block."),
-    mode: str = typer.Option(_D.mode, help="fast (structured solvers, default) or exact (the paper's full SVDs, the check)."),
+    mode: str = typer.Option(_D.mode, help="fast (structured solvers, default) or "
+                                           "exact (the paper's full SVDs, the check)."),
     dtype: str = typer.Option(_D.dtype, help="float32 or float64 for every decomposition and every update."),
     pairs: bool = typer.Option(_D.pairs, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
     embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
@@ -110,7 +112,8 @@ def analyze(
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
     max_in_flight: int | None = typer.Option(None, help="Ray tasks in flight at once."),
-    base_cache: str | None = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
+    base_cache: str | None = typer.Option(None, help="Where base SVDs are stored and reused "
+                                                     "(path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
@@ -364,12 +367,15 @@ def plot(
 def mitigate(
     adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
-    lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values (PEFT's mitigation_lambda)."),
+    lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values "
+                                                  "(PEFT's mitigation_lambda)."),
     k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
     eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
-    base: str | None = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
+    base: str | None = typer.Option(None, help="Base checkpoint directory "
+                                               "(default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
-    force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out (never other files)."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out "
+                                                      "(never other files)."),
 ) -> None:
     """Scale intruder dimensions by --lam and write a new PEFT adapter (PEFT's reduce_intruder_dimension)."""
     from .mitigate import MitigationParams, mitigate_adapter

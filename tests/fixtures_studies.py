@@ -81,7 +81,7 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_study_zoo(zoo_dir: Path) -> dict[str, Path]:
     """Artifacts by model id; the checkpoints as lora_ckpt/checkpoint-<N> folders."""
-    paths = dict(zip([s.name for s in ZOO_SPECS], build_zoo(zoo_dir, ZOO_SPECS)))
+    paths = dict(zip([s.name for s in ZOO_SPECS], build_zoo(zoo_dir, ZOO_SPECS), strict=True))
     ckpt_specs = [replace(CKPT_SPEC, name=f"checkpoint-{n}", steps=n) for n in CKPT_STEPS]
     build_zoo(zoo_dir / "lora_ckpt", ckpt_specs)  # same seed: one trajectory, cut at each step
     paths["lora_ckpt"] = zoo_dir / "lora_ckpt"
@@ -168,7 +168,7 @@ def _engine_numbers(study_zoo: StudyZoo) -> EngineNumbers:
         updates = [arts[m].load_update(tensor, base, w0=w0) for m in mids]
         batch = analyze_batch(w0, updates, CFG)
         out.shapes[tensor] = tuple(w0.shape)
-        for mid, upd, item in zip(mids, updates, batch.items):
+        for mid, upd, item in zip(mids, updates, batch.items, strict=True):
             out.items[(mid, tensor)] = item
             if upd.norm_a is not None:
                 out.norms[(mid, tensor)] = (upd.norm_a, upd.norm_b)

@@ -62,7 +62,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("zoo")
     specs = zoo_specs()
     paths = build_zoo(out, specs, steps=STEPS, seed=0)
-    return {s.name: p for s, p in zip(specs, paths)} | {"_root": out}
+    return {s.name: p for s, p in zip(specs, paths, strict=True)} | {"_root": out}
 
 
 def spec_of(name: str) -> ZooSpec:

@@ -36,8 +36,8 @@ def table_rows(root: Path, table: str, *, run_id: str | None = None, models: Ite
 def assert_rows_close(got: list[tuple], want: list[tuple], rel: float = 1e-4) -> None:
     """Same rows; floats equal to float32-SVD precision (thread counts change LAPACK's rounding)."""
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
             if isinstance(a, float) and isinstance(b, float):
                 assert a == pytest.approx(b, rel=rel, abs=1e-6), (g, w)
             else:

@@ -121,8 +121,9 @@ def write_raw(path: Path, header: dict | bytes, data: bytes = b"",
     return path
 
 
-def entry(dtype: str = "F32", shape: list = [2, 2], offsets: list = [0, 16]) -> dict:
-    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+def entry(dtype: str = "F32", shape: list | None = None, offsets: list | None = None) -> dict:
+    return {"dtype": dtype, "shape": [2, 2] if shape is None else shape,
+            "data_offsets": [0, 16] if offsets is None else offsets}
 
 
 # --- agreement with safetensors -------------------------------------------------------------

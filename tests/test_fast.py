@@ -126,7 +126,7 @@ def test_fast_lora_matches_float64_reference(shape, r, scale, seed, krylov_alway
     cfg = AnalysisConfig(dtype="float64", mode="fast")
     batch = analyze_batch(torch.tensor(w0), ups, cfg)
     assert batch.mode == "fast" and all(it.mode == "fast" for it in batch.items)
-    for up, item in zip(ups, batch.items):
+    for up, item in zip(ups, batch.items, strict=True):
         dw = (up.B @ up.A).numpy()
         ref = reference(w0, dw, cfg.k_store)
         assert check_vectors(ref, item, cfg.k_store) == []
@@ -155,7 +155,7 @@ def test_fast_matches_exact_engine_on_every_field(shape, r, scale, seed, krylov_
     cfg = AnalysisConfig(mode="exact", dtype="float64", pairs=True, pair_max=8)
     ex = analyze_batch(w0, ups, cfg)
     fa = analyze_batch(w0, ups, dataclasses.replace(cfg, mode="fast"))
-    for a, b in zip(ex.items, fa.items):
+    for a, b in zip(ex.items, fa.items, strict=True):
         for f in ("norm_w0", "norm_dw", "spec_norm_dw", "stable_rank", "rel_update", "eff_rank",
                   "amplification"):
             assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-8), f
@@ -163,7 +163,7 @@ def test_fast_matches_exact_engine_on_every_field(shape, r, scale, seed, krylov_
             assert getattr(b, f) == getattr(a, f), f
         assert len(b.spectrum_dw) == len(a.spectrum_dw) and len(b.u) == len(a.u)
     np.testing.assert_allclose(fa.spectrum_w0, ex.spectrum_w0, rtol=1e-12)
-    for pa, pb in zip(ex.pairs, fa.pairs):
+    for pa, pb in zip(ex.pairs, fa.pairs, strict=True):
         assert (pa.a, pa.b) == (pb.a, pb.b)
         np.testing.assert_allclose(pb.phi, pa.phi, atol=1e-8)
 
@@ -305,12 +305,12 @@ def test_batch_results_do_not_depend_on_threads(krylov_always) -> None:
         one = analyze_batch(w0, ups, cfg)
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(one.items, two.items):
+    for a, b in zip(one.items, two.items, strict=True):
         np.testing.assert_allclose(a.spectrum_wt, b.spectrum_wt, rtol=1e-12)
         np.testing.assert_allclose(a.u.max_cos, b.u.max_cos, atol=1e-10)
         np.testing.assert_allclose(a.v.max_cos, b.v.max_cos, atol=1e-10)
         assert a.amplification == pytest.approx(b.amplification, rel=1e-10)
-    for a, b in zip(one.pairs, two.pairs):
+    for a, b in zip(one.pairs, two.pairs, strict=True):
         np.testing.assert_allclose(a.phi, b.phi, atol=1e-10)
 
 

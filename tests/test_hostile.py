@@ -413,14 +413,14 @@ def assert_good_rows_complete(root: Path, reference: Path, good_ids: set[str]) -
     for table in UNIT_TABLES:
         got, want = table_rows(root, table, models=good_ids), table_rows(reference, table, models=good_ids)
         assert len(got) == len(want) > 0, table
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert _close(g, w), (table, g, w)
     assert not any(m in good_ids for m in errors_by_model(root)), "a good adapter got an errors row"
 
 
 def _close(a: tuple, b: tuple) -> bool:
     return all(x == pytest.approx(y, rel=1e-4, abs=1e-6) if isinstance(x, float) and isinstance(y, float)
-               else x == y for x, y in zip(a, b))
+               else x == y for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="session")
@@ -578,11 +578,12 @@ ODD_IDS = ["../evil", "a/b/c", "org/name with space", "", "/abs", "org/%2e%2e", 
 
 @pytest.mark.parametrize("repo", ODD_IDS)
 def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     from zoospectra.jobs.spec import CrawlSpec
 
-    with pytest.raises(Exception):  # noqa: PT011 - the Hub client itself refuses these ids ...
+    with pytest.raises(HFValidationError):  # the Hub client itself refuses these ids ...
         validate_repo_id(repo)
     with pytest.raises(E.ConfigError):  # ... so the spec must, before anything is crawled
         CrawlSpec.from_dict({"name": "n", "base_models": [repo], "out": "/tmp/x"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from fixtures_hub import fake_hub, hub_options  # noqa: F401
 from hub_server import LISTING, FakeHub
 
 from zoospectra.errors import HubUnreachableError

@@ -102,7 +102,7 @@ def test_reanalysis_shows_intruders_scaled_by_lambda(study_zoo: StudyZoo, mitiga
                                           after.load_update(m.base_key, base, w0=w0)], cfg).items
             np.testing.assert_allclose(old.u.sigma[m.intruders], m.sigma, rtol=1e-5)
             bulk = max(s for j, s in enumerate(old.u.sigma) if j not in m.intruders)  # largest non-intruder
-            for j, sigma in zip(m.intruders, m.sigma):
+            for j, sigma in zip(m.intruders, m.sigma, strict=True):
                 target = LAM * sigma
                 if target < 1.2 * bulk:
                     continue  # scaled into the bulk of the spectrum: no longer separable by value

@@ -12,7 +12,7 @@ unpickled); nothing -> CheckpointNotFoundError.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .common import Artifact, Files, Target, match_base_key, read_base, role_of

@@ -388,7 +388,8 @@ class PeftAdapter(Artifact):
                     f"{k[left]!r} {self._shape(k[left])} and {k[right]!r} {self._shape(k[right])} disagree on "
                     "the rank: their product is undefined; the adapter file is malformed",
                     file=self._location, tensor=k[right])
-        if pt == "ADALORA" and {"lora_A", "lora_E"} <= set(k) and self._shape(k["lora_E"])[0] != self._shape(k["lora_A"])[0]:
+        if (pt == "ADALORA" and {"lora_A", "lora_E"} <= set(k)
+                and self._shape(k["lora_E"])[0] != self._shape(k["lora_A"])[0]):
             raise AdapterWeightsError(f"lora_E {k['lora_E']!r} has {self._shape(k['lora_E'])[0]} rows but lora_A has "
                                       f"rank {self._shape(k['lora_A'])[0]}", file=self._location, tensor=k["lora_E"])
 

@@ -87,7 +87,7 @@ def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
     console.print(f"[bold]zoo[/]: ready in {time.perf_counter() - t0:.1f}s")
 
     base = local_ref(minilm_dir(), BASE_ID)
-    refs = [local_ref(p, spec.name) for p, spec in zip(paths, specs)]
+    refs = [local_ref(p, spec.name) for p, spec in zip(paths, specs, strict=True)]
     cfg = AnalysisConfig(pairs=True)
     run_analysis(base, refs, cfg, out, quiet=quiet)
 

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 
@@ -234,7 +235,7 @@ def _tensor_info(name: str, entry: object, filename: str, where: str, data_start
 
 def _check_no_overlap(tensors: dict[str, TensorInfo], where: str) -> None:
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev), (start, _, name) in pairwise(spans):
         if start < prev_end:
             raise _corrupt(f"data of {name!r} overlaps {prev!r}", where, name)
 

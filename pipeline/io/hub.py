@@ -523,7 +523,7 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
         for kind, filters in kinds:
             try:
                 listed = with_retries(
-                    lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
+                    lambda filters=filters: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
                     "list models", opts, repo=base, filter=",".join(filters))
             except HubError as err:
                 found.errors.append(error_row("hub", err, model_id=base))

@@ -601,7 +601,7 @@ class ResultsStore:
                 raw = self._fs.read(f"errors/{run_id}/{name}") if name.endswith(".parquet") else None
                 if raw:
                     t = pq.read_table(pa.BufferReader(raw), columns=cols)
-                    keys += zip(*(t.column(c).to_pylist() for c in cols))
+                    keys += zip(*(t.column(c).to_pylist() for c in cols), strict=True)
         return keys
 
 

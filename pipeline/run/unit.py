@@ -136,7 +136,7 @@ def _analyze(w0: torch.Tensor, base, updates: list[MatrixUpdate], members: list[
         if len(updates) == 1:
             return None, [], [], [error_row("analyze", err, model=members[0], tensor=tensor)]
     keep_u, keep_m, errors = [], [], []
-    for update, ref in zip(updates, members):
+    for update, ref in zip(updates, members, strict=True):
         try:
             analyze_batch(w0, [update], cfg, device=device, base=base)
             keep_u.append(update)

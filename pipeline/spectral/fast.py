@@ -149,7 +149,7 @@ def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Fact
     av_all = (base.Vh @ torch.cat([a.T for a in as_], 1).to(dt)).to(F64)   # [p, sum r] = V0^T A^T
     (m, n), p = base.shape, int(base.S.shape[0])
     out, col = [], 0
-    for b, a in zip(bs, as_):
+    for b, a in zip(bs, as_, strict=True):
         r = int(b.shape[1])
         ub, av = ub_all[:, col : col + r], av_all[:, col : col + r]
         col += r
@@ -215,7 +215,7 @@ def batched_wt(base: BaseSVD, factors: dict[int, Factors], want: Wanted) -> dict
             got = top_triplets_lowrank_batched(
                 s0, torch.stack([factors[i].bt for i in chunk]), torch.stack([factors[i].at for i in chunk]),
                 head, want.k_val, k_vectors=want.k_vectors, tol=want.tol, tol_values=want.tol_values)
-            out.update({i: t for i, t in zip(chunk, got) if t is not None})
+            out.update({i: t for i, t in zip(chunk, got, strict=True) if t is not None})
     return out
 
 
@@ -369,7 +369,7 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
 
     low = [i for i, u in enumerate(updates) if u.is_low_rank]
     t0 = time.perf_counter()
-    factors = dict(zip(low, project_factors(base, [updates[i] for i in low]))) if low else {}
+    factors = dict(zip(low, project_factors(base, [updates[i] for i in low]), strict=True)) if low else {}
     pre: dict[int, Triplets] = {}
     if factors and (use_batched(w0.device) if batched is None else batched):
         pre = batched_wt(base, factors, want)
@@ -377,7 +377,7 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
 
     done = dict(zip(low, _each_core(
         lambda i: _lowrank_item(base, base_sigma, updates[i], factors[i], cfg, want, shared, pre.get(i)),
-        low, w0.device)))
+        low, w0.device), strict=True))
     items, subspaces = [], []
     for i, update in enumerate(updates):
         item, sub = done[i] if i in done else _dense_item(w0, base, base_sigma, update, cfg, want)

@@ -219,7 +219,8 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
     start [P2, c]: a subspace believed close to the top right singular vectors.
     max_cols: subspace budget; past it (or after max_iter expansions) a dense SVD is used.
     exact_head: h > 0 when start = [E_h, F] with F zero on the first h rows
-    (LowRankUpdate.start; the operator then provides head_columns and matmat_tail). The basis is then kept as Z = [E_h, (0; T)] and only the tail block T
+    (LowRankUpdate.start; the operator then provides head_columns and matmat_tail). The basis is
+    then kept as Z = [E_h, (0; T)] and only the tail block T
     [P2 - h, c] is stored and orthogonalised: E_h needs no work and a correction is made
     orthogonal to it by dropping its first h rows.
     """

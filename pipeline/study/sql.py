@@ -248,7 +248,7 @@ def _as_rich(table: pa.Table, max_rows: int | None) -> str:
 
     shown = table if max_rows is None else table.slice(0, max_rows)
     view = Table(show_header=True, header_style="bold", show_lines=False)
-    for name, typ in zip(table.column_names, table.schema.types):
+    for name, typ in zip(table.column_names, table.schema.types, strict=True):
         numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
         view.add_column(name, justify="right" if numeric else "left")
     for row in _flat(shown).to_pylist():

@@ -7,7 +7,8 @@
 
 A Scope narrows the views (models, matrices, vectors, spectra, similarity, pairs) to the models
 of one base and/or some kinds, so every macro answers for that subset unchanged. matplotlib is
-imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast), always with the Agg backend.
+imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast),
+always with the Agg backend.
 """
 from __future__ import annotations
 
@@ -318,7 +319,7 @@ def _fig_legend(fig: Figure, axes: Iterable[Axes]) -> None:
     """One legend for every panel of a figure, each label once, outside on the right."""
     handles: dict[str, Any] = {}
     for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     if handles:
         handles = dict(sorted(handles.items()))
@@ -350,7 +351,7 @@ def plot_intruders_eps(table: pa.Table, params: Params) -> Figure:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols + 2.6, 3.2 * nrows), squeeze=False,
                              sharey=True, layout="constrained")
     style = _styles(sorted({(r["kind"] or "", r["r"] or 0, r["model_id"], r["model_uid"]) for r in rows}))
-    for ax, (kind, krows) in zip(axes.flat, kinds):
+    for ax, (kind, krows) in zip(axes.flat, kinds, strict=False):  # the grid may have spare panels
         for _, mrows in sorted(_by(krows, "model_uid").items(), key=lambda kv: _label(kv[1][0])):
             mrows = sorted(mrows, key=lambda r: r["eps"])
             first = mrows[0]
@@ -402,7 +403,7 @@ def plot_effective_rank(table: pa.Table, params: Params) -> Figure:
                              layout="constrained")
     model_ids = sorted({(r["model_id"], r["model_uid"]) for r in rows})
     style = _styles(model_ids)
-    for ax, module in zip(axes.flat, modules):
+    for ax, module in zip(axes.flat, modules, strict=False):  # the grid may have spare panels
         mrows = [r for r in rows if r["module"] == module]
         for key, lrows in sorted(_by(mrows, "model_uid").items()):
             lrows = sorted(lrows, key=lambda r: r["layer"])
@@ -449,7 +450,8 @@ def plot_checkpoints(table: pa.Table, params: Params) -> Figure:
     plt = _pyplot()
     series = _by(_rows(table), "series")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
-    for color, (name, srows) in zip(_colors(len(series)), sorted(series.items())):
+    # strict=False: _colors(0) still returns one colour
+    for color, (name, srows) in zip(_colors(len(series)), sorted(series.items()), strict=False):
         srows = sorted(srows, key=lambda r: r["step"])
         steps = [r["step"] for r in srows]
         ax1.plot(steps, [r["n_intruders"] for r in srows], marker="o", color=color, label=name)
@@ -468,7 +470,8 @@ def plot_alpha(table: pa.Table, params: Params) -> Figure:
     plt = _pyplot()
     rules = _by(_rows(table), "alpha_rule")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
-    for color, (rule, rrows) in zip(_colors(len(rules)), sorted(rules.items())):
+    # strict=False: _colors(0) still returns one colour
+    for color, (rule, rrows) in zip(_colors(len(rules)), sorted(rules.items()), strict=False):
         rrows = sorted(rrows, key=lambda r: (r["r"], r["model_id"]))
         ax1.plot([r["r"] for r in rrows], [r["n_intruders"] for r in rrows], marker="o",
                  color=color, label=rule)
@@ -530,7 +533,7 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> Figure:
     grids = grids[:max_pairs]
     fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids) + 1.0, 3.6), squeeze=False,
                              layout="constrained")
-    for ax, rows in zip(axes[0], grids):
+    for ax, rows in zip(axes[0], grids, strict=True):
         n_i, n_j = max(r["i"] for r in rows), max(r["j"] for r in rows)
         phi = np.full((n_i, n_j), np.nan)
         for r in rows:
