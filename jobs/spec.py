@@ -126,7 +126,8 @@ def _analysis(raw: Any, where: str) -> AnalysisConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown analysis option(s) {unknown}; known: {list(_ANALYSIS_KEYS)}",
                           file=where, option="analysis")
-    opts = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
+    # values as the YAML gave them: AnalysisConfig.__post_init__ checks each (ConfigError)
+    opts: dict[str, Any] = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
     return AnalysisConfig(**opts)
 
 
@@ -157,7 +158,8 @@ def _hub(raw: Any, where: str) -> HubOptions:
     if raw.get("endpoint") and not str(raw["endpoint"]).startswith(("http://", "https://")):
         raise ConfigError(f"{where}: hub.endpoint must be an http(s) URL, got {raw['endpoint']!r}",
                           file=where, option="hub.endpoint")
-    return HubOptions(**{k: (float(v) if k in _HUB_NUMBERS else v) for k, v in raw.items()})
+    checked: dict[str, Any] = {k: (float(v) if k in _HUB_NUMBERS else v) for k, v in raw.items()}
+    return HubOptions(**checked)
 
 
 # --- cron --------------------------------------------------------------------------------
@@ -196,5 +198,8 @@ def _cron_item_ok(item: str, lo: int, hi: int, names: dict[str, int]) -> bool:
     if body in ("*", "?"):
         return True
     first, _, last = body.partition("-")
-    values = [names.get(v, int(v) if v.isdigit() else None) for v in ([first, last] if last else [first])]
-    return all(v is not None and lo <= v <= hi for v in values) and values[0] <= values[-1]
+    found = [names.get(v, int(v) if v.isdigit() else None) for v in ([first, last] if last else [first])]
+    values = [v for v in found if v is not None]
+    if len(values) != len(found):  # a word that is no name and no number
+        return False
+    return all(lo <= v <= hi for v in values) and values[0] <= values[-1]

@@ -4,12 +4,17 @@ from __future__ import annotations
 import shlex
 import sys
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import typer
 
 from .config import ALL, AnalysisConfig
 from .console import console, esc, run_analysis
 from .errors import ConfigError, ZoospectraError
+
+if TYPE_CHECKING:
+    from .config import Dtype, Mode
+    from .study.sql import Format
 
 app = typer.Typer(
     add_completion=False,
@@ -85,7 +90,8 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
             pairs: bool, embeddings: bool) -> AnalysisConfig:
     return AnalysisConfig(
         k=k, eps=eps, k_store=_k(k_store, "--k-store"), k_spec=_k(k_spec, "--k-spec"), sim_k=sim_k,
-        mode=mode, dtype=dtype, pairs=pairs, include_embeddings=embeddings,
+        # typer hands over plain strings; AnalysisConfig.__post_init__ refuses any other value
+        mode=cast("Mode", mode), dtype=cast("Dtype", dtype), pairs=pairs, include_embeddings=embeddings,
     )
 
 
@@ -154,7 +160,8 @@ def sql(
     require_results_root(results)
     if output:
         claim_file(output, "sql", inputs=[results], option="--output")
-    text = format_table(run_query(results, query), fmt, output)
+    # a plain string from typer; format_table refuses unknown formats (ConfigError)
+    text = format_table(run_query(results, query), cast("Format", fmt), output)
     if text:
         typer.echo(text)
 

@@ -155,8 +155,11 @@ _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class _Model(Protocol):
-    uid: str
-    model_id: str
+    # read-only: ModelRef (a property) and Pinned (frozen dataclass) both satisfy it
+    @property
+    def uid(self) -> str: ...
+    @property
+    def model_id(self) -> str: ...
 
 
 def redact(text: str) -> str:

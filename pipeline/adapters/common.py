@@ -23,9 +23,11 @@ from ..errors import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
-from ..updates import MatrixUpdate, Role, UpdateKind
+from ..updates import MatrixUpdate, Role, UpdateInfo, UpdateKind
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+
+
     from ..io.checkpoint import Checkpoint, FileSource
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -111,7 +113,7 @@ class Files:
             if not self.dir.is_dir():
                 raise CheckpointNotFoundError(
                     "not a directory; pass the folder that holds the adapter or model", file=str(location))
-            self.source = LocalFileSource(self.dir)
+            self.source: FileSource = LocalFileSource(self.dir)
         else:
             self.dir, self.source = None, location
         self.name = str(getattr(self.source, "name", location))
@@ -262,7 +264,7 @@ def mismatch(msg: str, *, artifact: str, base_name: str, tensor: str, base_tenso
 
 
 def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype = torch.float32,
-                 **extra: object) -> MatrixUpdate:
+                 **extra: Unpack[UpdateInfo]) -> MatrixUpdate:
     """A dense MatrixUpdate kept in the run's precision (`dtype`): float64 runs keep float64 dW."""
     return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.to(dtype).contiguous(),
                         role=target.role, **extra)

@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from ..numeric import frobenius
-from ..updates import MatrixUpdate, UpdateKind
+from ..updates import MatrixUpdate, UpdateInfo, UpdateKind
 from . import formulas as F
 from .common import (
     Artifact,
@@ -136,6 +136,8 @@ class _Module:
 
 class PeftAdapter(Artifact):
     def __init__(self, files: Files, *, model_id: str | None = None) -> None:
+        self._dtype: torch.dtype = torch.float32       # load_update sets the run's precision
+        self._vera_ab: tuple[torch.Tensor, torch.Tensor] | None = None   # shared VeRA A, B once read
         self.files = files
         self._location = files.path(WEIGHTS)
         self.config_text = files.read_text(CONFIG)
@@ -432,7 +434,8 @@ class PeftAdapter(Artifact):
         c = self.config
         r_pat, a_pat = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
         r_key, a_key = get_pattern_key(list(r_pat), path), get_pattern_key(list(a_pat), path)
-        alpha_default = c.get("lora_alpha", c.get("alpha"))
+        # _validate_config requires the type's alpha field (lora_alpha, or alpha for LoHa/LoKr)
+        alpha_default = c["lora_alpha"] if "lora_alpha" in c else c["alpha"]
         r = r_pat[r_key] if r_key is not None else c["r"]
         alpha = a_pat[a_key] if a_key is not None else alpha_default
         return int(r), float(alpha)
@@ -472,7 +475,7 @@ class PeftAdapter(Artifact):
 
     def _t(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One adapter tensor, upcast to the requested precision (float64 where the formula needs it)."""
-        return read(self.ckpt, key, self._location, dtype or getattr(self, "_dtype", torch.float32))
+        return read(self.ckpt, key, self._location, dtype if dtype is not None else self._dtype)
 
     def _compute(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         if mod.replacement:
@@ -483,8 +486,9 @@ class PeftAdapter(Artifact):
     def _loha(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
-        w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-        return dense_update(t, F.loha_dense(*w, scale), "loha", self._dtype, rank=r, alpha=alpha, scale=scale)
+        w1a, w1b, w2a, w2b = (self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        return dense_update(t, F.loha_dense(w1a, w1b, w2a, w2b, scale), "loha", self._dtype,
+                            rank=r, alpha=alpha, scale=scale)
 
     def _ia3(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         w0_64 = checked_w0(w0, base, t, torch.float64)
@@ -497,17 +501,17 @@ class PeftAdapter(Artifact):
         a_raw, b_raw = self._t(k[a_key]), self._t(k[b_key])
         r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k[a_key])
         B, A = (F.embedding_lora_factors if embedding else F.lora_factors)(a_raw, b_raw, scale)
-        info = dict(role=t.role, rank=r, alpha=alpha, scale=scale,
-                    norm_a=frobenius(a_raw), norm_b=frobenius(b_raw))
+        info: UpdateInfo = {"rank": r, "alpha": alpha, "scale": scale,
+                            "norm_a": frobenius(a_raw), "norm_b": frobenius(b_raw)}
         if t.kind != "dora":
-            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, **info)
-        mag_key = k.get("lora_magnitude_vector", k.get("lora_magnitude_vector.weight"))
+            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, role=t.role, **info)
+        # planning found one of the two (embedding DoRA stores the vector as a .weight)
+        mag_key = k["lora_magnitude_vector"] if "lora_magnitude_vector" in k else k["lora_magnitude_vector.weight"]
         mag = self._t(mag_key, torch.float64)
         if mag.numel() != (t.shape[1] if embedding else t.shape[0]):
             raise BaseMismatchError(f"lora_magnitude_vector {mag_key!r} has {mag.numel()} entries for a "
                                     f"{t.shape} weight", file=self._location, tensor=mag_key, base_tensor=t.tensor)
         dw = F.dora_dense(checked_w0(w0, base, t, torch.float64), B, A, mag, per_column=embedding)
-        info.pop("role")
         return dense_update(t, dw, "dora", self._dtype, **info)
 
     def _adalora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
@@ -525,7 +529,7 @@ class PeftAdapter(Artifact):
         scale = alpha if alpha > 0 else float(rank if pruned is not None else init_r)
         ranknum = float(self._t(k["ranknum"]).item()) if "ranknum" in k else float(init_r)
         B, A, eff = F.adalora_factors(a, b, e, scale, ranknum)
-        info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=frobenius(a), norm_b=frobenius(b))
+        info: UpdateInfo = {"rank": rank, "alpha": alpha, "scale": eff, "norm_a": frobenius(a), "norm_b": frobenius(b)}
         if rank == 0:  # every singular value pruned: PEFT keeps an empty module
             return dense_update(t, torch.zeros(t.shape), "adalora", self._dtype, **info)
         # A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)
@@ -569,7 +573,7 @@ class PeftAdapter(Artifact):
                             scale=1.0, norm_a=frobenius(A), norm_b=frobenius(B))
 
     def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "_vera_ab"):
+        if self._vera_ab is not None:
             return self._vera_ab
         if "vera_A" in self.shared and "vera_B" in self.shared:
             ab = (self._t(self.shared["vera_A"]), self._t(self.shared["vera_B"]))

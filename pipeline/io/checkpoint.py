@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import Protocol, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 import torch
 
@@ -374,7 +374,7 @@ def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
         "fix the checkpoint", file=where, tensor=key, nan=n_nan, inf=n_inf)
 
 
-def _refuse_pickles(source: FileSource, name: str | None) -> None:
+def _refuse_pickles(source: FileSource, name: str | None) -> NoReturn:
     """Never unpickle: a pickle runs arbitrary code on load. Refuse without opening it."""
     found = [name] if name else [f for f in PICKLE_FILES if source.exists(f)]
     if found:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from ..errors import (
     BaseMismatchError,
@@ -42,6 +42,11 @@ from ..errors import (
 )
 from .identity import Pinned
 
+if TYPE_CHECKING:
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import ExpandModelProperty_T, ModelInfo
+
 logger = logging.getLogger("zoospectra.io.hub")
 T = TypeVar("T")
 
@@ -50,7 +55,7 @@ RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 WHOLE_FILES = ("adapter_model.safetensors",)
 WHOLE_SUFFIXES = (".json", ".txt", ".md")
 # Expanded listing properties: enough to pin, filter and catalog without one call per repo.
-LIST_EXPAND = ["sha", "siblings", "gated", "lastModified", "private"]
+LIST_EXPAND: list[ExpandModelProperty_T] = ["sha", "siblings", "gated", "lastModified", "private"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> float 
     status = _status(err) if isinstance(err, HfHubHTTPError) else None
     if not transient and status not in RETRY_STATUS:
         return None
-    retry_after = getattr(err, "response", None) is not None and err.response.headers.get("Retry-After")
+    response = getattr(err, "response", None)
+    retry_after = response is not None and response.headers.get("Retry-After")
     if retry_after and retry_after.strip().isdigit():
         return min(float(retry_after), options.retry_after_max)
     wait = min(options.backoff_max, options.backoff * 2**attempt)
@@ -403,7 +409,7 @@ def _read_local(path: str, start: int, end: int) -> bytearray:
     return buf
 
 
-def _range_body(response: object, start: int, end: int, where: str) -> bytearray:
+def _range_body(response: httpx2.Response, start: int, end: int, where: str) -> bytearray:
     """The body of a ranged GET. A server that ignores Range (200) is streamed up to `end` only."""
     want = end - start
     if response.status_code == 206:
@@ -432,7 +438,8 @@ def check_repo_id(repo_id: object) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        validate_repo_id(repo_id)
+        # annotated str, but it refuses anything else with HFValidationError: what we want here
+        validate_repo_id(repo_id)  # type: ignore[arg-type]
     except HFValidationError as e:
         raise HubError(f"not a valid Hub repo id: {e}", repo=str(repo_id)) from None
     return str(repo_id)
@@ -448,6 +455,9 @@ def pin(repo_id: str, revision: str = "main", options: HubOptions | None = None)
     info = with_retries(lambda: api.model_info(repo_id, revision=revision, expand=["sha"],
                                                timeout=opts.timeout),
                         "pin revision", opts, repo=repo_id, revision=revision)
+    if not info.sha:
+        raise HubError("the Hub gave no commit sha for this revision; cannot pin it", repo=repo_id,
+                       revision=revision)
     return info.sha
 
 
@@ -500,7 +510,7 @@ def pinned_ref(repo_id: str, sha: str | None) -> Pinned | None:
 
 
 def discover(base_models: list[str], *, include_full: bool = False, limit: int | None = None,
-             api: object = None, options: HubOptions | None = None,
+             api: HfApi | None = None, options: HubOptions | None = None,
              on_progress: Callable[[int, int, str], None] | None = None) -> Discovery:
     """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
 
@@ -522,9 +532,8 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
             kinds.append(("full", [f"base_model:finetune:{base}"]))
         for kind, filters in kinds:
             try:
-                listed = with_retries(
-                    lambda filters=filters: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
-                    "list models", opts, repo=base, filter=",".join(filters))
+                listed = with_retries(_listing(api, filters, limit), "list models", opts, repo=base,
+                                      filter=",".join(filters))
             except HubError as err:
                 found.errors.append(error_row("hub", err, model_id=base))
                 continue
@@ -542,7 +551,12 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
     return found
 
 
-def _admit(info: object, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
+def _listing(api: HfApi, filters: list[str], limit: int | None) -> Callable[[], list[ModelInfo]]:
+    """One listing call for with_retries, bound to these filters (not to the loop's variable)."""
+    return lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit))
+
+
+def _admit(info: ModelInfo, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
     """Check one listed repo and pin it; raise a ZoospectraError saying why it can't be used."""
     check_repo_id(info.id)
     if not info.sha:

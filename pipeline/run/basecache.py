@@ -89,7 +89,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     """sha256 of the tensors' bytes (CPU, contiguous), in order."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        # ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
     return h.hexdigest()
 
 

@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 class RootFS(Protocol):
     """What integrity needs of a results root's filesystem (store.py's _Local and _Remote)."""
 
-    local: bool
+    @property
+    def local(self) -> bool: ...   # read-only: store.py declares it Literal[True] / Literal[False]
 
     def entries(self, rel: str) -> dict[str, int | None]: ...
     def exists(self, rel: str) -> bool: ...

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -126,7 +126,7 @@ def _rows_table(name: str, rows: list[dict]) -> pa.Table:
 class _Local:
     """A root on the local disk: fsync + rename(2) make every publish atomic."""
 
-    local = True
+    local: Literal[True] = True   # Literal: `if fs.local:` tells the type checker which class
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -258,7 +258,7 @@ class _Remote:
     No atomic directory rename: files are published whole, `_SUCCESS` last (see module doc).
     """
 
-    local = False
+    local: Literal[False] = False
 
     def __init__(self, fs: pafs.FileSystem, base: str, uri: str) -> None:
         self.fs, self.base, self.uri = fs, base.rstrip("/"), uri.rstrip("/")
@@ -544,7 +544,8 @@ class ResultsStore:
     def _write_run(self, manifest: dict) -> None:
         row = {k: manifest.get(k) for k in TABLES["runs"].names}
         for k in ("started_at", "finished_at"):
-            row[k] = datetime.fromisoformat(row[k]) if row[k] else None
+            stamp = row[k]
+            row[k] = datetime.fromisoformat(stamp) if stamp else None
         run_id = manifest["run_id"]
         # parquet first: the JSON (what runs() reads) never points at a missing row
         self._fs.put(f"runs/{run_id}.parquet", _parquet_bytes(_rows_table("runs", [row])))

@@ -137,8 +137,9 @@ def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Fact
     dev, dt = base.device, base.dtype
     bs, as_ = [], []
     for u in updates:
-        b = place(u.B, "factor B", u.tensor, dev, F64)        # [m, r], scale folded in
-        a = place(u.A, "factor A", u.tensor, dev, F64)        # [r, n]
+        fb, fa = u.factors()
+        b = place(fb, "factor B", u.tensor, dev, F64)         # [m, r], scale folded in
+        a = place(fa, "factor A", u.tensor, dev, F64)         # [r, n]
         if (b.shape[0], a.shape[1]) != base.shape or b.shape[1] != a.shape[0]:
             raise BaseMismatchError(
                 f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not make a dW of the base "

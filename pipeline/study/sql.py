@@ -254,11 +254,12 @@ def _as_rich(table: pa.Table, max_rows: int | None) -> str:
     for row in _flat(shown).to_pylist():
         view.add_row(*(_cell(v) for v in row.values()))
     width = max(80, shutil.get_terminal_size((160, 24)).columns)
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None, force_terminal=False)
     console.print(view)
     more = table.num_rows - shown.num_rows
     footer = f"{table.num_rows} rows" + (f" ({more} not shown; use --format csv)" if more else "")
-    return console.file.getvalue() + footer + "\n"
+    return out.getvalue() + footer + "\n"
 
 
 # --- interactive -----------------------------------------------------------------------------
