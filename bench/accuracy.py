@@ -176,7 +176,7 @@ def render(args, tallies: dict[str, Tally], seconds: float) -> str:
                      f"({share:.2f} % identical) |")
     lines += ["", "## Exceptions", ""]
     any_ = False
-    for dt, t in tallies.items():
+    for t in tallies.values():
         for e in t.exceptions:
             lines.append(f"- {e}")
             any_ = True

@@ -13,7 +13,6 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from bench.run_bench import _sync, lora, machine, realistic_base
 from zoospectra.config import AnalysisConfig
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             times[batched] = best / args.adapters
         agree = all((a.intruders_u, a.intruders_v) == (b.intruders_u, b.intruders_v)
                     and np.array_equal(a.u.argmax, b.u.argmax)
-                    for a, b in zip(out[False].items, out[True].items))
+                    for a, b in zip(out[False].items, out[True].items, strict=True))
         print(f"| {n}x{n} | {r} | {args.adapters} | {times[False] * 1000:.1f} | {times[True] * 1000:.1f} | "
               f"{times[False] / times[True]:.2f}x | {agree} |")
 

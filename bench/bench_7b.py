@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from bench.run_bench import llama_modules, machine, write_adapters, write_base
 
 SEVEN_B = llama_modules(4096, 11008)

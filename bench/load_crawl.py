@@ -17,8 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -36,7 +36,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -103,7 +103,7 @@ def duplicates(root: Path) -> dict[str, int]:
 
 
 def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int = 32, mode: str = "fast",
-             executor: str = "ray", k_store: int = 32, progress: Optional[Callable[[str], None]] = None) -> dict:
+             executor: str = "ray", k_store: int = 32, progress: Callable[[str], None] | None = None) -> dict:
     """Publish, crawl, count. The caller's environment must already point huggingface_hub at
     `work` (see main); the FakeHub runs in this process."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -111,8 +111,8 @@ def run_load(adapters: list[Path], n_repos: int, work: Path, *, batch_size: int 
     from hub_server import FakeHub
 
     from zoospectra.io.hub import HubOptions
-    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
     from zoospectra.run.store import ResultsStore
 
     say = progress or (lambda _: None)
@@ -157,7 +157,7 @@ def hub_environment(work: Path) -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load_crawl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repos", type=int, default=500)

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from zoospectra.config import AnalysisConfig
+    from zoospectra.io.refs import local_ref
     from zoospectra.run.execute import ensure_ray, run_plan
     from zoospectra.run.plan import build_plan
-    from zoospectra.io.refs import local_ref
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

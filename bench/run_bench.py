@@ -111,10 +111,10 @@ def bench_matrix(shape: tuple[int, int], ranks: list[int], device: str, amortize
             upds.append(MatrixUpdate(tensor="w", kind="lora", shape=shape, B=b.to(device),
                                      A=a.to(device), rank=r))
         upd = upds[0]
-        paper_s, cos = _timed(lambda: paper_method(w0, w0 + upd.B @ upd.A), device)
+        paper_s, cos = _timed(lambda upd=upd: paper_method(w0, w0 + upd.B @ upd.A), device)
         times, item = [], None
         for _ in range(reps):
-            dt, batch = _timed(lambda: analyze_batch(w0, upds, cfg, device, base=base), device)
+            dt, batch = _timed(lambda upds=upds: analyze_batch(w0, upds, cfg, device, base=base), device)
             times.append(dt / BATCH)
             item = batch.items[0]
         agree = all(int((cos < e).sum()) == item.u.intruders(10, e) for e in (0.3, 0.5, 0.7))
@@ -188,9 +188,9 @@ def write_zoo(root: Path, n_adapters: int, layers: int, log) -> tuple[Path, list
 
 
 def bench_e2e(n_adapters: int, layers: int, device: str, log) -> dict:
+    from zoospectra.io.refs import local_ref
     from zoospectra.run.execute import new_run_id
     from zoospectra.run.plan import build_plan
-    from zoospectra.io.refs import local_ref
     from zoospectra.run.store import ResultsStore
     from zoospectra.run.unit import process_unit
 
@@ -217,7 +217,7 @@ def bench_e2e(n_adapters: int, layers: int, device: str, log) -> dict:
         for shape in sorted(set(LLAMA_MODULES.values())):
             w0 = realistic_base(*shape, seed=7).to(device)
             b, a = lora(*shape, 16, seed=7)
-            dt, _ = _timed(lambda: paper_method(w0, w0 + b.to(device) @ a.to(device)), device)
+            dt, _ = _timed(lambda w0=w0, b=b, a=a: paper_method(w0, w0 + b.to(device) @ a.to(device)), device)
             count = n_adapters * layers * sum(1 for s in LLAMA_MODULES.values() if s == shape)
             per_shape[f"{shape[0]}x{shape[1]}"] = dt
             paper_s += dt * count

@@ -14,7 +14,6 @@ import logging
 import shlex
 import sys
 from dataclasses import asdict
-from typing import Optional
 
 from zoospectra.api import crawl
 from zoospectra.errors import ZoospectraError
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -41,13 +41,13 @@ class CrawlSpec:
     base_models: tuple[str, ...]
     out: str
     include_full: bool = False
-    limit: Optional[int] = None
+    limit: int | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     batch_size: int = 32
-    ray_address: Optional[str] = None
-    schedule: Optional[str] = None
+    ray_address: str | None = None
+    schedule: str | None = None
     hub: HubOptions = field(default_factory=HubOptions)
-    base_cache: Optional[str] = None   # where base SVDs are stored and reused (default OUT/bases)
+    base_cache: str | None = None   # where base SVDs are stored and reused (default OUT/bases)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or len(self.name) > 52:
@@ -75,7 +75,7 @@ class CrawlSpec:
             validate_cron(self.schedule)
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str = "job spec") -> "CrawlSpec":
+    def from_dict(cls, raw: Any, where: str = "job spec") -> CrawlSpec:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}", file=where)
         known = {f.name for f in fields(cls)}
@@ -93,7 +93,7 @@ class CrawlSpec:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CrawlSpec":
+    def load(cls, path: str | Path) -> CrawlSpec:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"job spec {p} does not exist; pass the path of a YAML spec", file=str(p))
@@ -126,7 +126,8 @@ def _analysis(raw: Any, where: str) -> AnalysisConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown analysis option(s) {unknown}; known: {list(_ANALYSIS_KEYS)}",
                           file=where, option="analysis")
-    opts = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
+    # values as the YAML gave them: AnalysisConfig.__post_init__ checks each (ConfigError)
+    opts: dict[str, Any] = {k: (ALL if isinstance(v, str) and v.lower() == "all" else v) for k, v in raw.items()}
     return AnalysisConfig(**opts)
 
 
@@ -157,7 +158,8 @@ def _hub(raw: Any, where: str) -> HubOptions:
     if raw.get("endpoint") and not str(raw["endpoint"]).startswith(("http://", "https://")):
         raise ConfigError(f"{where}: hub.endpoint must be an http(s) URL, got {raw['endpoint']!r}",
                           file=where, option="hub.endpoint")
-    return HubOptions(**{k: (float(v) if k in _HUB_NUMBERS else v) for k, v in raw.items()})
+    checked: dict[str, Any] = {k: (float(v) if k in _HUB_NUMBERS else v) for k, v in raw.items()}
+    return HubOptions(**checked)
 
 
 # --- cron --------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def validate_cron(expr: str) -> str:
     if len(parts) != 5:
         raise ConfigError(f"schedule {expr!r} must have 5 fields (minute hour day month weekday)",
                           option="schedule")
-    for i, (part, (what, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS)):
+    for i, (part, (what, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS, strict=True)):
         for item in part.split(","):
             if not _cron_item_ok(item.lower(), lo, hi, _CRON_NAMES.get(i, {})):
                 raise ConfigError(f"schedule {expr!r}: bad {what} field {part!r} (allowed {lo}-{hi})",
@@ -196,5 +198,8 @@ def _cron_item_ok(item: str, lo: int, hi: int, names: dict[str, int]) -> bool:
     if body in ("*", "?"):
         return True
     first, _, last = body.partition("-")
-    values = [names.get(v, int(v) if v.isdigit() else None) for v in ([first, last] if last else [first])]
-    return all(v is not None and lo <= v <= hi for v in values) and values[0] <= values[-1]
+    found = [names.get(v, int(v) if v.isdigit() else None) for v in ([first, last] if last else [first])]
+    values = [v for v in found if v is not None]
+    if len(values) != len(found):  # a word that is no name and no number
+        return False
+    return all(lo <= v <= hi for v in values) and values[0] <= values[-1]

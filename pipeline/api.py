@@ -12,8 +12,8 @@ stays cheap.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Union
 
 from .config import AnalysisConfig
 
@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 ArtifactArg = Union[PathLike, "ModelRef"]
 
 
-def _ref(item: ArtifactArg, name: Optional[str] = None) -> ModelRef:
+def _ref(item: ArtifactArg, name: str | None = None) -> ModelRef:
     from .io.refs import ModelRef, local_ref
 
     if isinstance(item, ModelRef):
@@ -40,7 +40,7 @@ def _ref(item: ArtifactArg, name: Optional[str] = None) -> ModelRef:
     return local_ref(item, name)
 
 
-def _refs(tuned: Union[Mapping[str, ArtifactArg], Sequence[ArtifactArg]]) -> list[ModelRef]:
+def _refs(tuned: Mapping[str, ArtifactArg] | Sequence[ArtifactArg]) -> list[ModelRef]:
     """Artifacts as ModelRefs: a mapping gives {recorded model id: path}; else the folder name."""
     if isinstance(tuned, Mapping):
         return [_ref(path, name) for name, path in tuned.items()]
@@ -50,22 +50,22 @@ def _refs(tuned: Union[Mapping[str, ArtifactArg], Sequence[ArtifactArg]]) -> lis
 
 
 def analyze(
-    tuned: Union[Mapping[str, ArtifactArg], Sequence[ArtifactArg]],
+    tuned: Mapping[str, ArtifactArg] | Sequence[ArtifactArg],
     *,
     base: ArtifactArg,
     out: PathLike,
-    config: Optional[AnalysisConfig] = None,
-    base_name: Optional[str] = None,
+    config: AnalysisConfig | None = None,
+    base_name: str | None = None,
     batch_size: int = 32,
     executor: Literal["ray", "local"] = "ray",
-    address: Optional[str] = None,
-    max_in_flight: Optional[int] = None,
+    address: str | None = None,
+    max_in_flight: int | None = None,
     device: str = "auto",
-    base_cache: Optional[str] = None,
+    base_cache: str | None = None,
     command: str = "",
-    on_plan: Optional[Callable[[Plan], None]] = None,
-    on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
-    on_quarantine: Optional[Callable[[dict], None]] = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_progress: Callable[[int, int, UnitOutcome], None] | None = None,
+    on_quarantine: Callable[[dict], None] | None = None,
 ) -> RunSummary:
     """Analyse fine-tuned artifacts against `base` and commit the tables under `out`.
 
@@ -96,9 +96,9 @@ def analyze(
                     device=device, base_cache=base_cache)
 
 
-def crawl(spec: Union[CrawlSpec, Mapping, PathLike], *, options: Optional[HubOptions] = None,
+def crawl(spec: CrawlSpec | Mapping | PathLike, *, options: HubOptions | None = None,
           executor: Literal["ray", "local"] = "ray", command: str = "",
-          on_progress: Optional[Callable[[int, int, str], None]] = None) -> CrawlSummary:
+          on_progress: Callable[[int, int, str], None] | None = None) -> CrawlSummary:
     """One Hub crawl: discovery, catalog, plan and execute, one run per base model.
 
     `spec` is a CrawlSpec, a mapping of its keys, or the path of a YAML job spec;

@@ -4,13 +4,17 @@ from __future__ import annotations
 import shlex
 import sys
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import TYPE_CHECKING, cast
 
 import typer
 
 from .config import ALL, AnalysisConfig
 from .console import console, esc, run_analysis
 from .errors import ConfigError, ZoospectraError
+
+if TYPE_CHECKING:
+    from .config import Dtype, Mode
+    from .study.sql import Format
 
 app = typer.Typer(
     add_completion=False,
@@ -31,13 +35,13 @@ def _k(value: str, name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise typer.BadParameter(f"{name} must be an integer or 'all', got {value!r}")
+        raise typer.BadParameter(f"{name} must be an integer or 'all', got {value!r}") from None
 
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _check_positive(value: Optional[int], option: str) -> None:
+def _check_positive(value: int | None, option: str) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{option} must be >= 1, got {value}", option=option)
 
@@ -54,13 +58,13 @@ def _check_device(device: str) -> None:
                               "--device cpu or auto", option="device")
 
 
-def parse_tuned(specs: List[str]) -> list[tuple[Optional[str], str]]:
+def parse_tuned(specs: list[str]) -> list[tuple[str | None, str]]:
     """(name or None, path) per NAME=PATH / PATH argument. An existing path is taken whole even
     when it contains '='; otherwise NAME is everything before the first '=' (paths may hold '=',
     names may not). Two artifacts under one name would merge under one model id: refused."""
     import os
 
-    out: list[tuple[Optional[str], str]] = []
+    out: list[tuple[str | None, str]] = []
     for spec in specs:
         if os.path.exists(spec) or "=" not in spec:
             out.append((None, spec))
@@ -86,32 +90,36 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
             pairs: bool, embeddings: bool) -> AnalysisConfig:
     return AnalysisConfig(
         k=k, eps=eps, k_store=_k(k_store, "--k-store"), k_spec=_k(k_spec, "--k-spec"), sim_k=sim_k,
-        mode=mode, dtype=dtype, pairs=pairs, include_embeddings=embeddings,
+        # typer hands over plain strings; AnalysisConfig.__post_init__ refuses any other value
+        mode=cast("Mode", mode), dtype=cast("Dtype", dtype), pairs=pairs, include_embeddings=embeddings,
     )
 
 
 @app.command()
 def analyze(
     base: str = typer.Argument(..., help="Base checkpoint: a local directory (Hub bases: zoospectra crawl)."),
-    tuned: List[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. NAME=PATH sets the model id."),
+    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. "
+                                                "NAME=PATH sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
-    base_name: Optional[str] = typer.Option(None, help="Id recorded for the base (default: directory name)."),
+    base_name: str | None = typer.Option(None, help="Id recorded for the base (default: directory name)."),
     k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
     eps: float = typer.Option(_D.eps, help="Intruder test: max |cos| threshold."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
     k_spec: str = typer.Option(_kstr(_D.k_spec), help="Singular values kept per spectrum ('all')."),
     sim_k: int = typer.Option(_D.sim_k, help="Size of the stored |U0^T Ut| similarity block."),
-    mode: str = typer.Option(_D.mode, help="fast (structured solvers, default) or exact (the paper's full SVDs, the check)."),
+    mode: str = typer.Option(_D.mode, help="fast (structured solvers, default) or "
+                                           "exact (the paper's full SVDs, the check)."),
     dtype: str = typer.Option(_D.dtype, help="float32 or float64 for every decomposition and every update."),
     pairs: bool = typer.Option(_D.pairs, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
     embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
                                     help="Also analyse embedding/head matrices."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work (sharing one base SVD)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     device: str = typer.Option("auto", help="With --local: auto, cpu or cuda (Ray picks per task from its GPUs)."),
-    max_in_flight: Optional[int] = typer.Option(None, help="Ray tasks in flight at once."),
-    base_cache: Optional[str] = typer.Option(None, help="Where base SVDs are stored and reused (path or URI; default OUT/bases)."),
+    max_in_flight: int | None = typer.Option(None, help="Ray tasks in flight at once."),
+    base_cache: str | None = typer.Option(None, help="Where base SVDs are stored and reused "
+                                                     "(path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
     from .io.refs import local_ref
@@ -142,16 +150,18 @@ def sql(
     results: str = typer.Argument(..., help="Results root."),
     query: str = typer.Argument(..., help="SQL; views and macros such as intruders(eps, k) are loaded."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
-    output: Optional[str] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
+    output: str | None = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
 ) -> None:
     """Run one SQL query over the results with zoospectra's views and macros."""
     from .outputs import claim_file, require_results_root
-    from .study.sql import format_table, query as run_query
+    from .study.sql import format_table
+    from .study.sql import query as run_query
 
     require_results_root(results)
     if output:
         claim_file(output, "sql", inputs=[results], option="--output")
-    text = format_table(run_query(results, query), fmt, output)
+    # a plain string from typer; format_table refuses unknown formats (ConfigError)
+    text = format_table(run_query(results, query), cast("Format", fmt), output)
     if text:
         typer.echo(text)
 
@@ -256,17 +266,17 @@ def submit(
 
 @app.command()
 def crawl(
-    base_model: List[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
+    base_model: list[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
     out: str = typer.Option(..., "--out", "-o", help="Results root."),
-    limit: Optional[int] = typer.Option(None, help="At most N repos per base model and kind."),
-    include: List[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
+    limit: int | None = typer.Option(None, help="At most N repos per base model and kind."),
+    include: list[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
     mode: str = typer.Option(_D.mode, help="fast (default) or exact (the paper's full SVDs)."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all')."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
-    spec: Optional[str] = typer.Option(None, help="A YAML job spec instead of the flags above."),
+    spec: str | None = typer.Option(None, help="A YAML job spec instead of the flags above."),
 ) -> None:
     """Discover adapters / fine-tunes of base models on the Hub and analyse what is new."""
     import json
@@ -274,7 +284,6 @@ def crawl(
 
     from .api import crawl as run_crawl
     from .jobs.spec import CrawlSpec
-
     from .outputs import claim_results_root
     from .run.execute import probe_address
 
@@ -315,7 +324,7 @@ def demo(
 
 
 # --- studies, report, mitigation (pipeline/study/studies.py, report.py, mitigate.py) ---------------
-def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
+def _scope(base_model: str | None, kinds: list[str] | None):
     from .study.studies import Scope
 
     return Scope(base=base_model, kinds=tuple(kinds or ()))
@@ -325,8 +334,8 @@ def _scope(base_model: Optional[str], kinds: Optional[List[str]]):
 def report(
     results: str = typer.Argument(..., help="Results root."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for index.html (self-contained)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
-    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="Only these kinds (repeat: --kind lora --kind full)."),
     force: bool = typer.Option(False, "--force", help="Replace a previous report in --out (never other files)."),
 ) -> None:
     """Every study as one offline HTML page: figures, summary tables and the SQL behind each."""
@@ -343,10 +352,10 @@ def report(
 def plot(
     results: str = typer.Argument(..., help="Results root."),
     study: str = typer.Argument(..., help="Study name (zoospectra plot RESULTS list: all of them)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output .png or .svg (default: STUDY.png)."),
-    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Study parameter NAME=VALUE (repeatable)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
-    kinds: Optional[List[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output .png or .svg (default: STUDY.png)."),
+    param: list[str] | None = typer.Option(None, "--param", "-p", help="Study parameter NAME=VALUE (repeatable)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only models of this base (id or uid)."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="Only these kinds (repeatable)."),
 ) -> None:
     """One study's figure as PNG or SVG."""
     from .study.studies import STUDIES, parse_param, save_plot
@@ -367,12 +376,15 @@ def plot(
 def mitigate(
     adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
-    lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values (PEFT's mitigation_lambda)."),
+    lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values "
+                                                  "(PEFT's mitigation_lambda)."),
     k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
     eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
-    base: Optional[str] = typer.Option(None, help="Base checkpoint directory (default: the adapter's base_model_name_or_path)."),
+    base: str | None = typer.Option(None, help="Base checkpoint directory "
+                                               "(default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
-    force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out (never other files)."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out "
+                                                      "(never other files)."),
 ) -> None:
     """Scale intruder dimensions by --lam and write a new PEFT adapter (PEFT's reduce_intruder_dimension)."""
     from .mitigate import MitigationParams, mitigate_adapter
@@ -420,7 +432,7 @@ def _fail(kind: str, message: object, code: int) -> int:
     return code
 
 
-def _run(args: Optional[List[str]] = None) -> int:
+def _run(args: list[str] | None = None) -> int:
     """The command's exit status. Exit codes: 0 done; 3 the run completed with error rows;
     2 invalid input (options, paths, files, configs, SQL: ZoospectraError by default, DuckDB
     errors, usage errors); 1 a runtime failure (ZoospectraError kinds with exit_code 1, OSError,

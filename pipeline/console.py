@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -28,11 +28,18 @@ def esc(x: object) -> str:
 
 
 def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
-                 address: Optional[str] = None, executor: Executor = "ray",
-                 max_in_flight: Optional[int] = None, quiet: bool = False, device: str = "auto",
-                 base_cache: Optional[str] = None) -> RunSummary:
+                 address: str | None = None, executor: Executor = "ray",
+                 max_in_flight: int | None = None, quiet: bool = False, device: str = "auto",
+                 base_cache: str | None = None) -> RunSummary:
     """zoospectra.analyze with the CLI's plan summary, progress bar and run summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("[bold blue]analyse"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from datetime import datetime, timezone
-from typing import Literal, Optional, Protocol
+from typing import Literal, Protocol
 
 
 class ZoospectraError(Exception):
@@ -155,8 +155,11 @@ _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class _Model(Protocol):
-    uid: str
-    model_id: str
+    # read-only: ModelRef (a property) and Pinned (frozen dataclass) both satisfy it
+    @property
+    def uid(self) -> str: ...
+    @property
+    def model_id(self) -> str: ...
 
 
 def redact(text: str) -> str:
@@ -171,8 +174,8 @@ def redact(text: str) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-def error_row(stage: Stage, err: BaseException, *, model: Optional[_Model] = None,
-              model_id: Optional[str] = None, tensor: Optional[str] = None) -> dict:
+def error_row(stage: Stage, err: BaseException, *, model: _Model | None = None,
+              model_id: str | None = None, tensor: str | None = None) -> dict:
     """An `errors` row (schemas/tables.py ERRORS) without run_id / unit_id, which the writer adds.
 
     `model` is a pinned ModelRef; `model_id` names a repo that could not be pinned (hub

@@ -30,16 +30,15 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from .adapters import PeftAdapter, match_base_key, open_artifact
 from .config import AnalysisConfig
-from .io.checkpoint import Checkpoint
-from .outputs import claim_output, replace_output
 from .errors import (
     AdapterConfigError,
     BaseMismatchError,
@@ -47,6 +46,8 @@ from .errors import (
     ConfigError,
     UnsupportedAdapterError,
 )
+from .io.checkpoint import Checkpoint
+from .outputs import claim_output, replace_output
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -128,7 +129,7 @@ def find_intruders(u_merged: torch.Tensor, u_base: torch.Tensor, k: int,
 
 def mitigate_matrix(w0: torch.Tensor, dw: torch.Tensor, scale: float, rank: int,
                     params: MitigationParams
-                    ) -> tuple[Optional[tuple[torch.Tensor, torch.Tensor]], MatrixMitigation]:
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, MatrixMitigation]:
     """New factors (B' [m, r], A' [r, n], unscaled) for W0 + dW, or None when there is no
     intruder (the adapter's factors stay as they are). Inputs are [out, in] in params.dtype."""
     u_base = torch.linalg.svd(w0, full_matrices=False)[0]
@@ -209,7 +210,7 @@ def lora_matrices(art: PeftAdapter, base_keys: set[str], where: str,
     return out
 
 
-def base_location(config: dict[str, Any], base: Optional[str | os.PathLike], adapter: Path) -> Path:
+def base_location(config: dict[str, Any], base: str | os.PathLike | None, adapter: Path) -> Path:
     """--base when given, else base_model_name_or_path when it is a local directory."""
     if base is not None:
         return Path(base)
@@ -224,8 +225,8 @@ def base_location(config: dict[str, Any], base: Optional[str | os.PathLike], ada
 # --- the command ---------------------------------------------------------------------------
 def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
                      params: MitigationParams = MitigationParams(),
-                     base: Optional[str | os.PathLike] = None, *, force: bool = False,
-                     on_progress: Optional[Callable[[int, int, str], None]] = None) -> MitigationResult:
+                     base: str | os.PathLike | None = None, *, force: bool = False,
+                     on_progress: Callable[[int, int, str], None] | None = None) -> MitigationResult:
     """Write the mitigated adapter to `out`: a new or empty directory, or a previous mitigate
     output (its files replaced one by one; with `force` the whole output is emptied first).
     `out` is claimed (outputs.claim_output) before any work, so a refused one costs nothing."""
@@ -261,7 +262,7 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
 
 def _mitigate_layer(layer: LoraMatrix, tensors: dict[str, torch.Tensor], base_ckpt: Checkpoint,
                     params: MitigationParams, where: str
-                    ) -> tuple[Optional[tuple[torch.Tensor, torch.Tensor]], MatrixMitigation]:
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, MatrixMitigation]:
     dtype = _DTYPES[params.dtype]
     a = tensors[layer.key_a].to(dtype)   # [r, n]
     b = tensors[layer.key_b].to(dtype)   # [m, r]

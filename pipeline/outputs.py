@@ -23,9 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .errors import OutputError, ResultsNotFoundError
 
@@ -57,7 +57,7 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike], option: str)
                               path=str(out))
 
 
-def read_marker(path: Path) -> Optional[dict]:
+def read_marker(path: Path) -> dict | None:
     """The marker of a directory zoospectra wrote, or None (missing or not ours)."""
     try:
         data = json.loads((path / MARKER).read_text(encoding="utf-8"))

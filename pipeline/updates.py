@@ -7,7 +7,7 @@ in PyTorch's [out, in] layout (fan_in_fan_out already undone).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, TypedDict
 
 import torch
 
@@ -15,6 +15,16 @@ UpdateKind = Literal[
     "lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "full", "modules_to_save"
 ]
 Role = Literal["linear", "embedding", "head", "other"]
+
+
+class UpdateInfo(TypedDict, total=False):
+    """MatrixUpdate's optional numbers, gathered once and passed (**info) to either representation."""
+
+    rank: int | None
+    alpha: float | None
+    scale: float | None
+    norm_a: float | None
+    norm_b: float | None
 
 
 @dataclass
@@ -28,15 +38,15 @@ class MatrixUpdate:
     tensor: str                      # base checkpoint key, e.g. "encoder.layer.0.attention.self.query.weight"
     kind: UpdateKind
     shape: tuple[int, int]           # (m, n) of the base matrix
-    dense: Optional[torch.Tensor] = None
-    B: Optional[torch.Tensor] = None
-    A: Optional[torch.Tensor] = None
+    dense: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
     role: Role = "linear"
-    rank: Optional[int] = None       # adapter rank r (LoRA family), None for dense kinds
-    alpha: Optional[float] = None
-    scale: Optional[float] = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
-    norm_a: Optional[float] = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
-    norm_b: Optional[float] = None
+    rank: int | None = None       # adapter rank r (LoRA family), None for dense kinds
+    alpha: float | None = None
+    scale: float | None = None    # the scale actually applied (alpha/r, alpha/sqrt(r), ...)
+    norm_a: float | None = None   # ||A||_F and ||B||_F of the raw (unscaled) factors
+    norm_b: float | None = None
     # The init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) rewrote the base before training: dW is
     # relative to a modified base. Stored as matrices.base_rewritten.
     base_rewritten: bool = False
@@ -52,8 +62,15 @@ class MatrixUpdate:
     def is_low_rank(self) -> bool:
         return self.dense is None
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of a factored update; __post_init__ guarantees both exist when dense is None."""
+        if self.B is None or self.A is None:
+            raise ValueError(f"{self.tensor}: a dense update has no factors")
+        return self.B, self.A
+
     def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dW as a dense [m, n] matrix."""
         if self.dense is not None:
             return self.dense.to(dtype)
-        return self.B.to(dtype) @ self.A.to(dtype)  # [m, r] @ [r, n]
+        b, a = self.factors()
+        return b.to(dtype) @ a.to(dtype)  # [m, r] @ [r, n]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-
 from rows import unit_files
+
 from zoospectra.demo.zoo import build_zoo, lora
 
 # Per-member tables: a member's rows do not depend on which batch it was analysed in (pairs do).

@@ -14,13 +14,13 @@ pass HubOptions(endpoint=..., cache_dir=...) explicitly to code that runs there.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
-
 from hub_server import FakeHub
+
 from zoospectra.io.hub import HubOptions
 
 
@@ -78,7 +78,7 @@ def hub_options() -> HubOptions:
     return HubOptions(timeout=5.0, max_retries=3, backoff=0.01, backoff_max=0.05, retry_after_max=2.0)
 
 
-def safetensors_bytes(tensors: dict, metadata: Optional[dict[str, str]] = None) -> bytes:
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     """torch tensors -> the bytes of a .safetensors file."""
     from safetensors.torch import save
 

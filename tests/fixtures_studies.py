@@ -14,17 +14,17 @@ Set ZOOSPECTRA_STUDIES_CACHE=DIR to keep the trained zoo between sessions (devel
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from zoospectra.config import AnalysisConfig
-from zoospectra.io.refs import ModelRef, local_ref
 from zoospectra.demo.zoo import ZooSpec, build_zoo, minilm_dir
+from zoospectra.io.refs import ModelRef, local_ref
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS = [0, 1, 2]
@@ -81,7 +81,7 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_study_zoo(zoo_dir: Path) -> dict[str, Path]:
     """Artifacts by model id; the checkpoints as lora_ckpt/checkpoint-<N> folders."""
-    paths = dict(zip([s.name for s in ZOO_SPECS], build_zoo(zoo_dir, ZOO_SPECS)))
+    paths = dict(zip([s.name for s in ZOO_SPECS], build_zoo(zoo_dir, ZOO_SPECS), strict=True))
     ckpt_specs = [replace(CKPT_SPEC, name=f"checkpoint-{n}", steps=n) for n in CKPT_STEPS]
     build_zoo(zoo_dir / "lora_ckpt", ckpt_specs)  # same seed: one trajectory, cut at each step
     paths["lora_ckpt"] = zoo_dir / "lora_ckpt"
@@ -103,12 +103,12 @@ def study_zoo(tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
 
 
 def _analysed_zoo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> StudyZoo:
+    import torch
+
     from zoospectra.run.execute import run_plan
     from zoospectra.run.plan import build_plan
     from zoospectra.run.store import ResultsStore
     from zoospectra.study.studies import checkpoint_refs
-
-    import torch
 
     paths = build_study_zoo(zoo_dir)
     torch.set_num_threads(1)  # build_zoo sets its own thread count
@@ -168,7 +168,7 @@ def _engine_numbers(study_zoo: StudyZoo) -> EngineNumbers:
         updates = [arts[m].load_update(tensor, base, w0=w0) for m in mids]
         batch = analyze_batch(w0, updates, CFG)
         out.shapes[tensor] = tuple(w0.shape)
-        for mid, upd, item in zip(mids, updates, batch.items):
+        for mid, upd, item in zip(mids, updates, batch.items, strict=True):
             out.items[(mid, tensor)] = item
             if upd.norm_a is not None:
                 out.norms[(mid, tensor)] = (upd.norm_a, upd.norm_b)

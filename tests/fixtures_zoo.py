@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -62,7 +62,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("zoo")
     specs = zoo_specs()
     paths = build_zoo(out, specs, steps=STEPS, seed=0)
-    return {s.name: p for s, p in zip(specs, paths)} | {"_root": out}
+    return {s.name: p for s, p in zip(specs, paths, strict=True)} | {"_root": out}
 
 
 def spec_of(name: str) -> ZooSpec:
@@ -102,8 +102,8 @@ def full_reference(zoo: dict[str, Path], name: str) -> dict[str, torch.Tensor]:
     return {k: ft[k].double() - base[k].double() for k in ft if k in base and ft[k].dim() == 2}
 
 
-def copy_adapter(src: Path, dst: Path, *, config: Optional[Callable[[dict], None]] = None,
-                 tensors: Optional[Callable[[dict], None]] = None) -> Path:
+def copy_adapter(src: Path, dst: Path, *, config: Callable[[dict], None] | None = None,
+                 tensors: Callable[[dict], None] | None = None) -> Path:
     """A copy of an adapter with its config and/or tensors edited in place by callbacks."""
     from safetensors.torch import load_file, save_file
 

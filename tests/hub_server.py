@@ -29,10 +29,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable, Optional
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 _EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -54,13 +54,13 @@ class Repo:
     card_data: dict
     gated: str | bool = False          # False | "auto" | "manual"
     private: bool = False
-    library_name: Optional[str] = None
+    library_name: str | None = None
 
     @property
     def head(self) -> Commit:
         return self.commits[-1]
 
-    def commit_for(self, rev: str) -> Optional[Commit]:
+    def commit_for(self, rev: str) -> Commit | None:
         if rev == "main":
             return self.head
         return next((c for c in self.commits if c.sha == rev), None)
@@ -71,17 +71,17 @@ class Fault:
     """Answer `status` (or just wait `delay` seconds first) for the next `times` matching requests."""
 
     repo_id: str
-    filename: Optional[str] = None     # None: any file and the API routes of this repo
-    status: Optional[int] = None
+    filename: str | None = None     # None: any file and the API routes of this repo
+    status: int | None = None
     times: int = 1                     # -1: forever
-    retry_after: Optional[int] = None
+    retry_after: int | None = None
     delay: float = 0.0
     methods: tuple[str, ...] = ("GET", "HEAD")
-    data_from: Optional[int] = None    # only ranged reads starting at/after this byte (not headers)
+    data_from: int | None = None    # only ranged reads starting at/after this byte (not headers)
     hits: int = 0
 
-    def matches(self, repo_id: str, filename: Optional[str], method: str,
-                range_start: Optional[int] = None) -> bool:
+    def matches(self, repo_id: str, filename: str | None, method: str,
+                range_start: int | None = None) -> bool:
         if self.data_from is not None and (range_start is None or range_start < self.data_from):
             return False
         return (self.repo_id == repo_id and self.times != 0 and method in self.methods
@@ -92,10 +92,10 @@ class Fault:
 class RequestRecord:
     method: str
     path: str
-    repo_id: Optional[str]
-    filename: Optional[str]
+    repo_id: str | None
+    filename: str | None
     status: int
-    range: Optional[str]
+    range: str | None
     authorized: bool                   # an Authorization header was sent
     host: str                          # "hub" or "cdn"
     at: float
@@ -125,7 +125,7 @@ class FakeHub:
         self._servers: list[ThreadingHTTPServer] = []
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         handler = _make_handler(self)
         hub = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         cdn = ThreadingHTTPServer(("127.0.0.2", 0), handler)
@@ -144,17 +144,17 @@ class FakeHub:
             srv.server_close()
         self._servers = []
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- content ---------------------------------------------------------------------------
-    def add_repo(self, repo_id: str, files: dict[str, bytes], *, base_model: Optional[str] = None,
-                 relation: Optional[str] = None, tags: Iterable[str] = (),
-                 card_data: Optional[dict] = None, gated: str | bool = False,
-                 private: bool = False, library_name: Optional[str] = None) -> str:
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, base_model: str | None = None,
+                 relation: str | None = None, tags: Iterable[str] = (),
+                 card_data: dict | None = None, gated: str | bool = False,
+                 private: bool = False, library_name: str | None = None) -> str:
         """A new repo with one commit. `relation` ("adapter", "finetune", ...) adds the Hub's
         derived tags base_model:<id> and base_model:<relation>:<id>; "adapter" also adds "peft"."""
         all_tags = list(tags)
@@ -197,9 +197,9 @@ class FakeHub:
             self.state.grants.setdefault(token, set()).update(repo_ids)
 
     # --- faults and counters ---------------------------------------------------------------
-    def inject(self, repo_id: str, filename: Optional[str] = None, *, status: Optional[int] = None,
-               times: int = 1, retry_after: Optional[int] = None, delay: float = 0.0,
-               methods: tuple[str, ...] = ("GET", "HEAD"), data_from: Optional[int] = None) -> Fault:
+    def inject(self, repo_id: str, filename: str | None = None, *, status: int | None = None,
+               times: int = 1, retry_after: int | None = None, delay: float = 0.0,
+               methods: tuple[str, ...] = ("GET", "HEAD"), data_from: int | None = None) -> Fault:
         """`data_from`: fault only ranged reads starting at/after this byte, e.g. a safetensors
         file's tensor data but not its header."""
         fault = Fault(repo_id, filename, status, times, retry_after, delay, methods, data_from)
@@ -211,13 +211,13 @@ class FakeHub:
         with self.state.lock:
             self.state.faults.clear()
 
-    def bytes_served(self, repo_id: str, filename: Optional[str] = None) -> int:
+    def bytes_served(self, repo_id: str, filename: str | None = None) -> int:
         with self.state.lock:
             return sum(n for (r, f), n in self.state.served.items()
                        if r == repo_id and (filename is None or f == filename))
 
-    def requests(self, repo_id: Optional[str] = None, filename: Optional[str] = None,
-                 method: Optional[str] = None) -> list[RequestRecord]:
+    def requests(self, repo_id: str | None = None, filename: str | None = None,
+                 method: str | None = None) -> list[RequestRecord]:
         with self.state.lock:
             return [r for r in self.state.log
                     if (repo_id is None or r.repo_id == repo_id)
@@ -229,8 +229,8 @@ class FakeHub:
             self.state.served.clear()
             self.state.log.clear()
 
-    def _take_fault(self, repo_id: str, filename: Optional[str], method: str,
-                    range_start: Optional[int] = None) -> Optional[Fault]:
+    def _take_fault(self, repo_id: str, filename: str | None, method: str,
+                    range_start: int | None = None) -> Fault | None:
         with self.state.lock:
             for fault in self.state.faults:
                 if fault.matches(repo_id, filename, method, range_start):
@@ -247,7 +247,7 @@ def _etag(data: bytes, lfs: bool) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git blob id
 
 
-def _parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """'bytes=a-b' / 'bytes=a-' / 'bytes=-n' -> inclusive (a, b); None if absent. Raises on bad."""
     if not header:
         return None
@@ -265,7 +265,7 @@ def _parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
     return a, min(b, size - 1)
 
 
-def _range_start(header: Optional[str]) -> Optional[int]:
+def _range_start(header: str | None) -> int | None:
     """First byte of a 'bytes=a-b' request, None without one (or for a suffix range)."""
     spec = (header or "").partition("=")[2].strip()
     first = spec.partition("-")[0]
@@ -310,7 +310,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         self.headers.get("Range"), "authorization" in {k.lower() for k in self.headers},
                         "cdn" if is_cdn else "hub", time.monotonic()))
 
-        def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None,
+        def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
                   method: str = "GET", count: bool = False) -> None:
             self._status = status
             self.send_response(status)
@@ -325,19 +325,19 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         key = (self._repo, self._file)
                         hub.state.served[key] = hub.state.served.get(key, 0) + len(body)
 
-        def _json(self, status: int, obj: object, headers: Optional[dict] = None) -> None:
+        def _json(self, status: int, obj: object, headers: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self._send(status, body, {"Content-Type": "application/json", **(headers or {})})
 
-        def _error(self, status: int, message: str, code: Optional[str] = None,
-                   headers: Optional[dict] = None, method: str = "GET") -> None:
+        def _error(self, status: int, message: str, code: str | None = None,
+                   headers: dict | None = None, method: str = "GET") -> None:
             hdrs = {"X-Error-Message": message, **(headers or {})}
             if code:
                 hdrs["X-Error-Code"] = code
             body = json.dumps({"error": message}).encode()
             self._send(status, body, {"Content-Type": "application/json", **hdrs}, method=method)
 
-        def _token(self) -> Optional[str]:
+        def _token(self) -> str | None:
             auth = self.headers.get("Authorization", "")
             return auth[7:] if auth.startswith("Bearer ") else None
 
@@ -345,7 +345,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             token = self._token()
             return not repo.private or (token is not None and repo.repo_id in hub.state.grants.get(token, ()))
 
-        def _fault(self, repo_id: str, filename: Optional[str], method: str) -> bool:
+        def _fault(self, repo_id: str, filename: str | None, method: str) -> bool:
             """Apply an injected fault; True if the reply has been sent."""
             fault = hub._take_fault(repo_id, filename, method, _range_start(self.headers.get("Range")))
             if fault is None:
@@ -358,7 +358,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._error(fault.status, f"injected {fault.status}", headers=headers, method=method)
             return True
 
-        def _repo_or_error(self, repo_id: str, method: str) -> Optional[Repo]:
+        def _repo_or_error(self, repo_id: str, method: str) -> Repo | None:
             repo = hub.state.repos.get(repo_id)
             if repo is None:
                 self._error(404, "Repository not found", "RepoNotFound", method=method)
@@ -475,7 +475,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _model_json(repo: Repo, commit: Commit, expand: Optional[list[str]], *, blobs: bool,
+def _model_json(repo: Repo, commit: Commit, expand: list[str] | None, *, blobs: bool,
                 hub: FakeHub) -> dict:
     siblings = []
     for name in sorted(commit.files):

@@ -1,8 +1,8 @@
 """Row helpers shared by every test that reads a results root: one `table_rows`, one comparison."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import duckdb
 import pytest
@@ -15,7 +15,7 @@ def unit_files(root: Path, table: str) -> list[str]:
     return sorted(str(p) for p in (root / "units").glob(f"*/{table}.parquet"))
 
 
-def table_rows(root: Path, table: str, *, run_id: Optional[str] = None, models: Optional[Iterable[str]] = None,
+def table_rows(root: Path, table: str, *, run_id: str | None = None, models: Iterable[str] | None = None,
                volatile: Iterable[str] = VOLATILE) -> list[tuple]:
     """Rows of a per-unit table under a results root, `volatile` columns dropped, optionally only
     of one run or some model ids; sorted by their non-float values first, so two runs whose
@@ -36,8 +36,8 @@ def table_rows(root: Path, table: str, *, run_id: Optional[str] = None, models: 
 def assert_rows_close(got: list[tuple], want: list[tuple], rel: float = 1e-4) -> None:
     """Same rows; floats equal to float32-SVD precision (thread counts change LAPACK's rounding)."""
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
             if isinstance(a, float) and isinstance(b, float):
                 assert a == pytest.approx(b, rel=rel, abs=1e-6), (g, w)
             else:

@@ -10,9 +10,9 @@ import pickle
 
 import pytest
 import torch
+from fixtures_zoo import base_path_of, copy_adapter, full_reference, peft_reference
 
 from zoospectra.adapters import PeftAdapter, match_base_key, open_artifact, read_base
-from zoospectra.io.checkpoint import Checkpoint, LocalFileSource
 from zoospectra.errors import (
     AdapterConfigError,
     BaseMismatchError,
@@ -22,8 +22,7 @@ from zoospectra.errors import (
     UnsupportedAdapterError,
     UnsupportedDtypeError,
 )
-
-from fixtures_zoo import base_path_of, copy_adapter, full_reference, peft_reference
+from zoospectra.io.checkpoint import Checkpoint, LocalFileSource
 
 TOL = 1e-5
 
@@ -340,6 +339,7 @@ def test_unknown_tensor_in_adapter_is_refused(zoo, tmp_path) -> None:
 
 def test_zoo_build_is_cached(zoo) -> None:
     from fixtures_zoo import spec_of
+
     from zoospectra.demo.zoo import build_zoo
 
     done = zoo["gpt2_ia3"] / ".zoo_done"

@@ -49,7 +49,8 @@ def test_rerun_through_the_api_is_a_no_op(api_root: Path, api_zoo: list[Path], m
 def test_connect_from_a_plain_python_process(api_root: Path) -> None:
     """The issue's check, verbatim, in a fresh interpreter: views and macros are loaded."""
     code = ("import zoospectra, sys; "
-            f"print(zoospectra.connect({str(api_root)!r}).sql('SELECT count(*) FROM intruders(0.5, 10)').fetchall()[0][0])")
+            f"print(zoospectra.connect({str(api_root)!r})"
+            ".sql('SELECT count(*) FROM intruders(0.5, 10)').fetchall()[0][0])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) == 18  # one intruders() row per (model, matrix)

@@ -3,10 +3,10 @@ TYPE_CHECKING ones included, so a cycle cannot hide behind a late import."""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

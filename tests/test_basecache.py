@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
-from zoospectra.run.basecache import (DAMAGED, BaseCache, BaseKey, DamagedEntry, decode, encode,
-                                      tensor_digest)
+from zoospectra.run.basecache import DAMAGED, BaseCache, BaseKey, DamagedEntry, decode, encode, tensor_digest
 from zoospectra.spectral import base_svd
 
 MODULES = {"self_attn.q_proj": (48, 48), "self_attn.v_proj": (48, 48), "mlp.up_proj": (80, 48)}

@@ -52,7 +52,7 @@ def test_batched_equals_unbatched(dtype: str) -> None:
     base = base_svd(w0, cfg)
     one = fast_mod.analyze_fast(w0, ups, cfg, base=base, batched=False)
     many = fast_mod.analyze_fast(w0, ups, cfg, base=base, batched=True)
-    for a, b in zip(one.items, many.items):
+    for a, b in zip(one.items, many.items, strict=True):
         for f in INTS:
             assert getattr(b, f) == getattr(a, f), f
         for f in FLOATS:
@@ -73,7 +73,7 @@ def test_every_low_rank_item_took_the_batched_path_and_met_its_bounds() -> None:
     base = base_svd(w0, CFG)
     want = fast_mod.Wanted.of(CFG, min(M, N))
     low = [i for i, u in enumerate(ups) if u.is_low_rank]
-    factors = dict(zip(low, fast_mod.project_factors(base, [ups[i] for i in low])))
+    factors = dict(zip(low, fast_mod.project_factors(base, [ups[i] for i in low]), strict=True))
     got = fast_mod.batched_wt(base, factors, want)
     assert sorted(got) == low and {t.method for t in got.values()} == {"krylov-batched"}
     s0 = base.S.to(torch.float64)
@@ -96,7 +96,7 @@ def test_items_missing_the_residual_bound_come_back_for_the_single_solver(monkey
     one = fast_mod.analyze_fast(w0, ups, CFG, base=base, batched=False)
     monkeypatch.setattr(fast_mod, "top_triplets_lowrank_batched", lambda *a, **k: [None] * a[1].shape[0])
     refused = fast_mod.analyze_fast(w0, ups, CFG, base=base, batched=True)
-    for a, b in zip(one.items, refused.items):
+    for a, b in zip(one.items, refused.items, strict=True):
         np.testing.assert_array_equal(b.u.max_cos, a.u.max_cos)
         assert (b.intruders_u, b.intruders_v) == (a.intruders_u, a.intruders_v)
 

@@ -6,19 +6,26 @@ import json
 import pickle
 import struct
 from pathlib import Path
-from typing import Union
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zoospectra.io.checkpoint import (
-    Checkpoint, FileSource, LocalFileSource, TensorInfo, read_header,
-)
 from zoospectra.errors import (
-    CheckpointNotFoundError, CorruptSafetensorsError, NonFiniteWeightsError,
-    TensorNotFoundError, UnsafeCheckpointError, UnsupportedDtypeError,
+    CheckpointNotFoundError,
+    CorruptSafetensorsError,
+    NonFiniteWeightsError,
+    TensorNotFoundError,
+    UnsafeCheckpointError,
+    UnsupportedDtypeError,
+)
+from zoospectra.io.checkpoint import (
+    Checkpoint,
+    FileSource,
+    LocalFileSource,
+    TensorInfo,
+    read_header,
 )
 
 
@@ -106,16 +113,17 @@ def all_dtypes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_raw(path: Path, header: Union[dict, bytes], data: bytes = b"",
-              length: Union[int, None] = None) -> Path:
+def write_raw(path: Path, header: dict | bytes, data: bytes = b"",
+              length: int | None = None) -> Path:
     """A safetensors file built by hand, so any field can be wrong."""
     body = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(body) if length is None else length) + body + data)
     return path
 
 
-def entry(dtype: str = "F32", shape: list = [2, 2], offsets: list = [0, 16]) -> dict:
-    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+def entry(dtype: str = "F32", shape: list | None = None, offsets: list | None = None) -> dict:
+    return {"dtype": dtype, "shape": [2, 2] if shape is None else shape,
+            "data_offsets": [0, 16] if offsets is None else offsets}
 
 
 # --- agreement with safetensors -------------------------------------------------------------

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import duckdb
 import pytest
@@ -82,7 +82,7 @@ def outside(snap: dict[str, tuple], outputs: tuple[str, ...]) -> dict[str, tuple
     return {k: v for k, v in snap.items() if not any(k == o or k.startswith(o + "/") for o in outputs)}
 
 
-def cli(args: list[str], cwd: Path, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200", **(env or {})}
     full.pop("ZOOSPECTRA_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "zoospectra.cli", *args], cwd=cwd, env=full,
@@ -109,7 +109,7 @@ class Case:
     env: dict = field(default_factory=dict)
     outputs: tuple[str, ...] = ()   # scratch paths the tool may create or change
     max_s: float = 90.0
-    setup: Optional[Callable[[Path], None]] = None
+    setup: Callable[[Path], None] | None = None
 
 
 def _chmod_note(s: Path) -> None:
@@ -314,8 +314,23 @@ def test_a_config_naming_another_base_is_warned_and_recorded(scratch: Path, mini
     assert outside(snapshot(scratch), ("r",)) == before
 
 
+def test_a_config_naming_the_base_directory_by_another_path_is_not_warned(minilm_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """The same local directory reached through a symlink is the same base (os.path.samefile)."""
+    from zoospectra.run.plan import base_warnings
+
+    base = local_ref(minilm_dir, "minilm")
+    (tmp_path / "link").symlink_to(minilm_dir, target_is_directory=True)
+    assert base_warnings({"base_model_name_or_path": str(tmp_path / "link")}, base) == []
+    assert base_warnings({"base_model_name_or_path": str(minilm_dir) + "/"}, base) == []
+    other = tmp_path / "other-base"
+    other.mkdir()
+    warned = base_warnings({"base_model_name_or_path": str(other)}, base)
+    assert len(warned) == 1 and "other-base" in warned[0] and "minilm" in warned[0]
+
+
 def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str, after: float,
-               second: Optional[float] = None) -> tuple[int, str]:
+               second: float | None = None) -> tuple[int, str]:
     """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with
     `wait_for` (and again `second` seconds later); its exit code and all its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -14,24 +14,26 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from rows import VOLATILE as _BOOKKEEPING, assert_rows_close, table_rows as shared_table_rows
 import torch
-
 from fixtures_hub import hub_env, safetensors_bytes
 from hub_server import FakeHub
+from rows import VOLATILE as _BOOKKEEPING
+from rows import assert_rows_close
+from rows import table_rows as shared_table_rows
+
+from zoospectra.demo.zoo import build_zoo, lora
 from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.io.hub import HubOptions
-from zoospectra.run.crawl import BaseCrawl, run_crawl
-from zoospectra.jobs.spec import CrawlSpec
 from zoospectra.io.refs import ModelRef, local_ref
+from zoospectra.jobs.spec import CrawlSpec
+from zoospectra.run.crawl import BaseCrawl, run_crawl
 from zoospectra.run.store import ResultsStore
-from zoospectra.demo.zoo import build_zoo, lora
 
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
 N_REPOS = 52
@@ -93,7 +95,7 @@ def hub_zoo(module_hub: FakeHub, lora_sources: list[Path], minilm_dir: Path,
     return repos
 
 
-def cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zoospectra.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
 
@@ -146,7 +148,7 @@ def local_ray() -> Iterator[None]:
 
 
 # --- helpers ----------------------------------------------------------------------------
-def table_rows(root: Path, table: str, run_id: Optional[str] = None) -> list[tuple]:
+def table_rows(root: Path, table: str, run_id: str | None = None) -> list[tuple]:
     """rows.table_rows without the uids: hub refs and local refs of one adapter differ only there."""
     return shared_table_rows(root, table, run_id=run_id, volatile=VOLATILE)
 
@@ -159,7 +161,7 @@ def n_units(root: Path) -> int:
     return ResultsStore(root).status()["units_done"]
 
 
-def options_for(hub: FakeHub, base: Optional[HubOptions] = None, **changes: object) -> HubOptions:
+def options_for(hub: FakeHub, base: HubOptions | None = None, **changes: object) -> HubOptions:
     """Explicit endpoint and cache: they ride on the refs to Ray workers, which have neither."""
     from dataclasses import replace
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
+from fixtures_store import build_zoo
+from rows import VOLATILE
 from typer.testing import CliRunner
 
-from rows import VOLATILE
-from fixtures_store import build_zoo
 from zoospectra.cli import VERIFY_DAMAGED, app, run_analysis
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
@@ -39,7 +39,7 @@ MACROS = ("intruders()", "intruder_curve()", "intruder_fraction_curve(fractions 
 
 
 def refs(paths: list[Path]) -> list:
-    return [local_ref(p, n) for n, p in zip(IDS, paths)]
+    return [local_ref(p, n) for n, p in zip(IDS, paths, strict=True)]
 
 
 def plan_and_run(minilm: Path, paths: list[Path], out: Path) -> None:
@@ -102,9 +102,9 @@ def assert_same_answers(got: dict, want: dict, exact: bool = True) -> None:
     assert got.keys() == want.keys()
     for q in want:
         assert len(got[q]) == len(want[q]), q
-        for g, w in zip(got[q], want[q]):
+        for g, w in zip(got[q], want[q], strict=True):
             assert all(a == pytest.approx(b, rel=rel, abs=rel * 1e-2) if isinstance(a, float) else a == b
-                       for a, b in zip(g, w)), (q, g, w)
+                       for a, b in zip(g, w, strict=True)), (q, g, w)
 
 
 def every_query_works(root: Path) -> dict[str, int]:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures_studies import StudyZoo
+
 from zoospectra.demo.run import SQL_EXAMPLE
 
 

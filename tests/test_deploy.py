@@ -141,8 +141,8 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
             gpu_groups += 1
             assert int(limits["nvidia.com/gpu"]) >= 1
             # Kubernetes requires extended-resource requests to equal limits.
-            assert containers[0]["resources"].get("requests", {}).get("nvidia.com/gpu",
-                                                                      limits["nvidia.com/gpu"]) == limits["nvidia.com/gpu"]
+            requested = containers[0]["resources"].get("requests", {})
+            assert requested.get("nvidia.com/gpu", limits["nvidia.com/gpu"]) == limits["nvidia.com/gpu"]
     assert gpu_groups >= 1, f"{where}: a GPU worker group (nvidia.com/gpu limits) is required"
 
 

@@ -160,7 +160,7 @@ def test_data_model_documents_every_column_and_no_other() -> None:
             problems.append(f"{name}: documented {[c for c, _, _ in got]}\n  schema     {[c for c, _, _ in want]}")
             continue
         problems += [f"{name}.{w[0]}: documented {g[1:]} but the schema says {w[1:]}"
-                     for g, w in zip(got, want) if g != w]
+                     for g, w in zip(got, want, strict=True) if g != w]
     assert not problems, "\n".join(problems)
 
 

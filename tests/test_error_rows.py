@@ -36,7 +36,7 @@ def test_ray_task_failure_stores_redacted_message(minilm_dir, one_lora, tmp_path
     rows = duckdb.sql(f"SELECT stage, error_type, message, context_json, model_id, tensor "
                       f"FROM read_parquet('{out}/errors/*/*.parquet')").fetchall()
     assert len(rows) == 6 and {r[0] for r in rows} == {"execute"}  # one row per layer's member
-    for stage, error_type, message, context, model_id, tensor in rows:
+    for _stage, error_type, message, context, model_id, tensor in rows:
         assert "worker saw *** and hf_***" in message, message     # the worker's own text, masked
         assert ENV_SECRET not in message + context and TOKEN_LIKE not in message + context
         assert error_type.startswith("RayTaskError") and model_id == "q" and "query" in tensor
@@ -44,6 +44,31 @@ def test_ray_task_failure_stores_redacted_message(minilm_dir, one_lora, tmp_path
     stored = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert ENV_SECRET.encode() not in stored and TOKEN_LIKE.encode() not in stored
     assert ENV_SECRET not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_ray_base_task_failure_is_a_warning_and_error_rows(minilm_dir, one_lora, tmp_path) -> None:
+    """A prepare-base task that raises on a real Ray worker: the driver logs one redacted warning
+    per tensor and the tensor's units, which depend on it, become error rows; the run completes
+    (this path once raised NameError in the driver)."""
+    out = tmp_path / "results"
+    inject = str(Path(__file__).parent / "inject")  # sitecustomize: prepare-base tasks raise in Ray workers
+    env = {**os.environ, "HF_TOKEN": ENV_SECRET, "INJECT_BASE_FAILURE": f"base saw {ENV_SECRET} and {TOKEN_LIKE}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))}
+    # two members, one per unit: each tensor has two units, so it gets a prepare-base task
+    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
+                           f"a={one_lora}", f"b={one_lora}", "--out", str(out), "--batch-size", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr and "NameError" not in proc.stderr, proc.stderr
+    # one warning per tensor (6 query matrices); Ray's remote traceback follows on later lines
+    assert proc.stderr.count("base decomposition of") == 6, proc.stderr
+    assert "base saw *** and hf_***" in proc.stderr.split("base decomposition of", 1)[1], proc.stderr
+    rows = duckdb.sql(f"SELECT stage, message, model_id, tensor "
+                      f"FROM read_parquet('{out}/errors/*/*.parquet')").fetchall()
+    assert len(rows) == 12 and {r[0] for r in rows} == {"execute"}  # 6 layers x 2 members
+    assert {r[2] for r in rows} == {"a", "b"} and all("base saw *** and hf_***" in r[1] for r in rows), rows
+    assert ENV_SECRET not in proc.stderr + proc.stdout and TOKEN_LIKE not in proc.stderr + proc.stdout
 
 
 def test_error_row_redacts_context_and_caps_message(monkeypatch) -> None:

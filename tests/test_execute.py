@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from rows import assert_rows_close, table_rows
-
 from workers import WorkerKiller
 
-from zoospectra.run.store import ResultsStore
 from zoospectra.demo.zoo import ZooSpec, build_zoo, lora
+from zoospectra.run.store import ResultsStore
 
 TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+from fixtures_zoo import base_path_of
 
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import ALL, AnalysisConfig
+from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.spectral import analyze_batch, base_svd
 from zoospectra.spectral import fast as fast_mod
 from zoospectra.spectral.krylov import DenseOperator, LowRankUpdate, orthonormal_extension, top_triplets
 from zoospectra.updates import MatrixUpdate
-
-from fixtures_zoo import base_path_of
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 EPS_SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
@@ -47,7 +45,7 @@ class Reference:
 
 
 def reference(w0: np.ndarray, dw: np.ndarray, k: int, sim_k: int = 10,
-              w0_svd: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> Reference:
+              w0_svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Reference:
     u0, s0, v0h = w0_svd if w0_svd is not None else np.linalg.svd(w0, full_matrices=False)
     ut, st, vth = np.linalg.svd(w0 + dw, full_matrices=False)
     cu = np.abs(ut[:, :k].T @ u0)            # [k, p]
@@ -128,7 +126,7 @@ def test_fast_lora_matches_float64_reference(shape, r, scale, seed, krylov_alway
     cfg = AnalysisConfig(dtype="float64", mode="fast")
     batch = analyze_batch(torch.tensor(w0), ups, cfg)
     assert batch.mode == "fast" and all(it.mode == "fast" for it in batch.items)
-    for up, item in zip(ups, batch.items):
+    for up, item in zip(ups, batch.items, strict=True):
         dw = (up.B @ up.A).numpy()
         ref = reference(w0, dw, cfg.k_store)
         assert check_vectors(ref, item, cfg.k_store) == []
@@ -157,7 +155,7 @@ def test_fast_matches_exact_engine_on_every_field(shape, r, scale, seed, krylov_
     cfg = AnalysisConfig(mode="exact", dtype="float64", pairs=True, pair_max=8)
     ex = analyze_batch(w0, ups, cfg)
     fa = analyze_batch(w0, ups, dataclasses.replace(cfg, mode="fast"))
-    for a, b in zip(ex.items, fa.items):
+    for a, b in zip(ex.items, fa.items, strict=True):
         for f in ("norm_w0", "norm_dw", "spec_norm_dw", "stable_rank", "rel_update", "eff_rank",
                   "amplification"):
             assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-8), f
@@ -165,7 +163,7 @@ def test_fast_matches_exact_engine_on_every_field(shape, r, scale, seed, krylov_
             assert getattr(b, f) == getattr(a, f), f
         assert len(b.spectrum_dw) == len(a.spectrum_dw) and len(b.u) == len(a.u)
     np.testing.assert_allclose(fa.spectrum_w0, ex.spectrum_w0, rtol=1e-12)
-    for pa, pb in zip(ex.pairs, fa.pairs):
+    for pa, pb in zip(ex.pairs, fa.pairs, strict=True):
         assert (pa.a, pa.b) == (pb.a, pb.b)
         np.testing.assert_allclose(pb.phi, pa.phi, atol=1e-8)
 
@@ -257,7 +255,7 @@ def test_top_triplets_residual_guarantee(rows: int, cols: int, exact_head: int) 
     np.testing.assert_allclose(dense.sigma.numpy(), s[:8], rtol=1e-12)
 
 
-def _orthonormal_and_spanning(q: torch.Tensor, z: Optional[torch.Tensor], t: torch.Tensor) -> None:
+def _orthonormal_and_spanning(q: torch.Tensor, z: torch.Tensor | None, t: torch.Tensor) -> None:
     eye = torch.eye(q.shape[1], dtype=q.dtype)
     assert float((q.T @ q - eye).abs().max()) < 1e-12
     if z is not None:
@@ -307,12 +305,12 @@ def test_batch_results_do_not_depend_on_threads(krylov_always) -> None:
         one = analyze_batch(w0, ups, cfg)
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(one.items, two.items):
+    for a, b in zip(one.items, two.items, strict=True):
         np.testing.assert_allclose(a.spectrum_wt, b.spectrum_wt, rtol=1e-12)
         np.testing.assert_allclose(a.u.max_cos, b.u.max_cos, atol=1e-10)
         np.testing.assert_allclose(a.v.max_cos, b.v.max_cos, atol=1e-10)
         assert a.amplification == pytest.approx(b.amplification, rel=1e-10)
-    for a, b in zip(one.pairs, two.pairs):
+    for a, b in zip(one.pairs, two.pairs, strict=True):
         np.testing.assert_allclose(a.phi, b.phi, atol=1e-10)
 
 

@@ -20,21 +20,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from fixtures_faults import MEMBER_TABLES, duplicates
 from rows import table_rows
 from workers import WorkerKiller
+
 from zoospectra.config import AnalysisConfig
+from zoospectra.io.refs import local_ref
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
-from zoospectra.io.refs import local_ref
-from zoospectra.study.sql import connect
 from zoospectra.run.store import ResultsStore
+from zoospectra.study.sql import connect
 
 torch.set_num_threads(1)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -59,7 +58,7 @@ print(run_plan(plan, out, executor="local", device="cpu"))
 
 
 def refs_of(paths: list[Path], ids: tuple[str, ...] = IDS) -> list:
-    return [local_ref(p, n) for n, p in zip(ids, paths)]
+    return [local_ref(p, n) for n, p in zip(ids, paths, strict=True)]
 
 
 # The exact engine: its rows are bit-identical whatever the batch composition, so a run killed at
@@ -86,9 +85,9 @@ def assert_same_rows(out: Path, reference: Path, ids: tuple[str, ...] = IDS, exa
         if exact:
             assert got == want, table
         else:  # Ray workers vs in-process: float32 SVDs agree to rounding
-            for g, w in zip(got, want):
+            for g, w in zip(got, want, strict=True):
                 assert all(a == pytest.approx(b, rel=1e-4, abs=1e-6) if isinstance(a, float) else a == b
-                           for a, b in zip(g, w)), (table, g, w)
+                           for a, b in zip(g, w, strict=True)), (table, g, w)
     assert duplicates(out) == {t: 0 for t in MEMBER_TABLES}
 
 
@@ -141,7 +140,7 @@ def test_driver_killed_at_random_points_resumes_to_identical_rows(minilm_dir: Pa
                                                                   reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = [sys.executable, "-c", DRIVER, str(minilm_dir), str(out), "1",
-            *[f"{n}={p}" for n, p in zip(IDS, tiny_loras)]]
+            *[f"{n}={p}" for n, p in zip(IDS, tiny_loras, strict=True)]]
     rng = random.Random(KILL_SEED)
     kills = sorted(rng.sample(range(0, 15), 3))  # units committed before each kill (of 18)
     seen = []
@@ -167,7 +166,7 @@ def test_ray_cli_driver_killed_with_a_dead_worker_resumes(minilm_dir: Path, tiny
     process group (driver and Ray) is killed at a random point; a rerun finishes the job."""
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
-           *[f"{n}={p}" for n, p in zip(IDS, tiny_loras)], "--out", str(out), "--batch-size", "1"]
+           *[f"{n}={p}" for n, p in zip(IDS, tiny_loras, strict=True)], "--out", str(out), "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **ONE_THREAD})
     killer = WorkerKiller()  # one worker SIGKILLed from outside while it runs a unit
@@ -256,7 +255,7 @@ def test_concurrent_runs_into_one_root(minilm_dir: Path, tiny_loras: list[Path],
     """Same adapters twice (same units: one rename wins) and an overlapping set (other batches,
     so other unit ids: the commit lock keeps each pair once)."""
     out = tmp_path / "results"
-    a, b, c = (f"{n}={p}" for n, p in zip(IDS, tiny_loras))
+    a, b, c = (f"{n}={p}" for n, p in zip(IDS, tiny_loras, strict=True))
     jobs = [[a, b], [a, b], [b, c]]
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(minilm_dir), str(out), "64", *job],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -275,17 +274,17 @@ def test_flaky_hub_bounded_retries_then_error_rows(fake_hub, minilm_dir: Path, t
                                                    tmp_path: Path) -> None:
     from huggingface_hub import constants
 
-    from fixtures_hub import publish_dir
     from zoospectra.io.hub import HubOptions
-    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
 
     base = "sentence-transformers/all-MiniLM-L6-v2"
     fake_hub.add_repo(base, {n: (minilm_dir / n).read_bytes() for n in ("model.safetensors", "config.json")})
-    for name, path in zip(IDS, tiny_loras):
+    for name, path in zip(IDS, tiny_loras, strict=True):
         cfg = json.loads((path / "adapter_config.json").read_text()) | {"base_model_name_or_path": base}
+        weights = (path / "adapter_model.safetensors").read_bytes()
         fake_hub.add_repo(f"org/{name}", {"adapter_config.json": json.dumps(cfg).encode(),
-                                          "adapter_model.safetensors": (path / "adapter_model.safetensors").read_bytes()},
+                                          "adapter_model.safetensors": weights},
                           base_model=base, relation="adapter")
     retries = 2
     dead = fake_hub.inject("org/tiny_a", "adapter_model.safetensors", status=503, times=-1)

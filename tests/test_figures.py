@@ -7,8 +7,8 @@ import itertools
 
 import pyarrow as pa
 import pytest
-
 from fixtures_studies import StudyZoo
+
 from zoospectra.study.studies import LEGEND_FONTSIZE, STUDIES, connect_scoped, plot_intruders_eps, run_study
 
 
@@ -81,8 +81,8 @@ def test_intruders_eps_with_many_models_keeps_looks_distinct() -> None:
     """25 models over 3 kinds (more than any palette's colours): still one look each."""
     rows = [{"kind": kind, "r": r, "model_id": f"{kind}_r{r}_{i}", "model_uid": f"{kind}{r}{i}",
              "eps": eps, "n_intruders": i + r}
-            for i, (kind, r) in enumerate([(k, r) for k in ("lora", "dora", "full") for r in (1, 2, 4, 8, 16, 32, 64, 128)]
-                                          + [("lora", 3)])
+            for i, (kind, r) in enumerate([(k, r) for k in ("lora", "dora", "full")
+                                           for r in (1, 2, 4, 8, 16, 32, 64, 128)] + [("lora", 3)])
             for eps in (0.1, 0.5, 0.9)]
     fig = plot_intruders_eps(pa.Table.from_pylist(rows), {"k": 10})
     looks = _series_looks(fig)
@@ -98,7 +98,7 @@ def test_ab_balance_log_ticks_do_not_overlap_on_any_range(span: tuple[float, flo
 
     values = np.geomspace(*span, 12)
     rows = [{"model_uid": f"u{i % 3}", "model_id": f"lora_{i % 3}", "norm_a": float(a), "norm_b": float(b)}
-            for i, (a, b) in enumerate(zip(values, values[::-1]))]
+            for i, (a, b) in enumerate(zip(values, values[::-1], strict=True))]
     fig = plot_ab_balance(pa.Table.from_pylist(rows), {})
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()

@@ -23,9 +23,9 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import duckdb
 import pyarrow.parquet as pq
@@ -35,13 +35,12 @@ from rows import table_rows
 
 from zoospectra import errors as E
 from zoospectra.adapters import open_artifact, read_base
-from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.config import AnalysisConfig
+from zoospectra.io.checkpoint import Checkpoint
+from zoospectra.io.refs import local_ref
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
-from zoospectra.io.refs import local_ref
 from zoospectra.spectral import analyze_batch
-
 
 torch.set_num_threads(1)
 
@@ -64,7 +63,7 @@ def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def join_safetensors(header: dict | bytes, data: bytes, length: Optional[int] = None) -> bytes:
+def join_safetensors(header: dict | bytes, data: bytes, length: int | None = None) -> bytes:
     blob = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(blob) if length is None else length) + blob + data
 
@@ -182,7 +181,7 @@ def full_ft(edit: Callable[[torch.Tensor], torch.Tensor]) -> Builder:
     return build
 
 
-def sharded_index(shard: str, *, link_outside: bool = False, index: Optional[bytes] = None) -> Builder:
+def sharded_index(shard: str, *, link_outside: bool = False, index: bytes | None = None) -> Builder:
     """A sharded full fine-tune whose index points at `shard` (or is `index` verbatim)."""
     def build(good: Path, dst: Path, base: Path) -> Path:
         full_ft(lambda w: w)(good, dst, base)
@@ -339,7 +338,7 @@ def _tree_digest(artifact: Path, siblings: bool = True) -> str:
 
 
 def test_every_case_corrupts_the_good_adapter(hostile: dict[str, Path], goods: list[Path],
-                                             base_ckpt: "Checkpoint") -> None:
+                                             base_ckpt: Checkpoint) -> None:
     """A builder that silently left the good adapter unchanged would make its case test nothing
     (the good one loads fine): every case must differ on disk from the good adapter and from
     every other case."""
@@ -414,14 +413,14 @@ def assert_good_rows_complete(root: Path, reference: Path, good_ids: set[str]) -
     for table in UNIT_TABLES:
         got, want = table_rows(root, table, models=good_ids), table_rows(reference, table, models=good_ids)
         assert len(got) == len(want) > 0, table
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert _close(g, w), (table, g, w)
     assert not any(m in good_ids for m in errors_by_model(root)), "a good adapter got an errors row"
 
 
 def _close(a: tuple, b: tuple) -> bool:
     return all(x == pytest.approx(y, rel=1e-4, abs=1e-6) if isinstance(x, float) and isinstance(y, float)
-               else x == y for x, y in zip(a, b))
+               else x == y for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="session")
@@ -474,7 +473,7 @@ def test_a_model_row_that_does_not_fit_the_schema_is_a_plan_error(goods: list[Pa
 INJECT = "x'); COPY (SELECT 42) TO '{marker}'; --"
 
 
-def cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zoospectra.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=600)
 
@@ -579,11 +578,12 @@ ODD_IDS = ["../evil", "a/b/c", "org/name with space", "", "/abs", "org/%2e%2e", 
 
 @pytest.mark.parametrize("repo", ODD_IDS)
 def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     from zoospectra.jobs.spec import CrawlSpec
 
-    with pytest.raises(Exception):  # noqa: PT011 - the Hub client itself refuses these ids ...
+    with pytest.raises(HFValidationError):  # the Hub client itself refuses these ids ...
         validate_repo_id(repo)
     with pytest.raises(E.ConfigError):  # ... so the spec must, before anything is crawled
         CrawlSpec.from_dict({"name": "n", "base_models": [repo], "out": "/tmp/x"})
@@ -592,6 +592,7 @@ def test_odd_base_repo_ids_in_a_crawl_spec_are_config_errors(repo: str) -> None:
 def test_a_hub_listing_odd_repo_ids_gives_error_rows(goods: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from fixtures_hub import serving_hub
+
     from zoospectra.io.hub import HubOptions, discover
 
     base = "sentence-transformers/all-MiniLM-L6-v2"

@@ -8,11 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from fixtures_hub import safetensors_bytes
 from hub_server import LISTING, FakeHub
-from zoospectra.errors import HubAccessError, HubNotFoundError, HubUnavailableError
-from zoospectra.errors import error_row
+
+from zoospectra.errors import HubAccessError, HubNotFoundError, HubUnavailableError, error_row
 from zoospectra.io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, unanalysed
 from zoospectra.schemas.tables import to_table
 
@@ -301,8 +300,8 @@ def test_crawl_with_unreadable_base_still_completes_with_rows(fake_hub: FakeHub,
                                                                tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from zoospectra.run.crawl import run_crawl
     from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
 
     fake_hub.add_repo("u/good", _adapter_files(), base_model=BASE, relation="adapter")
     fake_hub.add_repo("u/mislabelled", _adapter_files("org/other"), base_model=BASE, relation="adapter")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from fixtures_hub import fake_hub, hub_options  # noqa: F401
 from hub_server import LISTING, FakeHub
+
 from zoospectra.errors import HubUnreachableError
 from zoospectra.io.hub import HubOptions, discover
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fixtures_studies import StudyZoo, one_thread
+
+from zoospectra.demo.zoo import minilm_dir
 from zoospectra.errors import CheckpointNotFoundError, ConfigError, UnsupportedAdapterError
 from zoospectra.mitigate import MitigationParams, mitigate_adapter
-from zoospectra.demo.zoo import minilm_dir
 
 LAM, K, EPS = 0.75, 10, 0.5
 
@@ -84,8 +84,8 @@ def test_reanalysis_shows_intruders_scaled_by_lambda(study_zoo: StudyZoo, mitiga
     """The engine on the output: each intruder's singular value is lam times the old one (up to
     PEFT's rank-r truncation of the mitigated update), and it is still an intruder."""
     from zoospectra.adapters import open_artifact
-    from zoospectra.io.checkpoint import Checkpoint
     from zoospectra.config import AnalysisConfig
+    from zoospectra.io.checkpoint import Checkpoint
     from zoospectra.spectral import analyze_batch
 
     out, result = mitigated
@@ -102,7 +102,7 @@ def test_reanalysis_shows_intruders_scaled_by_lambda(study_zoo: StudyZoo, mitiga
                                           after.load_update(m.base_key, base, w0=w0)], cfg).items
             np.testing.assert_allclose(old.u.sigma[m.intruders], m.sigma, rtol=1e-5)
             bulk = max(s for j, s in enumerate(old.u.sigma) if j not in m.intruders)  # largest non-intruder
-            for j, sigma in zip(m.intruders, m.sigma):
+            for j, sigma in zip(m.intruders, m.sigma, strict=True):
                 target = LAM * sigma
                 if target < 1.2 * bulk:
                     continue  # scaled into the bulk of the spectrum: no longer separable by value

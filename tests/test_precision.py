@@ -26,7 +26,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     specs = [ZooSpec("loha", {"peft_type": "LOHA", "r": LOHA_R, "alpha": 8, "target_modules": ["query"]}),
              lora("dora", 4, 8, targets=("query", "value"), use_dora=True)]
     paths = build_zoo(tmp_path_factory.mktemp("zoo"), specs, steps=4)
-    return {s.name: p for s, p in zip(specs, paths)}
+    return {s.name: p for s, p in zip(specs, paths, strict=True)}
 
 
 def _peft_merge_delta(minilm_dir: Path, adapter: Path) -> dict[str, np.ndarray]:

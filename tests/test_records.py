@@ -86,7 +86,7 @@ def test_tables_have_exactly_the_contract_schemas(unit) -> None:
 def test_matrices_rows(unit) -> None:
     w0, updates, ctx, _, tables = unit
     rows = tables["matrices"].to_pylist()
-    for row, upd, (uid, mid) in zip(rows, updates, ctx.members):
+    for row, upd, (uid, mid) in zip(rows, updates, ctx.members, strict=True):
         dw = upd.materialize(torch.float64).numpy()
         assert (row["model_uid"], row["model_id"], row["base_uid"]) == (uid, mid, "base-uid")
         assert (row["run_id"], row["unit_id"], row["tensor"]) == ("run-1", "unit-1", TENSOR)
@@ -192,7 +192,7 @@ def test_intruder_counts_are_a_query_over_vectors(unit) -> None:
             got = dict(con.execute(
                 "SELECT model_uid, count(*) FILTER (WHERE max_cos < ?) FROM vectors "
                 "WHERE side = 'U' AND j <= ? GROUP BY model_uid", [eps, k]).fetchall())
-            for uid, item in zip(("uid-a", "uid-b", "uid-c"), analysis.items):
+            for uid, item in zip(("uid-a", "uid-b", "uid-c"), analysis.items, strict=True):
                 assert got[uid] == item.u.intruders(k, eps)
     matrices = tables["matrices"].to_pylist()
     assert [m["intruders_u"] for m in matrices] == [it.u.intruders(10, 0.5) for it in analysis.items]

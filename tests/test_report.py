@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_studies import BASE_ID, StudyZoo
+
 from zoospectra.study.report import build_report
 from zoospectra.study.studies import STUDIES
 

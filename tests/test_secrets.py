@@ -19,15 +19,15 @@ import string
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from fixtures_hub import hub_env
 from hub_server import FakeHub
+
 from zoospectra.errors import InvalidNameError
 from zoospectra.run.store import ResultsStore, model_file_name
 

@@ -10,7 +10,6 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -18,7 +17,11 @@ import torch
 
 from zoospectra.config import ALL, AnalysisConfig
 from zoospectra.errors import (
-    AnalysisError, BaseMismatchError, ConfigError, NonFiniteWeightsError, UnsupportedDtypeError,
+    AnalysisError,
+    BaseMismatchError,
+    ConfigError,
+    NonFiniteWeightsError,
+    UnsupportedDtypeError,
 )
 from zoospectra.spectral import BatchAnalysis, MatrixAnalysis, analyze_batch, base_svd
 from zoospectra.updates import MatrixUpdate
@@ -40,7 +43,7 @@ class Case:
     def dw(self) -> np.ndarray:
         return self.b @ self.a
 
-    def update(self, rank: Optional[int] = None, dense: bool = False, dtype=torch.float64) -> MatrixUpdate:
+    def update(self, rank: int | None = None, dense: bool = False, dtype=torch.float64) -> MatrixUpdate:
         m, n = self.w0.shape
         if dense:
             return MatrixUpdate(tensor=TENSOR, kind="full", shape=(m, n),
@@ -91,7 +94,7 @@ class Ref:
     dw: np.ndarray
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_case(name: str) -> Ref:
     case = next(c for c in CASES if c.name == name)
     return ref_analysis(case.w0, case.dw)
@@ -359,7 +362,7 @@ def test_pairs_match_reference(pair_max: int) -> None:
     assert sorted(grids) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     ranks = [4, min(8, pair_max), 4, 3]  # d: numerical rank of dW
     subspaces = [np.linalg.svd(u.materialize(torch.float64).numpy(), full_matrices=False)[0][:, :r]
-                 for u, r in zip(updates, ranks)]
+                 for u, r in zip(updates, ranks, strict=True)]
     for (a, b), phi in grids.items():
         assert phi.shape == (ranks[a], ranks[b])
         np.testing.assert_allclose(phi, ref_phi(subspaces[a], subspaces[b]), rtol=1e-8, atol=1e-12)
@@ -393,7 +396,7 @@ def test_base_svd_is_computed_once_per_batch(monkeypatch: pytest.MonkeyPatch) ->
     base = base_svd(torch.tensor(w0), cfg)
     again = analyze_batch(torch.tensor(w0), updates, cfg, base=base)
     assert len(calls) == 1 + 2 * len(updates) and again.base_seconds == 0.0
-    for x, y in zip(batch.items, again.items):
+    for x, y in zip(batch.items, again.items, strict=True):
         np.testing.assert_array_equal(x.u.max_cos, y.u.max_cos)
     assert isinstance(batch, BatchAnalysis) and len(batch.items) == len(updates)
     assert batch.device == "cpu" and batch.dtype == "float64" and batch.seconds >= batch.base_seconds > 0
@@ -445,12 +448,12 @@ def test_cuda_matches_cpu() -> None:
     cpu = analyze_batch(torch.tensor(w0), updates, cfg, device="cpu")
     gpu = analyze_batch(torch.tensor(w0), updates, cfg, device="cuda")
     assert gpu.device.startswith("cuda")
-    for x, y in zip(cpu.items, gpu.items):
+    for x, y in zip(cpu.items, gpu.items, strict=True):
         assert (x.intruders_u, x.intruders_v) == (y.intruders_u, y.intruders_v)
         np.testing.assert_allclose(y.u.max_cos, x.u.max_cos, atol=1e-8)
         np.testing.assert_allclose(y.spectrum_wt, x.spectrum_wt, rtol=1e-10)
         assert y.eff_rank == pytest.approx(x.eff_rank, rel=1e-8)
-    for x, y in zip(cpu.pairs, gpu.pairs):
+    for x, y in zip(cpu.pairs, gpu.pairs, strict=True):
         np.testing.assert_allclose(y.phi, x.phi, atol=1e-8)
     base = base_svd(torch.tensor(w0), cfg, device="cuda:0")  # shared base on the GPU is accepted
     again = analyze_batch(torch.tensor(w0), updates, cfg, device="cuda", base=base)

@@ -18,13 +18,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-
-from zoospectra.study import sql
-from zoospectra.errors import ConfigError, ResultsError
-from zoospectra.schemas.tables import TABLES, schema_for
-from zoospectra.run.store import TABLE_GLOBS, ResultsStore
-
 from fixtures_store import MODELS, RUN_ID, TENSORS, Zoo, build_zoo, one_unit, unit_id_for
+
+from zoospectra.errors import ConfigError, ResultsError
+from zoospectra.run.store import TABLE_GLOBS, ResultsStore
+from zoospectra.schemas.tables import TABLES, schema_for
+from zoospectra.study import sql
 
 EPS_GRID = [i / 10 for i in range(1, 10)]
 

@@ -9,17 +9,15 @@ import time
 import uuid
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from fixtures_store import RUN_ID, model_row, one_unit
 
 import zoospectra.run.store as store_mod
 from zoospectra.errors import InvalidNameError, ResultsError, SchemaMismatchError
-from zoospectra.schemas.tables import META_TABLE, META_VERSION, SCHEMA_VERSION, to_table
 from zoospectra.run.store import ResultsStore
-
-from fixtures_store import RUN_ID, model_row, one_unit
+from zoospectra.schemas.tables import META_TABLE, META_VERSION, SCHEMA_VERSION, to_table
 
 
 def _rows(root: Path, table: str) -> int:

@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from fixtures_studies import BASE_ID, CFG, CKPT_STEPS, EngineNumbers, StudyZoo, one_thread
+
 from zoospectra.errors import ConfigError, ResultsError
-from zoospectra.study.studies import (STUDIES, Scope, checkpoint_refs, connect_scoped, parse_param,
-                                run_study, save_plot, sql_literal, svg_text)
+from zoospectra.study.studies import (
+    STUDIES,
+    Scope,
+    checkpoint_refs,
+    connect_scoped,
+    parse_param,
+    run_study,
+    save_plot,
+    sql_literal,
+    svg_text,
+)
 
 EPS_GRID = [i / 10 for i in range(1, 10)]
 LORAS = ["lora_r2_a4", "lora_r8_a16", "lora_r2_a8", "lora_r8_a8"]
@@ -286,9 +295,9 @@ def test_studies_run_on_crawl_results(study_zoo: StudyZoo, tables, fake_hub, hub
     """The same adapters published on the loopback Hub and crawled give the same study rows."""
     from fixtures_hub import publish_dir
 
-    from zoospectra.run.crawl import run_crawl
-    from zoospectra.jobs.spec import CrawlSpec
     from zoospectra.demo.zoo import minilm_dir
+    from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
 
     base_dir = tmp_path / "base"
     base_dir.mkdir()

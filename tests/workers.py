@@ -9,14 +9,13 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
 
 import psutil
 
 BUSY_TITLE = "ray::analyze_unit"
 
 
-def busy_worker() -> Optional[psutil.Process]:
+def busy_worker() -> psutil.Process | None:
     """A process of this user that is running a unit right now, if any."""
     for proc in psutil.process_iter(["cmdline", "uids"]):
         try:
@@ -34,7 +33,7 @@ class WorkerKiller(threading.Thread):
     def __init__(self, timeout: float = 300.0, poll: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.timeout, self.poll = timeout, poll
-        self.killed: Optional[int] = None
+        self.killed: int | None = None
         self._halt = threading.Event()
 
     def run(self) -> None:

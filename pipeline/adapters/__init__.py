@@ -12,7 +12,7 @@ unpickled); nothing -> CheckpointNotFoundError.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .common import Artifact, Files, Target, match_base_key, read_base, role_of
@@ -28,7 +28,7 @@ __all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "open_artifact",
 _PICKLES = ("adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "training_args.bin")
 
 
-def open_artifact(location: Union[str, os.PathLike, "FileSource"], *, model_id: Optional[str] = None) -> Artifact:
+def open_artifact(location: str | os.PathLike | FileSource, *, model_id: str | None = None) -> Artifact:
     """A PEFT adapter or a full fine-tune, from a local directory or any FileSource."""
     files = Files(location)
     if files.exists("adapter_config.json"):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +23,11 @@ from ..errors import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
-from ..updates import MatrixUpdate, Role, UpdateKind
+from ..updates import MatrixUpdate, Role, UpdateInfo, UpdateKind
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+
+
     from ..io.checkpoint import Checkpoint, FileSource
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -62,12 +65,12 @@ class Artifact(ABC):
         """Fields of the `models` table (schemas/tables.py MODELS) this artifact knows."""
 
     @abstractmethod
-    def targets(self, base: "Checkpoint") -> list[Target]:
+    def targets(self, base: Checkpoint) -> list[Target]:
         """Every base matrix this artifact updates, from headers and config only."""
 
     @abstractmethod
-    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+    def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
+                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         """The exact dW for one base matrix; `w0` ([out, in], as read_base returns) avoids a re-read.
 
         `dtype` (float32 or float64) is the precision every product of the update is formed and
@@ -79,7 +82,7 @@ class Artifact(ABC):
         return list(getattr(self, "_skipped", []))
 
     # shared by both kinds: resolve a tensor name to the planned Target for this base
-    def _target(self, target_or_tensor: Union[Target, str], base: "Checkpoint") -> Target:
+    def _target(self, target_or_tensor: Target | str, base: Checkpoint) -> Target:
         if isinstance(target_or_tensor, Target):
             return target_or_tensor
         cache = self.__dict__.setdefault("_targets_by_base", {})
@@ -102,15 +105,15 @@ class Artifact(ABC):
 class Files:
     """The artifact's FileSource (a local directory becomes a LocalFileSource) plus helpers."""
 
-    def __init__(self, location: Union[str, os.PathLike, "FileSource"]) -> None:
+    def __init__(self, location: str | os.PathLike | FileSource) -> None:
         from ..io.checkpoint import LocalFileSource
 
         if isinstance(location, (str, os.PathLike)):
-            self.dir: Optional[Path] = Path(location)
+            self.dir: Path | None = Path(location)
             if not self.dir.is_dir():
                 raise CheckpointNotFoundError(
                     "not a directory; pass the folder that holds the adapter or model", file=str(location))
-            self.source = LocalFileSource(self.dir)
+            self.source: FileSource = LocalFileSource(self.dir)
         else:
             self.dir, self.source = None, location
         self.name = str(getattr(self.source, "name", location))
@@ -146,18 +149,18 @@ class Files:
     def path(self, filename: str) -> str:
         return f"{self.name.rstrip('/')}/{filename}"
 
-    def open_checkpoint(self, filename: Optional[str] = None) -> "Checkpoint":
+    def open_checkpoint(self, filename: str | None = None) -> Checkpoint:
         from ..io.checkpoint import Checkpoint
 
         return Checkpoint.open(self.source, filename)
 
 
-def ckpt_name(ckpt: "Checkpoint") -> str:
+def ckpt_name(ckpt: Checkpoint) -> str:
     return str(getattr(getattr(ckpt, "source", None), "name", "base"))
 
 
 # --- reading tensors safely --------------------------------------------------------------
-def where(ckpt: "Checkpoint", key: str, fallback: str) -> str:
+def where(ckpt: Checkpoint, key: str, fallback: str) -> str:
     """The file a tensor lives in, for error messages."""
     try:
         return f"{fallback}::{ckpt.info(key).file}"
@@ -165,7 +168,7 @@ def where(ckpt: "Checkpoint", key: str, fallback: str) -> str:
         return fallback
 
 
-def check_dtype(ckpt: "Checkpoint", key: str, location: str) -> torch.dtype:
+def check_dtype(ckpt: Checkpoint, key: str, location: str) -> torch.dtype:
     info = ckpt.info(key)
     if info.dtype not in FLOAT_DTYPES:
         raise UnsupportedDtypeError(
@@ -176,19 +179,19 @@ def check_dtype(ckpt: "Checkpoint", key: str, location: str) -> torch.dtype:
     return FLOAT_DTYPES[info.dtype]
 
 
-def read(ckpt: "Checkpoint", key: str, location: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read(ckpt: Checkpoint, key: str, location: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One tensor upcast to `dtype`; unknown dtypes refused here, NaN/Inf by Checkpoint.get (file + tensor named)."""
     check_dtype(ckpt, key, location)
     return ckpt.get(key, dtype=dtype)
 
 
-def read_base(base: "Checkpoint", target: Target, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read_base(base: Checkpoint, target: Target, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The base matrix W0 of a target in [out, in] layout (Conv1D weights transposed)."""
     w0 = read(base, target.tensor, ckpt_name(base), dtype)
     return w0.T.contiguous() if target.transpose else w0
 
 
-def checked_w0(w0: Optional[torch.Tensor], base: "Checkpoint", target: Target,
+def checked_w0(w0: torch.Tensor | None, base: Checkpoint, target: Target,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The caller's W0 if given (validated against the target shape), else read it once."""
     if w0 is None:
@@ -203,7 +206,7 @@ def checked_w0(w0: Optional[torch.Tensor], base: "Checkpoint", target: Target,
 
 
 # --- key mapping -------------------------------------------------------------------------
-def match_base_key(name: str, base_keys: Iterable[str], *, artifact: str, base_name: str) -> Optional[str]:
+def match_base_key(name: str, base_keys: Iterable[str], *, artifact: str, base_name: str) -> str | None:
     """The base key for an artifact key, matched on whole dotted components.
 
     Exact match first; else the longest suffix of `name` that is a base key (adapter trained on a
@@ -261,7 +264,7 @@ def mismatch(msg: str, *, artifact: str, base_name: str, tensor: str, base_tenso
 
 
 def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype = torch.float32,
-                 **extra: object) -> MatrixUpdate:
+                 **extra: Unpack[UpdateInfo]) -> MatrixUpdate:
     """A dense MatrixUpdate kept in the run's precision (`dtype`): float64 runs keep float64 dW."""
     return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.to(dtype).contiguous(),
                         role=target.role, **extra)

@@ -7,14 +7,23 @@ fine-tune is of another base and raises BaseMismatchError.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .common import (
-    Artifact, Files, Target, check_dtype, checked_w0, ckpt_name, dense_update, match_base_key, read, role_of,
+    Artifact,
+    Files,
+    Target,
+    check_dtype,
+    checked_w0,
+    ckpt_name,
+    dense_update,
+    match_base_key,
+    read,
+    role_of,
 )
 
 if TYPE_CHECKING:
@@ -27,7 +36,7 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 class FullFinetune(Artifact):
     kind = "full"
 
-    def __init__(self, files: Files, *, model_id: Optional[str] = None) -> None:
+    def __init__(self, files: Files, *, model_id: str | None = None) -> None:
         self.files = files
         self.model_id = model_id or files.name.rstrip("/").split("/")[-1]
         self.config_text = files.read_text("config.json") if files.exists("config.json") else None
@@ -46,7 +55,7 @@ class FullFinetune(Artifact):
     def _conv1d(self, key: str) -> bool:
         return self.config.get("model_type") in CONV1D_MODEL_TYPES and role_of(key) == "linear"
 
-    def targets(self, base: "Checkpoint") -> list[Target]:
+    def targets(self, base: Checkpoint) -> list[Target]:
         base_keys, base_name = set(base.keys()), ckpt_name(base)
         self._skipped, self._plan = [], {}
         for key in sorted(self.ckpt.keys()):
@@ -82,8 +91,8 @@ class FullFinetune(Artifact):
                 file=self._location, base=base_name)
         return [t for _, t in self._plan.values()]
 
-    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+    def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
+                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         target = self._target(target_or_tensor, base)
         if target.tensor not in self._plan:
             self.targets(base)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,10 +26,19 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from ..numeric import frobenius
-from ..updates import MatrixUpdate, UpdateKind
+from ..updates import MatrixUpdate, UpdateInfo, UpdateKind
 from . import formulas as F
 from .common import (
-    Artifact, Files, Target, check_dtype, ckpt_name, checked_w0, dense_update, match_base_key, nearest_keys, read,
+    Artifact,
+    Files,
+    Target,
+    check_dtype,
+    checked_w0,
+    ckpt_name,
+    dense_update,
+    match_base_key,
+    nearest_keys,
+    read,
     role_of,
 )
 
@@ -56,11 +65,11 @@ class PeftType:
     kind: UpdateKind
     required: tuple[str, ...]
     suffixes: tuple[str, ...]
-    ndim: tuple[tuple[str, Optional[int]], ...] = ()
+    ndim: tuple[tuple[str, int | None], ...] = ()
     chains: tuple[tuple[str, str], ...] = ()
     compute: str = ""
 
-    def dims(self, suffix: str) -> Optional[int]:
+    def dims(self, suffix: str) -> int | None:
         return dict(self.ndim).get(suffix, 2)
 
 
@@ -108,7 +117,7 @@ def _is_finite_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def get_pattern_key(patterns: list[str], module: str) -> Optional[str]:
+def get_pattern_key(patterns: list[str], module: str) -> str | None:
     """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first match wins."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
@@ -126,7 +135,9 @@ class _Module:
 
 
 class PeftAdapter(Artifact):
-    def __init__(self, files: Files, *, model_id: Optional[str] = None) -> None:
+    def __init__(self, files: Files, *, model_id: str | None = None) -> None:
+        self._dtype: torch.dtype = torch.float32       # load_update sets the run's precision
+        self._vera_ab: tuple[torch.Tensor, torch.Tensor] | None = None   # shared VeRA A, B once read
         self.files = files
         self._location = files.path(WEIGHTS)
         self.config_text = files.read_text(CONFIG)
@@ -265,7 +276,7 @@ class PeftAdapter(Artifact):
         return "mixed" if has_mts else kind
 
     # --- planning -------------------------------------------------------------------------
-    def targets(self, base: "Checkpoint") -> list[Target]:
+    def targets(self, base: Checkpoint) -> list[Target]:
         base_keys = set(base.keys())
         base_name = ckpt_name(base)
         for key in self.ckpt.keys():  # quantised / integer adapter tensors fail at plan time
@@ -288,8 +299,8 @@ class PeftAdapter(Artifact):
     def _shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.ckpt.info(key).shape)
 
-    def _plan_module(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
-                     base_name: str) -> Optional[Target]:
+    def _plan_module(self, mod: _Module, base: Checkpoint, base_keys: set[str],
+                     base_name: str) -> Target | None:
         if mod.replacement:
             return self._plan_replacement(mod, base, base_keys, base_name)
         first = next(iter(mod.keys.values()))
@@ -379,7 +390,8 @@ class PeftAdapter(Artifact):
                     f"{k[left]!r} {self._shape(k[left])} and {k[right]!r} {self._shape(k[right])} disagree on "
                     "the rank: their product is undefined; the adapter file is malformed",
                     file=self._location, tensor=k[right])
-        if pt == "ADALORA" and {"lora_A", "lora_E"} <= set(k) and self._shape(k["lora_E"])[0] != self._shape(k["lora_A"])[0]:
+        if (pt == "ADALORA" and {"lora_A", "lora_E"} <= set(k)
+                and self._shape(k["lora_E"])[0] != self._shape(k["lora_A"])[0]):
             raise AdapterWeightsError(f"lora_E {k['lora_E']!r} has {self._shape(k['lora_E'])[0]} rows but lora_A has "
                                       f"rank {self._shape(k['lora_A'])[0]}", file=self._location, tensor=k["lora_E"])
 
@@ -397,8 +409,8 @@ class PeftAdapter(Artifact):
                 f"module {mod.path!r} lacks tensors {missing} (has {sorted(mod.keys)}); the adapter file is incomplete",
                 file=self._location, tensor=f"{PREFIX}{mod.path}.{missing[0]}")
 
-    def _plan_replacement(self, mod: _Module, base: "Checkpoint", base_keys: set[str],
-                          base_name: str) -> Optional[Target]:
+    def _plan_replacement(self, mod: _Module, base: Checkpoint, base_keys: set[str],
+                          base_name: str) -> Target | None:
         for leaf, key in mod.keys.items():
             if leaf != "weight" or len(self._shape(key)) != 2:
                 self._skipped.append((key, "modules_to_save: not a 2-D weight"))
@@ -422,7 +434,8 @@ class PeftAdapter(Artifact):
         c = self.config
         r_pat, a_pat = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
         r_key, a_key = get_pattern_key(list(r_pat), path), get_pattern_key(list(a_pat), path)
-        alpha_default = c.get("lora_alpha", c.get("alpha"))
+        # _validate_config requires the type's alpha field (lora_alpha, or alpha for LoHa/LoKr)
+        alpha_default = c["lora_alpha"] if "lora_alpha" in c else c["alpha"]
         r = r_pat[r_key] if r_key is not None else c["r"]
         alpha = a_pat[a_key] if a_key is not None else alpha_default
         return int(r), float(alpha)
@@ -436,8 +449,8 @@ class PeftAdapter(Artifact):
         return r, alpha, F.lora_scale(alpha, r, bool(self.config.get("use_rslora", False)))
 
     # --- loading ----------------------------------------------------------------------------
-    def load_update(self, target_or_tensor: Union[Target, str], base: "Checkpoint",
-                    w0: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+    def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
+                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
         target = self._target(target_or_tensor, base)
         if not hasattr(self, "_plan") or target.tensor not in self._plan:
             self.targets(base)
@@ -460,47 +473,48 @@ class PeftAdapter(Artifact):
         upd.warnings = tuple(warnings)
         return upd
 
-    def _t(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def _t(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One adapter tensor, upcast to the requested precision (float64 where the formula needs it)."""
-        return read(self.ckpt, key, self._location, dtype or getattr(self, "_dtype", torch.float32))
+        return read(self.ckpt, key, self._location, dtype if dtype is not None else self._dtype)
 
-    def _compute(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _compute(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         if mod.replacement:
             new = self._t(mod.keys["weight"], torch.float64)
             return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save", self._dtype)
         return getattr(self, PEFT_TYPES[self.peft_type].compute)(mod, t, base, w0)
 
-    def _loha(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _loha(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         r, alpha, scale = self._scale(mod.path, self._shape(k["hada_w1_a"])[1], k["hada_w1_a"])
-        w = [self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-        return dense_update(t, F.loha_dense(*w, scale), "loha", self._dtype, rank=r, alpha=alpha, scale=scale)
+        w1a, w1b, w2a, w2b = (self._t(k[n]) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        return dense_update(t, F.loha_dense(w1a, w1b, w2a, w2b, scale), "loha", self._dtype,
+                            rank=r, alpha=alpha, scale=scale)
 
-    def _ia3(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _ia3(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         w0_64 = checked_w0(w0, base, t, torch.float64)
         return dense_update(t, F.ia3_dense(w0_64, self._t(mod.keys["ia3_l"], torch.float64)), "ia3", self._dtype)
 
-    def _lora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _lora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         embedding = "lora_embedding_A" in k
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         a_raw, b_raw = self._t(k[a_key]), self._t(k[b_key])
         r, alpha, scale = self._scale(mod.path, a_raw.shape[0], k[a_key])
         B, A = (F.embedding_lora_factors if embedding else F.lora_factors)(a_raw, b_raw, scale)
-        info = dict(role=t.role, rank=r, alpha=alpha, scale=scale,
-                    norm_a=frobenius(a_raw), norm_b=frobenius(b_raw))
+        info: UpdateInfo = {"rank": r, "alpha": alpha, "scale": scale,
+                            "norm_a": frobenius(a_raw), "norm_b": frobenius(b_raw)}
         if t.kind != "dora":
-            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, **info)
-        mag_key = k.get("lora_magnitude_vector", k.get("lora_magnitude_vector.weight"))
+            return MatrixUpdate(tensor=t.tensor, kind="lora", shape=t.shape, B=B, A=A, role=t.role, **info)
+        # planning found one of the two (embedding DoRA stores the vector as a .weight)
+        mag_key = k["lora_magnitude_vector"] if "lora_magnitude_vector" in k else k["lora_magnitude_vector.weight"]
         mag = self._t(mag_key, torch.float64)
         if mag.numel() != (t.shape[1] if embedding else t.shape[0]):
             raise BaseMismatchError(f"lora_magnitude_vector {mag_key!r} has {mag.numel()} entries for a "
                                     f"{t.shape} weight", file=self._location, tensor=mag_key, base_tensor=t.tensor)
         dw = F.dora_dense(checked_w0(w0, base, t, torch.float64), B, A, mag, per_column=embedding)
-        info.pop("role")
         return dense_update(t, dw, "dora", self._dtype, **info)
 
-    def _adalora(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _adalora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k, c = mod.keys, self.config
         a, b, e = self._t(k["lora_A"]), self._t(k["lora_B"]), self._t(k["lora_E"])  # [r, n], [m, r], [r, 1]
         rank, init_r, alpha = a.shape[0], int(c["init_r"]), float(c["lora_alpha"])
@@ -515,13 +529,13 @@ class PeftAdapter(Artifact):
         scale = alpha if alpha > 0 else float(rank if pruned is not None else init_r)
         ranknum = float(self._t(k["ranknum"]).item()) if "ranknum" in k else float(init_r)
         B, A, eff = F.adalora_factors(a, b, e, scale, ranknum)
-        info = dict(rank=rank, alpha=alpha, scale=eff, norm_a=frobenius(a), norm_b=frobenius(b))
+        info: UpdateInfo = {"rank": rank, "alpha": alpha, "scale": eff, "norm_a": frobenius(a), "norm_b": frobenius(b)}
         if rank == 0:  # every singular value pruned: PEFT keeps an empty module
             return dense_update(t, torch.zeros(t.shape), "adalora", self._dtype, **info)
         # A carries the singular values E (A * E); scale = alpha / (ranknum + 1e-5)
         return MatrixUpdate(tensor=t.tensor, kind="adalora", shape=t.shape, B=B, A=A, role=t.role, **info)
 
-    def _adalora_pattern_rank(self, path: str) -> Optional[int]:
+    def _adalora_pattern_rank(self, path: str) -> int | None:
         """AdaLoRA's rank_pattern maps parameter names ("...query.lora_E") to boolean keep-masks."""
         for name, mask in (self.config.get("rank_pattern") or {}).items():
             prefix = name.rsplit(".", 1)[0] if not name.endswith(".default") else name.rsplit(".", 2)[0]
@@ -529,7 +543,7 @@ class PeftAdapter(Artifact):
                 return int(sum(bool(x) for x in mask))
         return None
 
-    def _lokr(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _lokr(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k = mod.keys
         r, alpha = self.rank_alpha(mod.path)
         for name in ("lokr_w1_a", "lokr_w2_a"):
@@ -541,7 +555,7 @@ class PeftAdapter(Artifact):
         return dense_update(t, F.lokr_dense(w1, w2, scale, t.shape), "lokr", self._dtype,
                             rank=r, alpha=alpha, scale=scale)
 
-    def _vera(self, mod: _Module, t: Target, base: "Checkpoint", w0: Optional[torch.Tensor]) -> MatrixUpdate:
+    def _vera(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
         k, r = mod.keys, int(self.config["r"])
         lam_b, lam_d = self._t(k["vera_lambda_b"]), self._t(k["vera_lambda_d"])   # [m], [r]
         if lam_d.numel() != r:
@@ -559,7 +573,7 @@ class PeftAdapter(Artifact):
                             scale=1.0, norm_a=frobenius(A), norm_b=frobenius(B))
 
     def _vera_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "_vera_ab"):
+        if self._vera_ab is not None:
             return self._vera_ab
         if "vera_A" in self.shared and "vera_B" in self.shared:
             ab = (self._t(self.shared["vera_A"]), self._t(self.shared["vera_B"]))

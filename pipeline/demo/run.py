@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from rich.console import Console
 
@@ -64,7 +63,7 @@ def claim_cache(cache: str) -> Path:
 
 
 def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
-             steps: Optional[int] = None, quiet: bool = False) -> None:
+             steps: int | None = None, quiet: bool = False) -> None:
     from ..console import run_analysis
     from ..io.refs import local_ref
     from ..outputs import check_not_input, claim_results_root
@@ -88,7 +87,7 @@ def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
     console.print(f"[bold]zoo[/]: ready in {time.perf_counter() - t0:.1f}s")
 
     base = local_ref(minilm_dir(), BASE_ID)
-    refs = [local_ref(p, spec.name) for p, spec in zip(paths, specs)]
+    refs = [local_ref(p, spec.name) for p, spec in zip(paths, specs, strict=True)]
     cfg = AnalysisConfig(pairs=True)
     run_analysis(base, refs, cfg, out, quiet=quiet)
 

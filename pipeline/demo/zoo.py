@@ -25,14 +25,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
     from peft import PeftConfig
+    from peft.tuners.adalora import AdaLoraModel
+    from transformers import PreTrainedModel
 
 BaseName = Literal["minilm", "tiny_gpt2", "tiny_llama"]
 DONE = ".zoo_done"
@@ -50,11 +53,11 @@ class ZooSpec:
     """
 
     name: str
-    peft: Optional[dict[str, Any]] = None
+    peft: dict[str, Any] | None = None
     base: BaseName = "minilm"
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    seed: Optional[int] = None
+    steps: int | None = None
+    lr: float | None = None
+    seed: int | None = None
     base_dtype: Literal["float32", "bfloat16"] = "float32"  # tiny_llama only
 
     @property
@@ -92,7 +95,7 @@ def demo_specs() -> list[ZooSpec]:
 
 def default_lr(spec: ZooSpec) -> float:
     """LoRA-family adapters need a large lr to move in a few steps; full fine-tunes a small one."""
-    if spec.is_full:
+    if spec.peft is None:  # a full fine-tune
         return 5e-5
     ptype = str(spec.peft.get("peft_type", "LORA")).upper()
     return {"IA3": 2e-2, "VERA": 1e-2}.get(ptype, 3e-3)
@@ -174,7 +177,7 @@ def build_tiny_llama(path: Path, *, dtype: str = "float32", seed: int = 0) -> Pa
     return path
 
 
-def load_model(base: BaseName, path: str | os.PathLike) -> "torch.nn.Module":
+def load_model(base: BaseName, path: str | os.PathLike) -> PreTrainedModel:
     """The trainable model for a base, always float32 (bf16 bases are upcast); a fresh copy each call."""
     import copy
 
@@ -182,21 +185,24 @@ def load_model(base: BaseName, path: str | os.PathLike) -> "torch.nn.Module":
 
 
 @lru_cache(maxsize=4)
-def _load_model_cached(base: BaseName, path: str) -> "torch.nn.Module":
+def _load_model_cached(base: BaseName, path: str) -> PreTrainedModel:
     import torch
     from transformers import AutoModel, GPT2LMHeadModel, LlamaForCausalLM
 
-    cls = {"minilm": AutoModel, "tiny_gpt2": GPT2LMHeadModel, "tiny_llama": LlamaForCausalLM}[base]
-    return cls.from_pretrained(path, dtype=torch.float32)
+    if base == "tiny_gpt2":
+        return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    if base == "tiny_llama":
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModel.from_pretrained(path, dtype=torch.float32)
 
 
 # --- training -----------------------------------------------------------------------------
-def make_peft_config(d: dict[str, Any]) -> "PeftConfig":
-    from peft import PeftConfig
+def make_peft_config(d: dict[str, Any]) -> PeftConfig:
+    from peft import PeftConfig, PeftType
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     kwargs = dict(d)
-    ptype = str(kwargs.pop("peft_type")).upper()
+    ptype = PeftType(str(kwargs.pop("peft_type")).upper())
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[ptype]
     cfg = cls(**kwargs)
     assert isinstance(cfg, PeftConfig)
@@ -211,7 +217,7 @@ class _Task:
 
         self.base = base
         self.gen = torch.Generator().manual_seed(seed)
-        self.head: Optional[torch.nn.Linear] = None
+        self.head: torch.nn.Linear | None = None
         if base == "minilm":
             self.ids, self.mask, self.labels = _encoded_corpus()
             torch.manual_seed(seed)
@@ -223,10 +229,10 @@ class _Task:
             steps = torch.arange(length).unsqueeze(0)
             self.ids = (start * 7 + steps * 13) % v
 
-    def params(self) -> list["torch.nn.Parameter"]:
+    def params(self) -> list[torch.nn.Parameter]:
         return list(self.head.parameters()) if self.head is not None else []
 
-    def loss(self, model: "torch.nn.Module", batch: int = 8) -> "torch.Tensor":
+    def loss(self, model: torch.nn.Module, batch: int = 8) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
 
@@ -236,11 +242,12 @@ class _Task:
         mask = self.mask[idx]
         hidden = model(input_ids=self.ids[idx], attention_mask=mask).last_hidden_state  # [b, t, 384]
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        assert self.head is not None  # set in __init__ for MiniLM, the only base that gets here
         return F.cross_entropy(self.head(pooled), self.labels[idx])
 
 
 @lru_cache(maxsize=1)
-def _encoded_corpus() -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+def _encoded_corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids [N, T], attention mask [N, T] and labels [N] of corpus() with MiniLM's tokenizer."""
     import torch
     from transformers import AutoTokenizer
@@ -251,8 +258,8 @@ def _encoded_corpus() -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in rows])
 
 
-def train(model: "torch.nn.Module", task: _Task, *, steps: int, lr: float,
-          on_step: Optional[Any] = None) -> list[float]:
+def train(model: torch.nn.Module, task: _Task, *, steps: int, lr: float,
+          on_step: Callable[[int], object] | None = None) -> list[float]:
     """Plain Adam (no weight decay, so untouched weights stay bit-identical); eval mode, no dropout."""
     import torch
 
@@ -278,32 +285,33 @@ def build_one(spec: ZooSpec, out: Path, base_path: Path, *, steps: int, lr: floa
     torch.manual_seed(seed)
     model = load_model(spec.base, base_path)
     task = _Task(spec.base, seed)
-    if spec.is_full:
+    if spec.peft is None:  # a full fine-tune
         train(model, task, steps=steps, lr=lr)
         _save_full(model, spec, out)
         return out
 
-    from peft import get_peft_model
+    from peft import PeftType, get_peft_model
 
     cfg = make_peft_config(spec.peft)
     pmodel = get_peft_model(model, cfg)
     on_step = None
-    if str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type) == "ADALORA":
-        on_step = lambda i: pmodel.base_model.update_and_allocate(i)  # noqa: E731 - PEFT's loop
+    if cfg.peft_type == PeftType.ADALORA:
+        adalora = cast("AdaLoraModel", pmodel.base_model)   # PeftModel types it as any tuner
+        on_step = adalora.update_and_allocate  # PEFT's loop: reallocate ranks after each step
     train(pmodel, task, steps=steps, lr=lr, on_step=on_step)
     pmodel.save_pretrained(str(out))
     return out
 
 
-def _save_full(model: "torch.nn.Module", spec: ZooSpec, out: Path) -> None:
+def _save_full(model: PreTrainedModel, spec: ZooSpec, out: Path) -> None:
     """A merged full fine-tune with the base checkpoint's own key names (and shards for Llama)."""
     shard = "100KB" if spec.base == "tiny_llama" else "5GB"
     model.save_pretrained(str(out), max_shard_size=shard)
 
 
 def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: int = 30,
-              seed: int = 0, lr: Optional[float] = None,
-              on_progress: Optional[Callable[[int, int, str, bool], None]] = None) -> list[Path]:
+              seed: int = 0, lr: float | None = None,
+              on_progress: Callable[[int, int, str, bool], None] | None = None) -> list[Path]:
     """Build every spec under out_dir/<name>/, skipping outputs that are complete and current.
     on_progress(i, n, name, built) after each artifact (built False: it was cached)."""
     import torch
@@ -323,20 +331,20 @@ def build_zoo(out_dir: str | os.PathLike, specs: Iterable[ZooSpec], *, steps: in
         torch.set_num_threads(threads)
 
 
-def _settings(spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> tuple[int, int, float]:
+def _settings(spec: ZooSpec, steps: int, seed: int, lr: float | None) -> tuple[int, int, float]:
     s_steps = spec.steps if spec.steps is not None else steps
     s_seed = spec.seed if spec.seed is not None else seed
     s_lr = spec.lr if spec.lr is not None else (lr if lr is not None else default_lr(spec))
     return s_steps, s_seed, s_lr
 
 
-def _is_current(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> bool:
+def _is_current(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: float | None) -> bool:
     s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
     done = out_dir / spec.name / DONE
     return done.is_file() and done.read_text().strip() == spec.fingerprint(s_steps, s_lr, s_seed)
 
 
-def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: Optional[float]) -> Path:
+def _build_cached(out_dir: Path, spec: ZooSpec, steps: int, seed: int, lr: float | None) -> Path:
     s_steps, s_seed, s_lr = _settings(spec, steps, seed, lr)
     out = out_dir / spec.name
     fp = spec.fingerprint(s_steps, s_lr, s_seed)

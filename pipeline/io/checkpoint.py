@@ -15,8 +15,9 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import Optional, Protocol, Union, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 import torch
 
@@ -92,7 +93,7 @@ class FileSource(Protocol):
 
     def exists(self, filename: str) -> bool: ...
     def size(self, filename: str) -> int: ...
-    def read_range(self, filename: str, start: int, end: int) -> Union[bytes, bytearray]: ...
+    def read_range(self, filename: str, start: int, end: int) -> bytes | bytearray: ...
     def read_text(self, filename: str) -> str: ...  # small JSON files
 
 
@@ -111,7 +112,7 @@ def check_relative_name(filename: str, source: str) -> str:
 class LocalFileSource:
     """A local directory. Reads exactly [start, end) with seek + readinto; never whole files."""
 
-    def __init__(self, root: Union[str, os.PathLike]) -> None:
+    def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
         self.name = str(self.root)
 
@@ -152,7 +153,7 @@ class LocalFileSource:
         return self.path(filename).read_text(encoding="utf-8")
 
 
-def _corrupt(what: str, file: str, tensor: Optional[str] = None) -> CorruptSafetensorsError:
+def _corrupt(what: str, file: str, tensor: str | None = None) -> CorruptSafetensorsError:
     return CorruptSafetensorsError(f"corrupt safetensors file: {what}; {REDOWNLOAD}",
                                    file=file, tensor=tensor)
 
@@ -234,7 +235,7 @@ def _tensor_info(name: str, entry: object, filename: str, where: str, data_start
 
 def _check_no_overlap(tensors: dict[str, TensorInfo], where: str) -> None:
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev), (start, _, name) in pairwise(spans):
         if start < prev_end:
             raise _corrupt(f"data of {name!r} overlaps {prev!r}", where, name)
 
@@ -243,7 +244,7 @@ class Checkpoint:
     """One checkpoint (single file or sharded). Headers are read on first need and cached."""
 
     def __init__(self, source: FileSource, files: list[str],
-                 weight_map: Optional[dict[str, str]] = None) -> None:
+                 weight_map: dict[str, str] | None = None) -> None:
         self.source = source
         self.files = files                      # safetensors files, in index/shard order
         self.weight_map = weight_map            # key -> shard, when sharded
@@ -252,8 +253,8 @@ class Checkpoint:
         self._headers: dict[str, SafetensorsHeader] = {}
 
     @classmethod
-    def open(cls, location: Union[str, os.PathLike, FileSource],
-             filename: Optional[str] = None) -> "Checkpoint":
+    def open(cls, location: str | os.PathLike | FileSource,
+             filename: str | None = None) -> Checkpoint:
         """A directory or FileSource (model.safetensors, the sharded index, or
         adapter_model.safetensors; `filename` picks one explicitly), or a .safetensors path."""
         if isinstance(location, FileSource):
@@ -268,7 +269,7 @@ class Checkpoint:
         return cls._from_source(LocalFileSource(path), filename)
 
     @classmethod
-    def _from_source(cls, source: FileSource, filename: Optional[str]) -> "Checkpoint":
+    def _from_source(cls, source: FileSource, filename: str | None) -> Checkpoint:
         name = filename or next((f for f in (SINGLE_FILES[0], INDEX_FILE, SINGLE_FILES[1])
                                  if source.exists(f)), None)
         if name is None or name.endswith(PICKLE_SUFFIXES):
@@ -281,7 +282,7 @@ class Checkpoint:
         return cls(source, [name])
 
     @classmethod
-    def _from_index(cls, source: FileSource, index_file: str) -> "Checkpoint":
+    def _from_index(cls, source: FileSource, index_file: str) -> Checkpoint:
         where = f"{source.name}/{index_file}"
         try:
             weight_map = json.loads(source.read_text(index_file)).get("weight_map")
@@ -326,7 +327,7 @@ class Checkpoint:
                            f"{self.source.name}/{shard}", key)
         return info
 
-    def get(self, key: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Read only this tensor's bytes. `dtype=None` returns the stored (native) dtype; a float
         dtype upcasts F16/BF16/F32/F64 and refuses integer, fp8 or packed weights."""
         info = self.info(key)
@@ -373,7 +374,7 @@ def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
         "fix the checkpoint", file=where, tensor=key, nan=n_nan, inf=n_inf)
 
 
-def _refuse_pickles(source: FileSource, name: Optional[str]) -> None:
+def _refuse_pickles(source: FileSource, name: str | None) -> NoReturn:
     """Never unpickle: a pickle runs arbitrary code on load. Refuse without opening it."""
     found = [name] if name else [f for f in PICKLE_FILES if source.exists(f)]
     if found:

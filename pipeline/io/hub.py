@@ -21,9 +21,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from ..errors import (
     BaseMismatchError,
@@ -41,6 +42,11 @@ from ..errors import (
 )
 from .identity import Pinned
 
+if TYPE_CHECKING:
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import ExpandModelProperty_T, ModelInfo
+
 logger = logging.getLogger("zoospectra.io.hub")
 T = TypeVar("T")
 
@@ -49,7 +55,7 @@ RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 WHOLE_FILES = ("adapter_model.safetensors",)
 WHOLE_SUFFIXES = (".json", ".txt", ".md")
 # Expanded listing properties: enough to pin, filter and catalog without one call per repo.
-LIST_EXPAND = ["sha", "siblings", "gated", "lastModified", "private"]
+LIST_EXPAND: list[ExpandModelProperty_T] = ["sha", "siblings", "gated", "lastModified", "private"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,9 @@ class HubOptions:
     retry_after_max: cap on a server's Retry-After (a crawl must not sleep for an hour).
     """
 
-    endpoint: Optional[str] = None
-    token: Optional[bool] = None
-    cache_dir: Optional[str] = None
+    endpoint: str | None = None
+    token: bool | None = None
+    cache_dir: str | None = None
     timeout: float = 30.0
     max_retries: int = 4
     backoff: float = 1.0
@@ -86,7 +92,7 @@ class HubOptions:
 
 
 # --- errors and retries ------------------------------------------------------------------
-def _status(err: BaseException) -> Optional[int]:
+def _status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
@@ -100,7 +106,7 @@ def _server_reason(err: BaseException) -> str:
     return redact(f"HTTP {response.status_code}" + (f" ({msg})" if msg else ""))
 
 
-def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> Optional[float]:
+def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> float | None:
     """Seconds to wait before retrying `err`, or None if it is not transient."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
@@ -109,14 +115,15 @@ def _retry_wait(err: BaseException, attempt: int, options: HubOptions) -> Option
     status = _status(err) if isinstance(err, HfHubHTTPError) else None
     if not transient and status not in RETRY_STATUS:
         return None
-    retry_after = getattr(err, "response", None) is not None and err.response.headers.get("Retry-After")
+    response = getattr(err, "response", None)
+    retry_after = response is not None and response.headers.get("Retry-After")
     if retry_after and retry_after.strip().isdigit():
         return min(float(retry_after), options.retry_after_max)
     wait = min(options.backoff_max, options.backoff * 2**attempt)
     return wait * (1 + 0.25 * random.random())  # jitter: many workers must not retry in lockstep
 
 
-def _typed(err: BaseException, what: str, ctx: dict) -> Optional[HubError]:
+def _typed(err: BaseException, what: str, ctx: dict) -> HubError | None:
     """The HubError for a non-transient failure, or None if `err` is not a Hub failure."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -258,20 +265,20 @@ class HubFileSource:
     cache, and reads everything else with HTTP Range requests: only the bytes asked for.
     """
 
-    def __init__(self, repo_id: str, revision: str, options: Optional[HubOptions] = None) -> None:
+    def __init__(self, repo_id: str, revision: str, options: HubOptions | None = None) -> None:
         self.repo_id = repo_id
         self.revision = revision
         self.options = options or HubOptions()
         self.name = f"{repo_id}@{revision}"
         self.bytes_fetched = 0                    # body bytes of ranged reads (metrics, tests)
-        self._sizes: Optional[dict[str, int]] = None
+        self._sizes: dict[str, int] | None = None
 
     def __getstate__(self) -> dict:  # ship only the identity to Ray workers, not counters
         state = dict(self.__dict__)
         state["bytes_fetched"] = 0
         return state
 
-    def _ctx(self, filename: Optional[str] = None) -> dict:
+    def _ctx(self, filename: str | None = None) -> dict:
         return {"repo": self.repo_id, "revision": self.revision, "file": filename}
 
     # -- FileSource --
@@ -325,7 +332,7 @@ class HubFileSource:
                             self.options, **self._ctx(filename))
 
     # -- cache and downloads --
-    def cached_path(self, filename: str) -> Optional[str]:
+    def cached_path(self, filename: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.options.resolved_cache_dir(),
@@ -402,7 +409,7 @@ def _read_local(path: str, start: int, end: int) -> bytearray:
     return buf
 
 
-def _range_body(response: object, start: int, end: int, where: str) -> bytearray:
+def _range_body(response: httpx2.Response, start: int, end: int, where: str) -> bytearray:
     """The body of a ranged GET. A server that ignores Range (200) is streamed up to `end` only."""
     want = end - start
     if response.status_code == 206:
@@ -431,13 +438,14 @@ def check_repo_id(repo_id: object) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        validate_repo_id(repo_id)
+        # annotated str, but it refuses anything else with HFValidationError: what we want here
+        validate_repo_id(repo_id)  # type: ignore[arg-type]
     except HFValidationError as e:
         raise HubError(f"not a valid Hub repo id: {e}", repo=str(repo_id)) from None
     return str(repo_id)
 
 
-def pin(repo_id: str, revision: str = "main", options: Optional[HubOptions] = None) -> str:
+def pin(repo_id: str, revision: str = "main", options: HubOptions | None = None) -> str:
     """The commit sha that `revision` (branch, tag or sha) of `repo_id` points to now."""
     from huggingface_hub import HfApi
 
@@ -447,6 +455,9 @@ def pin(repo_id: str, revision: str = "main", options: Optional[HubOptions] = No
     info = with_retries(lambda: api.model_info(repo_id, revision=revision, expand=["sha"],
                                                timeout=opts.timeout),
                         "pin revision", opts, repo=repo_id, revision=revision)
+    if not info.sha:
+        raise HubError("the Hub gave no commit sha for this revision; cannot pin it", repo=repo_id,
+                       revision=revision)
     return info.sha
 
 
@@ -462,8 +473,8 @@ class CatalogEntry:
     sha: str
     kind: Kind
     base_model: str
-    last_modified: Optional[datetime] = None
-    gated: Optional[str] = None                  # "auto" | "manual" | None (not gated)
+    last_modified: datetime | None = None
+    gated: str | None = None                  # "auto" | "manual" | None (not gated)
     private: bool = False
 
     @property
@@ -471,7 +482,7 @@ class CatalogEntry:
         """What "already analysed" means: the same repo at the same commit."""
         return (self.repo_id, self.sha)
 
-    def row(self, run_id: str, discovered_at: Optional[datetime] = None) -> dict:
+    def row(self, run_id: str, discovered_at: datetime | None = None) -> dict:
         """A row of the `catalog` table (schemas/tables.py)."""
         return {
             "repo_id": self.repo_id, "sha": self.sha, "kind": self.kind,
@@ -493,14 +504,14 @@ def unanalysed(entries: Iterable[CatalogEntry], analysed: Iterable[tuple[str, st
     return [e for e in entries if e.key not in done]
 
 
-def pinned_ref(repo_id: str, sha: Optional[str]) -> Optional[Pinned]:
+def pinned_ref(repo_id: str, sha: str | None) -> Pinned | None:
     """repo@sha as the identity of an `errors` row; None when no sha is known."""
     return Pinned("hub", repo_id, sha) if sha else None
 
 
-def discover(base_models: list[str], *, include_full: bool = False, limit: Optional[int] = None,
-             api: object = None, options: Optional[HubOptions] = None,
-             on_progress: Optional[Callable[[int, int, str], None]] = None) -> Discovery:
+def discover(base_models: list[str], *, include_full: bool = False, limit: int | None = None,
+             api: HfApi | None = None, options: HubOptions | None = None,
+             on_progress: Callable[[int, int, str], None] | None = None) -> Discovery:
     """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
 
     `limit` caps the listing per base model and kind. Adapters must carry adapter_config.json
@@ -521,9 +532,8 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
             kinds.append(("full", [f"base_model:finetune:{base}"]))
         for kind, filters in kinds:
             try:
-                listed = with_retries(
-                    lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit)),
-                    "list models", opts, repo=base, filter=",".join(filters))
+                listed = with_retries(_listing(api, filters, limit), "list models", opts, repo=base,
+                                      filter=",".join(filters))
             except HubError as err:
                 found.errors.append(error_row("hub", err, model_id=base))
                 continue
@@ -541,7 +551,12 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: Optio
     return found
 
 
-def _admit(info: object, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
+def _listing(api: HfApi, filters: list[str], limit: int | None) -> Callable[[], list[ModelInfo]]:
+    """One listing call for with_retries, bound to these filters (not to the loop's variable)."""
+    return lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit))
+
+
+def _admit(info: ModelInfo, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
     """Check one listed repo and pin it; raise a ZoospectraError saying why it can't be used."""
     check_repo_id(info.id)
     if not info.sha:

@@ -5,7 +5,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError
 from .identity import Source, artifact_uid
@@ -28,7 +28,7 @@ class ModelRef:
     # (hub layer) How to reach the Hub for this ref: endpoint, cache, timeouts, retries. Travels
     # with the ref to Ray workers so a crawl's options apply there too; token-free by design.
     # Not part of the identity (compare=False): repo@sha is the same artifact however it is read.
-    hub_options: Optional["HubOptions"] = field(default=None, compare=False, repr=False)
+    hub_options: HubOptions | None = field(default=None, compare=False, repr=False)
 
     @property
     def uid(self) -> str:
@@ -45,7 +45,7 @@ class ModelRef:
         return LocalFileSource(self.location)
 
 
-def hub_ref(repo_id: str, sha: str, options: Optional[HubOptions] = None) -> ModelRef:
+def hub_ref(repo_id: str, sha: str, options: HubOptions | None = None) -> ModelRef:
     """A Hub repo pinned at commit `sha`; `options` travel with it to the Ray workers that read it."""
     return ModelRef(model_id=repo_id, revision=sha, location=repo_id, source="hub", hub_options=options)
 

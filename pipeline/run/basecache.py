@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -63,7 +63,7 @@ class BaseKey:
     shape: tuple[int, int]           # [out, in] after any transpose
 
     @staticmethod
-    def of(base: "ModelRef", tensor: str, transpose: bool, shape: tuple[int, int], dtype: str) -> "BaseKey":
+    def of(base: ModelRef, tensor: str, transpose: bool, shape: tuple[int, int], dtype: str) -> BaseKey:
         return BaseKey(base.uid, base.model_id, base.revision, tensor, bool(transpose), dtype,
                        (int(shape[0]), int(shape[1])))
 
@@ -89,11 +89,12 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     """sha256 of the tensors' bytes (CPU, contiguous), in order."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        # ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
     return h.hexdigest()
 
 
-def encode(key: BaseKey, svd: "BaseSVD", w0_sha256: str) -> bytes:
+def encode(key: BaseKey, svd: BaseSVD, w0_sha256: str) -> bytes:
     from safetensors.torch import save
 
     tensors = {"U": svd.U.detach().cpu().contiguous(), "S": svd.S.detach().cpu().contiguous(),
@@ -162,7 +163,7 @@ class BaseCache:
     def exists(self, key: BaseKey) -> bool:
         return self._fs.exists(key.file_name)
 
-    def load(self, key: BaseKey, w0_sha256: str, device: torch.device) -> Optional["BaseSVD"]:
+    def load(self, key: BaseKey, w0_sha256: str, device: torch.device) -> BaseSVD | None:
         """The stored decomposition on `device`, or None (absent, or damaged and moved aside)."""
         from ..spectral import BaseSVD
 
@@ -182,7 +183,7 @@ class BaseCache:
             return None
         return BaseSVD(U=u.to(device), S=s.to(device), Vh=vh.to(device), seconds=0.0)
 
-    def store(self, key: BaseKey, svd: "BaseSVD", w0_sha256: str) -> None:
+    def store(self, key: BaseKey, svd: BaseSVD, w0_sha256: str) -> None:
         self._fs.put(key.file_name, encode(key, svd, w0_sha256))
 
     def move_aside(self, key: BaseKey) -> str:
@@ -206,20 +207,19 @@ class BaseCache:
 @dataclass(frozen=True)
 class Obtained:
     w0: torch.Tensor
-    svd: "BaseSVD"
+    svd: BaseSVD
     how: str                  # computed | stored (loaded from the cache) | memory (this worker)
 
 
 _MEMORY: dict[tuple, Obtained] = {}   # one entry per worker process: bounded memory
 
 
-def obtain(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig", device: str,
+def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, device: str,
            cache_uri: str) -> Obtained:
     """W0 [out, in] and its SVD: from this worker's last one, the store, or computed and stored.
 
     The planner emits the units of one tensor back to back, so a worker usually finds the next
     unit's base in memory; otherwise the store has it (prepare_base ran first)."""
-    from ..io.checkpoint import Checkpoint
     from ..spectral import BaseSVD, base_svd
     from ..spectral.inputs import resolve_device
 
@@ -253,7 +253,7 @@ def obtain(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig"
 
 
 @lru_cache(maxsize=8)
-def open_checkpoint(ref: "ModelRef"):
+def open_checkpoint(ref: ModelRef):
     """The opened base checkpoint of `ref`, kept per process (headers parsed once per worker)."""
     from ..io.checkpoint import Checkpoint
 
@@ -270,7 +270,7 @@ class BaseOutcome:
     error: str = ""
 
 
-def prepare_base(base: "ModelRef", tensor: str, transpose: bool, cfg: "AnalysisConfig",
+def prepare_base(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig,
                  device: str, cache_uri: str) -> BaseOutcome:
     """Make sure the store holds a valid decomposition of this tensor (run ahead of its units).
 

@@ -9,8 +9,9 @@ Ray Jobs entrypoint (jobs/entrypoint.py) wrap.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from ..errors import HubError, ZoospectraError, error_row
 from ..io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, weights_file
@@ -29,7 +30,7 @@ log = logging.getLogger("zoospectra.crawl")
 class BaseCrawl:
     base_model: str
     run_id: str
-    base_sha: Optional[str] = None
+    base_sha: str | None = None
     discovered: int = 0
     discovery_errors: int = 0
     units: int = 0
@@ -49,8 +50,8 @@ class CrawlSummary:
         return sum(b.units_done for b in self.bases)
 
 
-def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor: Executor = "ray",
-              command: str = "", on_progress: Optional[Callable[[int, int, str], None]] = None
+def run_crawl(spec: CrawlSpec, *, options: HubOptions | None = None, executor: Executor = "ray",
+              command: str = "", on_progress: Callable[[int, int, str], None] | None = None
               ) -> CrawlSummary:
     """One crawl: discovery + catalog + plan + execute, one run per base model.
     on_progress(i, n, label) after each discovered repo is checked."""
@@ -61,7 +62,7 @@ def run_crawl(spec: CrawlSpec, *, options: Optional[HubOptions] = None, executor
 
 
 def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Executor,
-                command: str, on_progress: Optional[Callable[[int, int, str], None]] = None) -> BaseCrawl:
+                command: str, on_progress: Callable[[int, int, str], None] | None = None) -> BaseCrawl:
     store = ResultsStore(spec.out)
     store.repair()  # damaged units go to quarantine/ (recorded in _verify.json) and are recomputed
     run_id = new_run_id()

@@ -12,12 +12,13 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 from ..config import AnalysisConfig
-from ..errors import ClusterUnreachableError, ConfigError, error_row
+from ..errors import ClusterUnreachableError, ConfigError, error_row, redact
 from .basecache import BaseCache, BaseOutcome, default_base_cache, prepare_base
 from .plan import Plan, WorkUnit, base_tensors
 from .unit import UnitOutcome, process_unit
@@ -82,7 +83,7 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S, what: str = "R
                                       "is the port right?)", address=address) from err
 
 
-def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (a cluster) or start a local Ray once; reuse an initialised one."""
     import ray
 
@@ -128,15 +129,15 @@ def run_plan(
     plan: Plan,
     results_root: str,
     *,
-    run_id: Optional[str] = None,
+    run_id: str | None = None,
     executor: Executor = "ray",
-    address: Optional[str] = None,
-    max_in_flight: Optional[int] = None,
-    gpus_per_task: Optional[float] = None,
+    address: str | None = None,
+    max_in_flight: int | None = None,
+    gpus_per_task: float | None = None,
     device: str = "auto",
     command: str = "",
-    on_progress: Optional[Callable[[int, int, UnitOutcome], None]] = None,
-    base_cache: Optional[str] = None,
+    on_progress: Callable[[int, int, UnitOutcome], None] | None = None,
+    base_cache: str | None = None,
 ) -> RunSummary:
     """Execute every unit not yet committed under `results_root`; write the run manifest.
 
@@ -295,7 +296,7 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
                 yield ray.get(ref)
             except Exception as err:  # task failed past its retries: an error row, the run goes on
                 if kind == "base":
-                    yield BaseOutcome(unit.tensor, "failed", error=_short(err))
+                    yield BaseOutcome(unit.tensor, "failed", error=redact(f"{type(err).__name__}: {err}"))
                 else:
                     yield _task_failure(unit, err, run_id, root)
 

@@ -39,11 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-
 class RootFS(Protocol):
     """What integrity needs of a results root's filesystem (store.py's _Local and _Remote)."""
 
-    local: bool
+    @property
+    def local(self) -> bool: ...   # read-only: store.py declares it Literal[True] / Literal[False]
 
     def entries(self, rel: str) -> dict[str, int | None]: ...
     def exists(self, rel: str) -> bool: ...
@@ -89,7 +89,7 @@ class UnitCheck:
         name = f"{table}.parquet"
         return name if name in self.files else None
 
-    def damage(self, problem: str) -> "UnitCheck":
+    def damage(self, problem: str) -> UnitCheck:
         self.state = "damaged"
         self.problems.append(problem)
         return self

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from ..config import AnalysisConfig
 from ..errors import error_row, redact
 from ..io.refs import ModelRef
 
 if TYPE_CHECKING:
+    from ..adapters import Target
     from ..updates import Role
 
 
@@ -79,7 +82,7 @@ def build_plan(
         raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}", option="batch_size")
     base_ckpt = Checkpoint.open(base.open_source())
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
-    target_of: dict[str, object] = {}
+    target_of: dict[str, Target] = {}
     # (hub helper fix) the pair counter had the same name as the per-model `skipped` list below
     models, errors, n_done_pairs = [], [], 0
     for ref in sorted(set(artifacts)):
@@ -114,7 +117,7 @@ def build_plan(
                     unit_id=unit_id_for(base, tensor, batch, cfg),
                     base=base,
                     tensor=tensor,
-                    shape=tuple(t.shape),
+                    shape=(t.shape[0], t.shape[1]),
                     role=t.role,
                     members=batch,
                     transpose_w0=bool(getattr(t, "transpose", False)),

@@ -5,8 +5,8 @@ here, as the schemas say; undefined statistics (None) become nulls.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ class UnitContext:
     members: tuple[tuple[str, str], ...]
 
 
-def split_tensor_key(key: str) -> tuple[Optional[int], str]:
+def split_tensor_key(key: str) -> tuple[int | None, str]:
     """(layer, module) from a checkpoint key: the first all-digit path segment is the block index.
 
     "encoder.layer.3.attention.self.query.weight" -> (3, "attention.self.query");
@@ -45,7 +45,7 @@ def split_tensor_key(key: str) -> tuple[Optional[int], str]:
     return None, path
 
 
-def _float(x: Optional[float]) -> Optional[float]:
+def _float(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
@@ -132,7 +132,7 @@ def unit_tables(ctx: UnitContext, updates: Sequence[MatrixUpdate], analysis: Bat
     parts: dict[str, list[pa.Table]] = {name: [] for name in TABLE_NAMES if name != "matrices"}
     base_head = {**unit, "model_uid": ctx.base_uid, "model_id": ctx.base_id}
     parts["spectra"].append(_spectrum(base_head, "w0", analysis.spectrum_w0))
-    for member, item in zip(ctx.members, analysis.items):
+    for member, item in zip(ctx.members, analysis.items, strict=True):
         head = {**unit, "model_uid": member[0], "model_id": member[1]}
         parts["vectors"] += [_vectors(head, "U", item.u), _vectors(head, "V", item.v)]
         parts["spectra"] += [_spectrum(head, "wt", item.spectrum_wt),
@@ -144,7 +144,7 @@ def unit_tables(ctx: UnitContext, updates: Sequence[MatrixUpdate], analysis: Bat
                 "model_uid_b": uid_b, "model_id_b": id_b}
         parts["pairs"].append(_grid("pairs", head, pair.phi, "phi"))
     matrices = [_matrix_row(ctx, member, update, item, analysis.device)
-                for member, update, item in zip(ctx.members, updates, analysis.items)]
+                for member, update, item in zip(ctx.members, updates, analysis.items, strict=True)]
     tables = {"matrices": to_table("matrices", matrices)}
     for name, tabs in parts.items():
         tables[name] = pa.concat_tables(tabs) if tabs else to_table(name, [])

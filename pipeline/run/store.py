@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -40,8 +40,16 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidNameError, ResultsError, SchemaMismatchError
 from ..schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
-from .integrity import (VERIFY_FILE, RootScan, UnitCheck, file_record, quarantine, record_verification,
-                        scan, success_marker)
+from .integrity import (
+    VERIFY_FILE,
+    RootScan,
+    UnitCheck,
+    file_record,
+    quarantine,
+    record_verification,
+    scan,
+    success_marker,
+)
 
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
 RUN_STATUSES = ("running", "finished", "failed")
@@ -118,7 +126,7 @@ def _rows_table(name: str, rows: list[dict]) -> pa.Table:
 class _Local:
     """A root on the local disk: fsync + rename(2) make every publish atomic."""
 
-    local = True
+    local: Literal[True] = True   # Literal: `if fs.local:` tells the type checker which class
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -250,7 +258,7 @@ class _Remote:
     No atomic directory rename: files are published whole, `_SUCCESS` last (see module doc).
     """
 
-    local = False
+    local: Literal[False] = False
 
     def __init__(self, fs: pafs.FileSystem, base: str, uri: str) -> None:
         self.fs, self.base, self.uri = fs, base.rstrip("/"), uri.rstrip("/")
@@ -536,7 +544,8 @@ class ResultsStore:
     def _write_run(self, manifest: dict) -> None:
         row = {k: manifest.get(k) for k in TABLES["runs"].names}
         for k in ("started_at", "finished_at"):
-            row[k] = datetime.fromisoformat(row[k]) if row[k] else None
+            stamp = row[k]
+            row[k] = datetime.fromisoformat(stamp) if stamp else None
         run_id = manifest["run_id"]
         # parquet first: the JSON (what runs() reads) never points at a missing row
         self._fs.put(f"runs/{run_id}.parquet", _parquet_bytes(_rows_table("runs", [row])))
@@ -593,7 +602,7 @@ class ResultsStore:
                 raw = self._fs.read(f"errors/{run_id}/{name}") if name.endswith(".parquet") else None
                 if raw:
                     t = pq.read_table(pa.BufferReader(raw), columns=cols)
-                    keys += zip(*(t.column(c).to_pylist() for c in cols))
+                    keys += zip(*(t.column(c).to_pylist() for c in cols), strict=True)
         return keys
 
 

@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 from ..config import AnalysisConfig
 from ..errors import ZoospectraError, error_row
-from .plan import WorkUnit
 from ..io.refs import ModelRef
+from .plan import WorkUnit
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
     from ..spectral import BatchAnalysis
-    from .store import ResultsStore
     from ..updates import MatrixUpdate
+    from .store import ResultsStore
 
 
 UnitStatus = Literal["done", "skipped", "failed"]
@@ -63,7 +64,7 @@ def _artifact(ref: ModelRef):
 
 
 def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root: str,
-                 device: str = "cpu", base_cache: Optional[str] = None) -> UnitOutcome:
+                 device: str = "cpu", base_cache: str | None = None) -> UnitOutcome:
     """`base_cache`: where decompositions of W0 are stored and shared (default RESULTS/bases)."""
     from ..spectral.inputs import torch_dtype
     from .basecache import default_base_cache, obtain, open_checkpoint
@@ -120,9 +121,9 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     )
 
 
-def _analyze(w0: "torch.Tensor", base, updates: list["MatrixUpdate"], members: list[ModelRef],
+def _analyze(w0: torch.Tensor, base, updates: list[MatrixUpdate], members: list[ModelRef],
              cfg: AnalysisConfig, device: str, tensor: str
-             ) -> tuple[Optional["BatchAnalysis"], list["MatrixUpdate"], list[ModelRef], list[dict]]:
+             ) -> tuple[BatchAnalysis | None, list[MatrixUpdate], list[ModelRef], list[dict]]:
     """analyze_batch, where one member that the math refuses (e.g. a scale that overflows to Inf)
     costs only its own row: on a batch failure each member is tried alone against one shared base
     SVD, then the survivors are analysed together again. Returns (analysis or None, updates,
@@ -135,7 +136,7 @@ def _analyze(w0: "torch.Tensor", base, updates: list["MatrixUpdate"], members: l
         if len(updates) == 1:
             return None, [], [], [error_row("analyze", err, model=members[0], tensor=tensor)]
     keep_u, keep_m, errors = [], [], []
-    for update, ref in zip(updates, members):
+    for update, ref in zip(updates, members, strict=True):
         try:
             analyze_batch(w0, [update], cfg, device=device, base=base)
             keep_u.append(update)
@@ -151,7 +152,7 @@ def _analyze(w0: "torch.Tensor", base, updates: list["MatrixUpdate"], members: l
 
 
 # --- committing: each (model, tensor) pair lands once, even when runs overlap ------------------
-def _commit_new_pairs(results_root: str, unit: WorkUnit, tables: dict[str, "pa.Table"],
+def _commit_new_pairs(results_root: str, unit: WorkUnit, tables: dict[str, pa.Table],
                       members: list[ModelRef]) -> tuple[bool, list[ModelRef]]:
     """Publish the unit minus members whose pair another unit committed since planning.
 
@@ -174,7 +175,7 @@ def _commit_new_pairs(results_root: str, unit: WorkUnit, tables: dict[str, "pa.T
 
 
 @lru_cache(maxsize=16)
-def _store(results_root: str) -> "ResultsStore":
+def _store(results_root: str) -> ResultsStore:
     """One store per root and process: its cache of committed units' pairs outlives a unit."""
     from .store import ResultsStore
 
@@ -182,7 +183,7 @@ def _store(results_root: str) -> "ResultsStore":
 
 
 @contextmanager
-def _commit_lock(store: "ResultsStore") -> Iterator[None]:
+def _commit_lock(store: ResultsStore) -> Iterator[None]:
     if not store.is_local:
         yield
         return
@@ -201,7 +202,7 @@ def _commit_lock(store: "ResultsStore") -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _without_models(table: "pa.Table", uids: set[str]) -> "pa.Table":
+def _without_models(table: pa.Table, uids: set[str]) -> pa.Table:
     """Rows of `table` not about any model in `uids` (pairs: neither side)."""
     import pyarrow as pa
     import pyarrow.compute as pc

@@ -13,7 +13,7 @@ shared base SVD), pairs (adapter vs adapter), inputs (device, dtype, validation)
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ def _engine(mode: str) -> Engine:
 
         return analyze_exact
     try:  # imported on first use, like exact.py (same signature)
-        from .fast import analyze_fast  # type: ignore[import-not-found]
+        from .fast import analyze_fast
     except ImportError as e:
         raise NotImplementedError(
             f"analysis mode {mode!r} is not implemented yet; use mode='exact'") from e

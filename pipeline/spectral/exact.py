@@ -3,7 +3,7 @@ per update, against one shared thin SVD of W0. Slow and exact; the reference for
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ def _best_match(vectors: torch.Tensor, base_vectors: torch.Tensor) -> tuple[np.n
 
 
 def _amplification(w0: torch.Tensor, ud: torch.Tensor, vhd: torch.Tensor, r: int,
-                   norm_dw: float) -> Optional[float]:
+                   norm_dw: float) -> float | None:
     """Hu et al. 7.3: ||dW||_F / ||U_r^T W0 V_r||_F, W0 projected onto dW's top-r subspaces."""
     if r == 0:
         return None

@@ -25,9 +25,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .base import prepare_batch
 from .inputs import delta, place, svd, svdvals
-from .krylov import (F64, DenseOperator, LowRankUpdate, Triplets, dense_triplets, top_triplets,
-                     top_triplets_lowrank_batched)
+from .krylov import (
+    F64,
+    DenseOperator,
+    LowRankUpdate,
+    Triplets,
+    dense_triplets,
+    top_triplets,
+    top_triplets_lowrank_batched,
+)
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
 from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
@@ -71,7 +79,7 @@ class Wanted:
         return max(self.n_vec, self.sim_k)
 
     @staticmethod
-    def of(cfg: AnalysisConfig, p: int) -> "Wanted":
+    def of(cfg: AnalysisConfig, p: int) -> Wanted:
         n_vec, sim_k = clip_k(cfg.k_store, p), clip_k(cfg.sim_k, p)
         k_val = max(n_vec, sim_k, clip_k(cfg.k_spec, p))
         tol_values = TOL_VALUES if cfg.dtype == "float64" else TOL_VALUES_FLOAT32
@@ -129,8 +137,9 @@ def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Fact
     dev, dt = base.device, base.dtype
     bs, as_ = [], []
     for u in updates:
-        b = place(u.B, "factor B", u.tensor, dev, F64)        # [m, r], scale folded in
-        a = place(u.A, "factor A", u.tensor, dev, F64)        # [r, n]
+        fb, fa = u.factors()
+        b = place(fb, "factor B", u.tensor, dev, F64)         # [m, r], scale folded in
+        a = place(fa, "factor A", u.tensor, dev, F64)         # [r, n]
         if (b.shape[0], a.shape[1]) != base.shape or b.shape[1] != a.shape[0]:
             raise BaseMismatchError(
                 f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not make a dW of the base "
@@ -141,7 +150,7 @@ def project_factors(base: BaseSVD, updates: Sequence[MatrixUpdate]) -> list[Fact
     av_all = (base.Vh @ torch.cat([a.T for a in as_], 1).to(dt)).to(F64)   # [p, sum r] = V0^T A^T
     (m, n), p = base.shape, int(base.S.shape[0])
     out, col = [], 0
-    for b, a in zip(bs, as_):
+    for b, a in zip(bs, as_, strict=True):
         r = int(b.shape[1])
         ub, av = ub_all[:, col : col + r], av_all[:, col : col + r]
         col += r
@@ -207,13 +216,13 @@ def batched_wt(base: BaseSVD, factors: dict[int, Factors], want: Wanted) -> dict
             got = top_triplets_lowrank_batched(
                 s0, torch.stack([factors[i].bt for i in chunk]), torch.stack([factors[i].at for i in chunk]),
                 head, want.k_val, k_vectors=want.k_vectors, tol=want.tol, tol_values=want.tol_values)
-            out.update({i: t for i, t in zip(chunk, got) if t is not None})
+            out.update({i: t for i, t in zip(chunk, got, strict=True) if t is not None})
     return out
 
 
 def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f: Factors,
                   cfg: AnalysisConfig, want: Wanted, shared_seconds: float,
-                  wt: Optional[Triplets] = None) -> tuple[MatrixAnalysis, torch.Tensor]:
+                  wt: Triplets | None = None) -> tuple[MatrixAnalysis, torch.Tensor]:
     """`wt`: Wt's top triplets when a batched solve already found them (else solved here)."""
     start = time.perf_counter()
     shape, p = base.shape, int(base.S.shape[0])
@@ -287,7 +296,7 @@ def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.T
 
 def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
               base_sigma: np.ndarray, wt: Triplets, dw_sigma: np.ndarray, want: Wanted,
-              amp: Optional[float], amp_r: int, seconds: float) -> MatrixAnalysis:
+              amp: float | None, amp_r: int, seconds: float) -> MatrixAnalysis:
     """wt.U / wt.V hold Wt's singular vectors in base coordinates: row i <-> u0_i / v0_i."""
     p = int(base_sigma.shape[0])
     cos_u = wt.U[:p, : want.n_vec].abs().max(dim=0)
@@ -349,7 +358,7 @@ def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) ->
 
 def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: AnalysisConfig,
                  device: str | torch.device = "cpu", base: BaseSVD | None = None,
-                 batched: Optional[bool] = None) -> BatchAnalysis:
+                 batched: bool | None = None) -> BatchAnalysis:
     """docs/architecture.md#engines on one base matrix and a batch of its updates (API of exact).
 
     batched: solve same-rank LoRA items together (None: use_batched's default for the device)."""
@@ -361,7 +370,7 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
 
     low = [i for i, u in enumerate(updates) if u.is_low_rank]
     t0 = time.perf_counter()
-    factors = dict(zip(low, project_factors(base, [updates[i] for i in low]))) if low else {}
+    factors = dict(zip(low, project_factors(base, [updates[i] for i in low]), strict=True)) if low else {}
     pre: dict[int, Triplets] = {}
     if factors and (use_batched(w0.device) if batched is None else batched):
         pre = batched_wt(base, factors, want)
@@ -369,7 +378,7 @@ def analyze_fast(w0: torch.Tensor, updates: Sequence[MatrixUpdate], cfg: Analysi
 
     done = dict(zip(low, _each_core(
         lambda i: _lowrank_item(base, base_sigma, updates[i], factors[i], cfg, want, shared, pre.get(i)),
-        low, w0.device)))
+        low, w0.device), strict=True))
     items, subspaces = [], []
     for i, update in enumerate(updates):
         item, sub = done[i] if i in done else _dense_item(w0, base, base_sigma, update, cfg, want)

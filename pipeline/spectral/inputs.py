@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -81,8 +81,9 @@ def delta(update: MatrixUpdate, device: torch.device, dtype: torch.dtype) -> tor
     if update.dense is not None:
         dw = place(update.dense, "dense update", update.tensor, device, dtype)
     else:
-        b = place(update.B, "factor B", update.tensor, device, dtype)  # [m, r], scale folded in
-        a = place(update.A, "factor A", update.tensor, device, dtype)  # [r, n]
+        fb, fa = update.factors()
+        b = place(fb, "factor B", update.tensor, device, dtype)  # [m, r], scale folded in
+        a = place(fa, "factor A", update.tensor, device, dtype)  # [r, n]
         if b.shape[1] != a.shape[0]:
             raise BaseMismatchError(f"factor shapes B {tuple(b.shape)} and A {tuple(a.shape)} "
                                     "do not chain", tensor=update.tensor)

@@ -156,8 +156,9 @@ def orthonormal_extension(z: torch.Tensor | None, t: torch.Tensor, rtol: float =
         return t[:, :0]
     t = t[:, live] / norms[live]          # unit columns: the Gram's spread is then dependence only
     scale = float(t.shape[1]) ** 0.5
-    has_z = z is not None and z.shape[1] > 0
-    if has_z:
+    if z is not None and z.shape[1] == 0:
+        z = None                          # an empty basis: nothing to project out
+    if z is not None:
         t = t - z @ (z.T @ t)
     w, y = torch.linalg.eigh(t.T @ t)
     keep = w > max(rtol, 1e-7) ** 2      # a unit column keeping less than this is dependent
@@ -167,10 +168,10 @@ def orthonormal_extension(z: torch.Tensor | None, t: torch.Tensor, rtol: float =
     t = t @ (y / w.sqrt())
     eps = 4 * torch.finfo(t.dtype).eps     # measured: max|t^T t - I| ~ 1.5 eps w_max / w_min
     w_min, w_max = float(w[0]), float(w[-1])
-    drift = eps * max(w_max / w_min, scale / w_min**0.5 if has_z else 0.0)
+    drift = eps * max(w_max / w_min, scale / w_min**0.5 if z is not None else 0.0)
     if drift <= loss:
         return t
-    if has_z:
+    if z is not None:
         t = t - z @ (z.T @ t)
     w, y = torch.linalg.eigh(t.T @ t)
     keep = w > 0.25                      # t was orthonormal up to drift: a tiny w is a lost column
@@ -219,7 +220,8 @@ def top_triplets(op: Operator, k: int, start: torch.Tensor, *, k_vectors: int | 
     start [P2, c]: a subspace believed close to the top right singular vectors.
     max_cols: subspace budget; past it (or after max_iter expansions) a dense SVD is used.
     exact_head: h > 0 when start = [E_h, F] with F zero on the first h rows
-    (LowRankUpdate.start; the operator then provides head_columns and matmat_tail). The basis is then kept as Z = [E_h, (0; T)] and only the tail block T
+    (LowRankUpdate.start; the operator then provides head_columns and matmat_tail). The basis is
+    then kept as Z = [E_h, (0; T)] and only the tail block T
     [P2 - h, c] is stored and orthogonalised: E_h needs no work and a correction is made
     orthogonal to it by dropping its first h rows.
     """

@@ -1,7 +1,7 @@
 """Adapter vs adapter (Hu et al. 2021 sec. 7.2): normalised subspace similarity of two updates."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,6 @@ into a `MatrixAnalysis` so that every engine applies the same definitions (docs/
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -49,7 +48,7 @@ def numerical_rank(s: np.ndarray, shape: tuple[int, int], dtype: str) -> int:
     return int(nonzero_sigma(s, shape, dtype).size)
 
 
-def effective_rank(s: np.ndarray, shape: tuple[int, int], dtype: str) -> Optional[float]:
+def effective_rank(s: np.ndarray, shape: tuple[int, int], dtype: str) -> float | None:
     """Roy & Vetterli (2007): exp(entropy of the L1-normalised nonzero singular values)."""
     s = nonzero_sigma(s, shape, dtype)
     if s.size == 0:
@@ -58,7 +57,7 @@ def effective_rank(s: np.ndarray, shape: tuple[int, int], dtype: str) -> Optiona
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def amplification_rank(update_rank: Optional[int], dw_rank: int, k: int) -> int:
+def amplification_rank(update_rank: int | None, dw_rank: int, k: int) -> int:
     """r for Hu et al. 7.3: the adapter's rank when known, else min(k, rank(dW)).
 
     Never above rank(dW): singular vectors past the numerical rank span an arbitrary part of
@@ -67,7 +66,7 @@ def amplification_rank(update_rank: Optional[int], dw_rank: int, k: int) -> int:
     return min(update_rank, dw_rank) if update_rank else min(k, dw_rank)
 
 
-def pair_rank(update_rank: Optional[int], dw_rank: int, pair_max: int) -> int:
+def pair_rank(update_rank: int | None, dw_rank: int, pair_max: int) -> int:
     """How many leading left singular vectors of dW enter the phi grid (Hu et al. 7.2)."""
     r = min(update_rank, dw_rank) if update_rank else dw_rank
     return r if pair_max == ALL else min(r, pair_max)
@@ -97,8 +96,8 @@ def build_matrix_analysis(
     dw_sigma: np.ndarray,
     u_cos: tuple[np.ndarray, np.ndarray],
     v_cos: tuple[np.ndarray, np.ndarray],
-    amplification: Optional[float],
-    amp_rank: Optional[int],
+    amplification: float | None,
+    amp_rank: int | None,
     similarity: np.ndarray,
     mode: str,
     seconds: float,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -50,9 +51,9 @@ class StudySection:
     study: Study
     sql: str
     rows: int = 0
-    svg: Optional[str] = None
-    table: Optional[pa.Table] = None
-    error: Optional[str] = None
+    svg: str | None = None
+    table: pa.Table | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -60,15 +61,15 @@ class Report:
     root: str
     scope: Scope
     sections: list[StudySection] = field(default_factory=list)
-    summary: Optional[pa.Table] = None
-    runs: Optional[pa.Table] = None
+    summary: pa.Table | None = None
+    runs: pa.Table | None = None
     n_open_errors: int = 0
-    open_errors: Optional[pa.Table] = None
+    open_errors: pa.Table | None = None
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, scope: Scope = Scope(),
                  params: Mapping[str, Mapping[str, Any]] | None = None, *, force: bool = False,
-                 on_progress: Optional[Callable[[int, int, str], None]] = None) -> Path:
+                 on_progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Render every study over `root` (narrowed to `scope`) into out/index.html; its path.
 
     params: per-study parameter overrides, e.g. {"intruders-eps": {"k": 5}}.
@@ -89,7 +90,7 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, scope: Scope =
 
 
 def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[str, Any]],
-            on_progress: Optional[Callable[[int, int, str], None]] = None) -> Report:
+            on_progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Run the summary queries and every study; draw the figures (on_progress after each)."""
     unknown = sorted(set(params) - set(STUDIES))
     if unknown:
@@ -113,7 +114,7 @@ def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[
     return report
 
 
-def _section(con: "duckdb.DuckDBPyConnection", study: Study, overrides: Mapping[str, Any]) -> StudySection:
+def _section(con: duckdb.DuckDBPyConnection, study: Study, overrides: Mapping[str, Any]) -> StudySection:
     section = StudySection(study, study.sql(overrides))
     try:
         table = run_study(con, study, overrides)
@@ -141,7 +142,7 @@ def _cell(value: Any) -> str:
     return f'<td class="s">{_esc(value)}</td>'
 
 
-def html_table(table: Optional[pa.Table], max_rows: int = MAX_TABLE_ROWS) -> str:
+def html_table(table: pa.Table | None, max_rows: int = MAX_TABLE_ROWS) -> str:
     if table is None or table.num_rows == 0:
         return "<p class=\"meta\">(no rows)</p>"
     head = "".join(f"<th>{_esc(c)}</th>" for c in table.column_names)

@@ -18,15 +18,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from ..errors import ConfigError, ResultsError
-from ..schemas.tables import SCHEMA_VERSION, TABLES
 from ..run.store import UNIT_TABLES, ResultsStore
+from ..schemas.tables import SCHEMA_VERSION, TABLES
 
 if TYPE_CHECKING:
     import duckdb
@@ -54,7 +54,7 @@ def _quoted_root(uri: str) -> str:
     return uri.replace("'", "''")  # a standard SQL literal: '' is the only escape
 
 
-@lru_cache(maxsize=None)
+@cache
 def _duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     """(column, DuckDB type) of a table, as DuckDB maps its Arrow schema."""
     import duckdb
@@ -248,17 +248,18 @@ def _as_rich(table: pa.Table, max_rows: int | None) -> str:
 
     shown = table if max_rows is None else table.slice(0, max_rows)
     view = Table(show_header=True, header_style="bold", show_lines=False)
-    for name, typ in zip(table.column_names, table.schema.types):
+    for name, typ in zip(table.column_names, table.schema.types, strict=True):
         numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
         view.add_column(name, justify="right" if numeric else "left")
     for row in _flat(shown).to_pylist():
         view.add_row(*(_cell(v) for v in row.values()))
     width = max(80, shutil.get_terminal_size((160, 24)).columns)
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None, force_terminal=False)
     console.print(view)
     more = table.num_rows - shown.num_rows
     footer = f"{table.num_rows} rows" + (f" ({more} not shown; use --format csv)" if more else "")
-    return console.file.getvalue() + footer + "\n"
+    return out.getvalue() + footer + "\n"
 
 
 # --- interactive -----------------------------------------------------------------------------

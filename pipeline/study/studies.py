@@ -7,16 +7,18 @@
 
 A Scope narrows the views (models, matrices, vectors, spectra, similarity, pairs) to the models
 of one base and/or some kinds, so every macro answers for that subset unchanged. matplotlib is
-imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast), always with the Agg backend.
+imported only when a figure is drawn (a base dependency, imported lazily to keep start-up fast),
+always with the Agg backend.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -38,7 +40,7 @@ _PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 # --- checkpoints (paper Fig. 7) -------------------------------------------------------------
-def checkpoint_refs(path: str | os.PathLike, name: Optional[str] = None) -> list[ModelRef]:
+def checkpoint_refs(path: str | os.PathLike, name: str | None = None) -> list[ModelRef]:
     """A directory of `checkpoint-<N>` folders (the Hugging Face Trainer's layout) as one ModelRef
     per checkpoint, named "<name>@step<N>" and ordered by N; study_checkpoints parses the step
     back out of the id. `name` defaults to the directory's name."""
@@ -57,7 +59,7 @@ def checkpoint_refs(path: str | os.PathLike, name: Optional[str] = None) -> list
 class Scope:
     """Models of one base (base_id or base_uid) and/or of some kinds; empty = everything."""
 
-    base: Optional[str] = None
+    base: str | None = None
     kinds: tuple[str, ...] = ()
 
     @property
@@ -70,7 +72,7 @@ class Scope:
         return "; ".join(parts) or "all models"
 
 
-def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> "duckdb.DuckDBPyConnection":
+def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> duckdb.DuckDBPyConnection:
     """sql.connect(root), with the per-model views narrowed to `scope` (the originals renamed
     to _all_<table>): macros resolve view names when called, so they all see the subset."""
     from .sql import connect
@@ -109,7 +111,7 @@ class Study:
     figure: str                                # what it reproduces
     macro: str                                 # table macro in schemas/studies.sql
     defaults: tuple[tuple[str, Any], ...]      # macro parameters and their defaults
-    plot: Callable[[pa.Table, Params], "Figure"]
+    plot: Callable[[pa.Table, Params], Figure]
     needs: str                                 # what the results must hold for rows to exist
     description: str = ""
 
@@ -168,7 +170,7 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def run_study(con: "duckdb.DuckDBPyConnection", study: Study, overrides: Params | None = None) -> pa.Table:
+def run_study(con: duckdb.DuckDBPyConnection, study: Study, overrides: Params | None = None) -> pa.Table:
     """The study's rows, or a ResultsError naming the study when its query fails."""
     import duckdb
 
@@ -208,7 +210,7 @@ def save_plot(root: str | os.PathLike, name: str, out: str | os.PathLike,
     return out
 
 
-def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
+def write_figure(fig: Figure, out: str | os.PathLike) -> None:
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -228,7 +230,7 @@ def write_figure(fig: "Figure", out: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def svg_text(fig: "Figure", salt: str) -> str:
+def svg_text(fig: Figure, salt: str) -> str:
     """The figure as an inline <svg> element (no XML prolog); `salt` keeps ids unique per page."""
     import io
 
@@ -252,7 +254,7 @@ def _prefix_ids(svg: str, prefix: str) -> str:
 
 
 # --- plotting helpers ------------------------------------------------------------------------
-def _pyplot() -> "ModuleType":
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError as e:  # the `plot` extra
@@ -306,18 +308,18 @@ def _colors(n: int) -> list:
     return [s["color"] for s in _styles(range(max(n, 1))).values()]
 
 
-def _legend(ax: "Axes", n: int) -> None:
+def _legend(ax: Axes, n: int) -> None:
     """Beside the axes, not over the data; two columns once it gets long."""
     if n:
         ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
                   ncol=1 if n <= 12 else 2, borderaxespad=0.0)
 
 
-def _fig_legend(fig: "Figure", axes: Iterable["Axes"]) -> None:
+def _fig_legend(fig: Figure, axes: Iterable[Axes]) -> None:
     """One legend for every panel of a figure, each label once, outside on the right."""
     handles: dict[str, Any] = {}
     for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     if handles:
         handles = dict(sorted(handles.items()))
@@ -339,7 +341,7 @@ def _log_ticks(axis: Any) -> None:
 
 
 # --- the figures -----------------------------------------------------------------------------
-def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
+def plot_intruders_eps(table: pa.Table, params: Params) -> Figure:
     """Fig. 5: one panel per kind; one line per model (colour by rank)."""
     plt = _pyplot()
     rows = _rows(table)
@@ -349,7 +351,7 @@ def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols + 2.6, 3.2 * nrows), squeeze=False,
                              sharey=True, layout="constrained")
     style = _styles(sorted({(r["kind"] or "", r["r"] or 0, r["model_id"], r["model_uid"]) for r in rows}))
-    for ax, (kind, krows) in zip(axes.flat, kinds):
+    for ax, (kind, krows) in zip(axes.flat, kinds, strict=False):  # the grid may have spare panels
         for _, mrows in sorted(_by(krows, "model_uid").items(), key=lambda kv: _label(kv[1][0])):
             mrows = sorted(mrows, key=lambda r: r["eps"])
             first = mrows[0]
@@ -367,7 +369,7 @@ def plot_intruders_eps(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
+def plot_intruders_fraction(table: pa.Table, params: Params) -> Figure:
     """Fig. 11: share of the examined singular vectors that are intruders, vs the fraction examined."""
     plt = _pyplot()
     rows = _rows(table)
@@ -390,7 +392,7 @@ def plot_intruders_fraction(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
+def plot_effective_rank(table: pa.Table, params: Params) -> Figure:
     """Fig. 6: effective rank of dW by layer, one panel per module, one line per model."""
     plt = _pyplot()
     rows = [r for r in _rows(table) if r["eff_rank"] is not None and r["layer"] is not None]
@@ -401,7 +403,7 @@ def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
                              layout="constrained")
     model_ids = sorted({(r["model_id"], r["model_uid"]) for r in rows})
     style = _styles(model_ids)
-    for ax, module in zip(axes.flat, modules):
+    for ax, module in zip(axes.flat, modules, strict=False):  # the grid may have spare panels
         mrows = [r for r in rows if r["module"] == module]
         for key, lrows in sorted(_by(mrows, "model_uid").items()):
             lrows = sorted(lrows, key=lambda r: r["layer"])
@@ -419,7 +421,7 @@ def plot_effective_rank(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_similarity(table: pa.Table, params: Params) -> "Figure":
+def plot_similarity(table: pa.Table, params: Params) -> Figure:
     """Figs 1 and 3: |U0^T Ut| for the top vectors; columns that are intruders are marked."""
     import numpy as np
 
@@ -443,12 +445,13 @@ def plot_similarity(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
+def plot_checkpoints(table: pa.Table, params: Params) -> Figure:
     """Fig. 7: intruders (and effective rank) over training steps, one line per series."""
     plt = _pyplot()
     series = _by(_rows(table), "series")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
-    for color, (name, srows) in zip(_colors(len(series)), sorted(series.items())):
+    # strict=False: _colors(0) still returns one colour
+    for color, (name, srows) in zip(_colors(len(series)), sorted(series.items()), strict=False):
         srows = sorted(srows, key=lambda r: r["step"])
         steps = [r["step"] for r in srows]
         ax1.plot(steps, [r["n_intruders"] for r in srows], marker="o", color=color, label=name)
@@ -462,12 +465,13 @@ def plot_checkpoints(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_alpha(table: pa.Table, params: Params) -> "Figure":
+def plot_alpha(table: pa.Table, params: Params) -> Figure:
     """alpha = 2r vs fixed alpha: intruders and relative update against the rank."""
     plt = _pyplot()
     rules = _by(_rows(table), "alpha_rule")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
-    for color, (rule, rrows) in zip(_colors(len(rules)), sorted(rules.items())):
+    # strict=False: _colors(0) still returns one colour
+    for color, (rule, rrows) in zip(_colors(len(rules)), sorted(rules.items()), strict=False):
         rrows = sorted(rrows, key=lambda r: (r["r"], r["model_id"]))
         ax1.plot([r["r"] for r in rrows], [r["n_intruders"] for r in rrows], marker="o",
                  color=color, label=rule)
@@ -483,7 +487,7 @@ def plot_alpha(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
+def plot_ab_balance(table: pa.Table, params: Params) -> Figure:
     """LoRA+: ||B||_F against ||A||_F per matrix; B under-trained sits below the diagonal."""
     plt = _pyplot()
     models = _by(_rows(table), "model_uid")
@@ -511,7 +515,7 @@ def plot_ab_balance(table: pa.Table, params: Params) -> "Figure":
     return fig
 
 
-def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
+def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> Figure:
     """Hu et al. Fig. 3 style: phi(i, j) heatmaps for the pairs with the largest grids."""
     import numpy as np
 
@@ -529,7 +533,7 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> "Figure":
     grids = grids[:max_pairs]
     fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids) + 1.0, 3.6), squeeze=False,
                              layout="constrained")
-    for ax, rows in zip(axes[0], grids):
+    for ax, rows in zip(axes[0], grids, strict=True):
         n_i, n_j = max(r["i"] for r in rows), max(r["j"] for r in rows)
         phi = np.full((n_i, n_j), np.nan)
         for r in rows:
