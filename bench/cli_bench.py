@@ -32,6 +32,17 @@ from bench.run_bench import llama_modules, machine, write_adapters, write_base
 K, EPS = 10, 0.5
 
 
+WORK_MARKER = ".zs-cli-bench"
+
+
+def claim_work(work: Path) -> None:
+    """The bench rewrites work/zoo and work/results: only in a folder that is new, empty or its own."""
+    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        raise SystemExit(f"--work {work} holds files this bench did not write; pass a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text("zoospectra cli_bench work folder\n")
+
+
 def run_cli(base: Path, adapters: list[Path], out: Path, *extra: str) -> float:
     """Wall seconds of one `zoospectra analyze` process (interpreter and Ray start included)."""
     cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(base), *map(str, adapters),
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     work = Path(args.work or tempfile.mkdtemp(prefix="zs-cli-bench-"))
+    claim_work(work)
     modules = llama_modules(args.hidden, args.intermediate)
     zoo_dir = work / "zoo"
     if zoo_dir.exists():
