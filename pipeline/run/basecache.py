@@ -189,8 +189,15 @@ class BaseCache:
     def move_aside(self, key: BaseKey) -> str:
         """Move a damaged entry under _damaged/ (kept, never used again); returns where."""
         dest = f"{DAMAGED}/{key.file_name.removesuffix(SUFFIX)}.{time.time_ns()}{SUFFIX}"
+        fs = self._fs
+        # store.py's filesystem classes have no move; reach their paths here (no store.py change)
         try:
-            self._fs.move(key.file_name, dest)  # the store's own move: local rename or object copy
+            if fs.local:
+                (fs.path / DAMAGED).mkdir(parents=True, exist_ok=True)
+                os.replace(fs.path / key.file_name, fs.path / dest)
+            else:
+                fs.fs.create_dir(fs._abs(DAMAGED), recursive=True)
+                fs.fs.move(fs._abs(key.file_name), fs._abs(dest))
         except FileNotFoundError:  # another worker moved it first
             pass
         return dest
