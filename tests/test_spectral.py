@@ -554,3 +554,31 @@ def test_intruder_counts_agree_with_peft(trained_lora) -> None:
             compared += 1
             total += theirs[tensor]
     assert compared >= 0.9 * len(EPS_SWEEP) * len(ours) and total > 0
+
+
+@pytest.mark.parametrize("shape", [(96, 300), (300, 96), (120, 120), (200, 130)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_base_svd_through_qr_matches_numpy(shape: tuple[int, int], dtype: str) -> None:
+    """Wide and tall bases take a QR of the long side first (rectangular_svd): the factors must be
+    those of a direct SVD (numpy's, an independent LAPACK call) up to signs, to the dtype's rounding."""
+    rng = np.random.default_rng(7)
+    m, n = shape
+    p = min(m, n)
+    u0, _ = np.linalg.qr(rng.standard_normal((m, p)))
+    v0, _ = np.linalg.qr(rng.standard_normal((n, p)))
+    s0 = np.logspace(0, -3, p) * (1 + 0.5 * rng.random(p))      # decaying, well separated enough
+    s0 = np.sort(s0)[::-1]
+    w0 = (u0 * s0) @ v0.T
+    base = base_svd(torch.tensor(w0), AnalysisConfig(dtype=dtype))
+    tol = 2e-5 if dtype == "float32" else 1e-11
+    ref_u, ref_s, ref_vh = np.linalg.svd(w0, full_matrices=False)
+    u, s, vh = (x.double().numpy() for x in (base.U, base.S, base.Vh))
+    assert u.shape == (m, p) and s.shape == (p,) and vh.shape == (p, n)
+    np.testing.assert_allclose(s, ref_s, atol=tol * ref_s[0])
+    np.testing.assert_allclose((u * s) @ vh, w0, atol=tol * ref_s[0])
+    np.testing.assert_allclose(u.T @ u, np.eye(p), atol=10 * tol)
+    np.testing.assert_allclose(vh @ vh.T, np.eye(p), atol=10 * tol)
+    # the top singular vectors (gaps >> rounding) agree with the direct SVD's up to sign
+    top = 10
+    np.testing.assert_allclose(np.abs(np.sum(u[:, :top] * ref_u[:, :top], 0)), 1.0, atol=1e3 * tol)
+    np.testing.assert_allclose(np.abs(np.sum(vh[:top] * ref_vh[:top], 1)), 1.0, atol=1e3 * tol)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: a Ray driver never needs it
+    import torch
 
-if TYPE_CHECKING:
     from ..config import AnalysisConfig
     from ..io.refs import ModelRef
     from ..spectral import BaseSVD
@@ -87,6 +87,8 @@ class DamagedEntry(Exception):
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """sha256 of the tensors' bytes (CPU, contiguous), in order."""
+    import torch
+
     h = hashlib.sha256()
     for t in tensors:
         # ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12

@@ -22,12 +22,33 @@ def thin_svd(x: torch.Tensor, what: str, tensor: str) -> tuple[torch.Tensor, tor
             "retry with dtype=float64", tensor=tensor) from e
 
 
+QR_FIRST = 1.5   # aspect ratio from which a CPU base SVD goes through a QR of the long side
+
+
+def rectangular_svd(x: torch.Tensor, what: str, tensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """thin_svd of a clearly non-square matrix through a QR of its long side (Chan's R-SVD):
+    x = Q R (tall) or x^T = Q R (wide), then the SVD of the square R. Backward stable like the
+    direct call, and on the CPU about twice as fast at MLP shapes (1024 x 2816: 0.55 s against
+    1.1 s on 2 cores), where MKL's gesdd does not take that path itself. Other shapes, and CUDA
+    (cuSOLVER's gesvd already reduces by QR), use thin_svd as it is."""
+    m, n = int(x.shape[0]), int(x.shape[1])
+    if x.is_cuda or max(m, n) < QR_FIRST * min(m, n):
+        return thin_svd(x, what, tensor)
+    if m >= n:                                   # x = Q R, R = Ur S Vh  ->  U = Q Ur
+        q, r = torch.linalg.qr(x)
+        ur, s, vh = thin_svd(r, what, tensor)
+        return q @ ur, s, vh
+    q, r = torch.linalg.qr(x.T)                  # x = R^T Q^T, R^T = U S Vr^T  ->  Vh = (Q Vr)^T
+    u, s, vrh = thin_svd(r.T, what, tensor)
+    return u, s, vrh @ q.T
+
+
 def base_svd(w0: torch.Tensor, cfg: AnalysisConfig, device: str | torch.device = "cpu",
              tensor: str = "") -> BaseSVD:
-    """Full thin SVD of W0 [m, n] in cfg.dtype on `device`."""
+    """Full thin SVD of W0 [m, n] in cfg.dtype on `device` (rectangular_svd)."""
     start = time.perf_counter()
     x = place(w0, "base matrix W0", tensor, resolve_device(device), torch_dtype(cfg.dtype))
-    u, s, vh = thin_svd(x, "W0", tensor)
+    u, s, vh = rectangular_svd(x, "W0", tensor)
     s.cpu()  # wait for the device so the timing is the SVD's
     return BaseSVD(U=u, S=s, Vh=vh, seconds=time.perf_counter() - start)
 
