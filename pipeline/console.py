@@ -85,6 +85,8 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
             f"(worker peak RSS {summary.peak_rss_mb:.0f} MiB; base SVDs {summary.base_svd_computed} "
             f"computed, {summary.base_svd_reused} reused) -> {esc(out)}"
         )
+        if summary.cluster:
+            console.print(f"  ran on {esc(summary.cluster)}; units ran on {summary.n_nodes} node(s)")
         if summary.n_solver_fallbacks:  # once per run, not a line per unit
             console.print(f"  note: {summary.n_solver_fallbacks} fast-engine solves fell back to a dense "
                           "SVD (results exact, only slower); counted in runs.n_solver_fallbacks")

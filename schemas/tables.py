@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
+SCHEMA_VERSION = "1.2"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*;
+#                          1.2: runs.n_nodes, runs.cluster
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -166,6 +167,8 @@ RUNS = pa.schema(
         _f("mode", _str, doc="exact|fast (also in config_json)"),
         _f("base_svd_computed", _i32, doc="base matrices decomposed by this run (stored for reuse)"),
         _f("base_svd_reused", _i32, doc="base matrices whose stored decomposition this run reused"),
+        _f("n_nodes", _i32, doc="Ray nodes that ran this run's units (1 for --local)"),
+        _f("cluster", _str, doc="where it ran: a local Ray it started, a cluster address, or in-process"),
     ]
 )
 

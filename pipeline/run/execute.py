@@ -42,6 +42,12 @@ class RunSummary:
     n_solver_fallbacks: int = 0     # fast engine: dense-SVD fallbacks over all units
     base_svd_computed: int = 0      # base decompositions this run computed (and stored)
     base_svd_reused: int = 0        # base decompositions found valid in the store
+    nodes: set[str] = field(default_factory=set)   # Ray node ids (or "local") that ran units
+    cluster: str = ""               # which cluster ran it: "local Ray started by this run", an address, ...
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
 
 
 def new_run_id() -> str:
@@ -83,20 +89,57 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S, what: str = "R
                                       "is the port right?)", address=address) from err
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (a cluster) or start a local Ray once; reuse an initialised one."""
+AUTH_HINT = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token "
+             "in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Join `address` (a cluster) or start a private local Ray once; reuse an initialised one.
+    Returns which cluster this process is on, for the run summary and manifest.
+
+    No address (and no RAY_ADDRESS) starts a new local instance even when a cluster started with
+    `ray start` runs on this machine: Ray's own default would join that cluster silently."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: join its cluster
     if ray.is_initialized():
-        return
+        return _cluster_name(address, started=False)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: join its cluster
-    if address:
-        probe_address(address)
+    if not address:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        return _cluster_name(None, started=True)
+    probe_address(address)
+    try:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    except ConnectionError as err:  # the port answered but Ray did not let this driver in
+        raise ClusterUnreachableError(f"cannot join the Ray cluster at {address}: {err} ({AUTH_HINT})",
+                                      address=address) from err
+    return _cluster_name(address, started=False)
+
+
+def _cluster_name(address: str | None, started: bool) -> str:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    where = "local Ray started by this run" if started else f"Ray cluster at {address or 'this process'}"
+    return f"{where} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _task_device() -> str:
+    """'cuda' when Ray gave this task a GPU and torch can use one; otherwise 'cpu' (a node that
+    advertises GPUs without a usable CUDA, e.g. a custom resource count, must not fail units)."""
+    import ray
+
+    if not ray.get_gpu_ids():
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES for this worker
+    log.warning("Ray assigned GPU %s to this task but torch sees no CUDA device; running on the CPU",
+                ray.get_gpu_ids())
+    return "cpu"
 
 
 def _ray_task():
@@ -107,9 +150,9 @@ def _ray_task():
     def analyze_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, root: str, cache: str,
                      *after: BaseOutcome) -> UnitOutcome:
         # `after`: the tensor's prepare_base result; Ray starts this task only once it exists
-        gpu_ids = ray.get_gpu_ids()
-        device = "cuda" if gpu_ids else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES for this worker
-        return process_unit(unit, cfg, run_id, root, device=device, base_cache=cache)
+        outcome = process_unit(unit, cfg, run_id, root, device=_task_device(), base_cache=cache)
+        outcome.node = ray.get_runtime_context().get_node_id()
+        return outcome
 
     return analyze_unit
 
@@ -119,8 +162,7 @@ def _ray_base_task():
 
     @ray.remote(max_retries=3, retry_exceptions=False)
     def prepare(unit: WorkUnit, cfg: AnalysisConfig, cache: str) -> BaseOutcome:
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-        return prepare_base(unit.base, unit.tensor, unit.transpose_w0, cfg, device, cache)
+        return prepare_base(unit.base, unit.tensor, unit.transpose_w0, cfg, _task_device(), cache)
 
     return prepare
 
@@ -168,12 +210,12 @@ def run_plan(
     t0 = time.perf_counter()
     status = "failed"
     try:
-        outcomes = (
-            _run_local(todo, plan.config, run_id, results_root, device, cache)
-            if executor == "local"
-            else _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight,
-                          gpus_per_task, cache)
-        )
+        if executor == "local":
+            summary.cluster = "in-process (--local, no Ray)"
+            outcomes = _run_local(todo, plan.config, run_id, results_root, device, cache)
+        else:
+            outcomes = _run_ray(todo, plan.config, run_id, results_root, address, max_in_flight,
+                                gpus_per_task, cache, summary)
         i, solo = 0, _solo_units(todo)
         for outcome in outcomes:
             if isinstance(outcome, BaseOutcome):
@@ -196,7 +238,8 @@ def run_plan(
                    "worker_peak_rss_mb": round(summary.peak_rss_mb, 1),
                    "n_solver_fallbacks": summary.n_solver_fallbacks,
                    "base_svd_computed": summary.base_svd_computed,
-                   "base_svd_reused": summary.base_svd_reused, "base_cache": cache},
+                   "base_svd_reused": summary.base_svd_reused, "base_cache": cache,
+                   "n_nodes": summary.n_nodes, "cluster": summary.cluster},
         )
     return summary
 
@@ -210,6 +253,8 @@ def _tally(summary: RunSummary, o: UnitOutcome) -> None:
         summary.n_failed += 1
     summary.n_member_errors += o.n_failed
     summary.devices[o.device] = summary.devices.get(o.device, 0) + 1
+    if o.node and o.status != "skipped":
+        summary.nodes.add(o.node)
     summary.peak_rss_mb = max(summary.peak_rss_mb, o.peak_rss_mb)
     summary.n_solver_fallbacks += o.n_solver_fallbacks
     summary.base_svd_computed += o.base_svd_computed   # only when the store had no valid copy
@@ -257,15 +302,18 @@ def _run_local(units, cfg, run_id, root, device: str, cache: str):
         if kind == "base":
             yield prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache)
         else:
-            yield process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
+            outcome = process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
+            outcome.node = "local"
+            yield outcome
 
 
-def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, cache: str):
+def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, cache: str,
+             summary: RunSummary):
     import ray
 
     if not units:  # nothing to do: no cluster to start or join
         return
-    ensure_ray(address)
+    summary.cluster = ensure_ray(address)
     task, base_task = _ray_task(), _ray_base_task()
     n_gpus = ray.cluster_resources().get("GPU", 0)
     if gpus_per_task is None:

@@ -43,6 +43,7 @@ class UnitOutcome:
     errors: list[dict] = field(default_factory=list)
     peak_rss_mb: float = field(default_factory=lambda: peak_rss_mb())
     n_solver_fallbacks: int = 0     # fast engine: solves that fell back to a dense SVD
+    node: str = ""                  # the Ray node id that ran it ("local" in-process); set by the executor
     base_svd_computed: int = 0      # 1 when this unit had to decompose W0 itself (store had none)
     base_svd_loaded: int = 0        # 1 when it used a stored (or its worker's last) decomposition
 
