@@ -93,7 +93,8 @@ def test_two_nodes_give_the_single_node_rows(minilm_dir, zoo, reference, cluster
     n_nodes, where = runs_row(out)
     assert n_nodes == 2, f"units ran on {n_nodes} node(s): {last_run(out)}"
     assert where.startswith(f"Ray cluster at {cluster.address} (2 nodes")
-    assert f"ran on Ray cluster at {cluster.address}" in " ".join((proc.stdout + proc.stderr).split())  # rich wraps lines
+    said = " ".join((proc.stdout + proc.stderr).split())   # rich wraps long lines
+    assert f"ran on Ray cluster at {cluster.address}" in said
 
 
 def test_a_plain_run_starts_its_own_ray_beside_a_running_cluster(minilm_dir, zoo, reference, cluster,

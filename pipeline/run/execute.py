@@ -123,7 +123,8 @@ def _cluster_name(address: str | None, started: bool) -> str:
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     where = "local Ray started by this run" if started else f"Ray cluster at {address or 'this process'}"
-    return f"{where} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return f"{where} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {cpus} CPUs)"
 
 
 def _task_device() -> str:
