@@ -232,36 +232,52 @@ def _verify_text(record: dict) -> str:
 def submit(
     ctx: typer.Context,
     address: str = typer.Option(..., help="Ray dashboard/Jobs API address, e.g. http://head:8265."),
-    working_dir: str = typer.Option(".", help="Shipped to the cluster as the job's runtime_env working_dir."),
+    ship_code: bool = typer.Option(False, "--ship-code", help="Ship this zoospectra package (only it) "
+                                   "with the job; by default the cluster's image must have zoospectra."),
+    working_dir: str | None = typer.Option(None, help="Also ship this directory as the job's working_dir "
+                                            "(.git, .venv and results excluded)."),
     wait: bool = typer.Option(False, "--wait/--no-wait", help="Follow the job's logs until it ends."),
+    timeout: float = typer.Option(3600.0, help="With --wait: stop waiting after this many seconds "
+                                  "(the job keeps running)."),
+    status: str | None = typer.Option(None, "--status", help="Show a submitted job's status and log tail "
+                                      "instead of submitting."),
 ) -> None:
     """Submit `zoospectra ARGS...` to a running Ray cluster through the Ray Jobs API."""
-    from .run.execute import probe_address
+    from .run import submit as ray_jobs
 
+    if timeout <= 0:
+        raise typer.BadParameter(f"--timeout must be > 0 seconds, got {timeout}")
     args = list(ctx.args)
     if args and args[0] == "--":
         args = args[1:]
-    if not args:
+    if not args and status is None:
         raise typer.BadParameter("give the zoospectra command to run after --, e.g. -- analyze BASE A --out R")
-    probe_address(address, what="the Ray Jobs API")  # the client would otherwise retry for minutes
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=shlex.join(["python", "-m", "zoospectra.cli", *args]),
-        runtime_env={"working_dir": working_dir, "excludes": [".venv", ".git", "results"]},
-    )
+    client = ray_jobs.connect(address)
+    if status is not None:
+        info = ray_jobs.info(client, status)
+        typer.echo(ray_jobs.describe(info))
+        tail = ray_jobs.log_tail(client, status)
+        if tail:
+            typer.echo(tail)
+        raise typer.Exit(code=ray_jobs.exit_code(info))
+    job_id = ray_jobs.submit(client, args, ship_code=ship_code, working_dir=working_dir)
     typer.echo(job_id)
     if wait:
-        import asyncio
+        info = ray_jobs.follow(client, job_id, timeout, sys.stderr.write)
+        typer.echo(ray_jobs.describe(info))
+        raise typer.Exit(code=ray_jobs.exit_code(info))
 
-        async def follow() -> None:
-            async for lines in client.tail_job_logs(job_id):
-                sys.stderr.write(lines)
 
-        asyncio.run(follow())
-        if client.get_job_status(job_id) != JobStatus.SUCCEEDED:
-            raise typer.Exit(code=1)
+@app.command("jobs")
+def list_jobs(
+    address: str = typer.Option(..., help="Ray dashboard/Jobs API address, e.g. http://head:8265."),
+) -> None:
+    """List the jobs of a Ray cluster (newest last): id, status, exit code, entrypoint."""
+    from .run import submit as ray_jobs
+
+    client = ray_jobs.connect(address)
+    for info in ray_jobs.listing(client):
+        typer.echo(ray_jobs.describe(info))
 
 
 @app.command()

@@ -126,6 +126,18 @@ class ClusterUnreachableError(ZoospectraError, ConnectionError):
     exit_code = 1
 
 
+class JobSubmitError(ZoospectraError, RuntimeError):
+    """The Ray Jobs API answered but did not take the job (its own message says why)."""
+
+    exit_code = 1
+
+
+class JobWaitTimeoutError(ZoospectraError, TimeoutError):
+    """`submit --wait` gave up waiting; the job itself keeps running on the cluster."""
+
+    exit_code = 1
+
+
 # --- analysis (spectral math) ------------------------------------------------------------
 class AnalysisError(ZoospectraError, RuntimeError):
     """The math cannot analyse a matrix as given: a decomposition failed to converge, or a
