@@ -121,7 +121,7 @@ def local_reference(minilm_dir: Path, hub_zoo: dict[str, Path], tmp_path_factory
     """`zoospectra analyze` of the same files, each named by its repo id (in-process executor:
     the Ray path is the crawl's)."""
     out = tmp_path_factory.mktemp("local") / "results"
-    proc = cli("analyze", str(minilm_dir), *[f"{repo}={path}" for repo, path in hub_zoo.items()],
+    proc = cli("analyze", "--base", str(minilm_dir), *[f"{repo}={path}" for repo, path in hub_zoo.items()],
                "--out", str(out), "--base-name", BASE, "--batch-size", str(BATCH), "--local",
                env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr

@@ -271,7 +271,7 @@ class HubFileSource:
         self.options = options or HubOptions()
         self.name = f"{repo_id}@{revision}"
         self.bytes_fetched = 0                    # body bytes of ranged reads (metrics, tests)
-        self._sizes: dict[str, int] | None = None
+        self._sizes: dict[str, int | None] | None = None
 
     def __getstate__(self) -> dict:  # ship only the identity to Ray workers, not counters
         state = dict(self.__dict__)
@@ -282,8 +282,9 @@ class HubFileSource:
         return {"repo": self.repo_id, "revision": self.revision, "file": filename}
 
     # -- FileSource --
-    def files(self) -> dict[str, int]:
-        """filename -> size in bytes at this revision."""
+    def files(self) -> dict[str, int | None]:
+        """filename -> size in bytes at this revision; None where the listing gives no size
+        (Hub-compatible servers may omit it: `size()` then asks the server)."""
         if self._sizes is None:
             from huggingface_hub import HfApi
 
@@ -292,7 +293,7 @@ class HubFileSource:
                 lambda: api.model_info(self.repo_id, revision=self.revision, files_metadata=True,
                                        timeout=self.options.timeout),
                 "model info", self.options, **self._ctx())
-            self._sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+            self._sizes = {s.rfilename: _listed_size(s) for s in info.siblings or []}
         return self._sizes
 
     def exists(self, filename: str) -> bool:
@@ -311,7 +312,19 @@ class HubFileSource:
         if filename not in sizes:
             raise HubNotFoundError(f"{filename!r} is not in {self.name}; check the file name",
                                    **self._ctx(filename))
-        return sizes[filename]
+        size = sizes[filename]
+        if size is None:  # not listed: ask (one HEAD), never assume 0 (that read as "corrupt")
+            size = self._head_size(filename)
+            sizes[filename] = size
+        return size
+
+    def _head_size(self, filename: str) -> int:
+        meta = with_retries(lambda: self._head(filename), "file size", self.options, **self._ctx(filename))
+        size = getattr(meta, "size", None)
+        if not isinstance(size, int) or size < 0:
+            raise HubError("the server reports no size for this file (neither in the listing nor in "
+                           "a HEAD reply); it cannot be read by byte ranges", **self._ctx(filename))
+        return size
 
     def read_text(self, filename: str) -> str:
         with open(self.local_path(filename), encoding="utf-8") as f:
@@ -391,6 +404,15 @@ class HubFileSource:
             data = _range_body(response, start, end, f"{self.name}/{filename}")
         self.bytes_fetched += len(data)
         return data
+
+
+def _listed_size(sibling: object) -> int | None:
+    """A sibling's size from the listing: the LFS size for LFS files, else `size`; None if absent."""
+    lfs = getattr(sibling, "lfs", None)
+    for size in (getattr(lfs, "size", None) if lfs is not None else None, getattr(sibling, "size", None)):
+        if isinstance(size, int) and size >= 0:
+            return size
+    return None
 
 
 def _fetch_whole(filename: str) -> bool:
