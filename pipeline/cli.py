@@ -381,13 +381,13 @@ def plot(
 
 @app.command()
 def mitigate(
-    adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
+    adapter: str = typer.Argument(..., help="PEFT LoRA adapter: a directory or a Hub reference (org/name[@rev])."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
     lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values "
                                                   "(PEFT's mitigation_lambda)."),
     k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
     eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
-    base: str | None = typer.Option(None, help="Base checkpoint directory "
+    base: str | None = typer.Option(None, help="Base checkpoint: a directory or a Hub reference "
                                                "(default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
     force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out "

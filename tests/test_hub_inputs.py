@@ -230,3 +230,30 @@ def test_listing_without_sizes_gives_correct_results(
                        executor="local")
     for table in TABLES:
         assert_rows_close(table_rows(out, table), table_rows(ref, table))
+
+
+# --- mitigate from the Hub ------------------------------------------------------------------
+def test_mitigate_a_hub_adapter_against_the_hub_base_it_names(
+        fake_hub: FakeHub, sources: dict[str, Path], minilm_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from zoospectra.mitigate import MitigationParams, mitigate_adapter
+
+    from safetensors.torch import save_file
+
+    publish_base(fake_hub, minilm_dir)
+    local = naming(sources["lora"], tmp_path / "lora-a", BASE)
+    weights = load_file(str(local / "adapter_model.safetensors"))   # a large update: intruders
+    save_file({k: v * 30 if ".lora_B." in k else v for k, v in weights.items()},
+              str(local / "adapter_model.safetensors"))
+    sha = fake_hub.add_repo("org/lora-a", files_of(local))
+    params = MitigationParams(lam=0.5, eps=0.9)
+    hub_run = mitigate_adapter(f"org/lora-a@{sha}", tmp_path / "from-hub", params)
+    ref_run = mitigate_adapter(local, tmp_path / "from-disk", params, base=minilm_dir)
+    assert hub_run.base == f"{BASE}@{fake_hub.state.repos[BASE].head.sha}"
+    assert [(m.module, m.intruders) for m in hub_run.matrices] == [(m.module, m.intruders) for m in ref_run.matrices]
+    assert hub_run.n_intruders > 0
+    got, want = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "from-hub", tmp_path / "from-disk"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # the base was read by byte ranges, never whole
+    assert all(r.range for r in fake_hub.requests(BASE, "model.safetensors", "GET"))
