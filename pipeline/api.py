@@ -88,8 +88,8 @@ def analyze(
     `on_plan` sees the plan before execution starts; `on_progress(i, n, outcome)` is called
     after each unit.
     """
-    from .run.execute import new_run_id, run_plan
     from .io.resolve import BaseResolver
+    from .run.execute import new_run_id, run_plan
     from .run.plan import plan_by_base
     from .run.store import ResultsStore
 

@@ -273,9 +273,17 @@ def submit(
 
 @app.command()
 def crawl(
-    base_model: list[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
+    base_model: list[str] = typer.Option([], "--base-model", help="Hub id of a base model, org/name[@rev] "
+                                                                  "(repeatable): its adapters."),
+    author: list[str] = typer.Option([], "--author", help="Hub user or organisation (repeatable): every "
+                                                          "adapter it publishes, each against the base it names."),
+    search: list[str] = typer.Option([], "--search", help="Hub search text (repeatable): every adapter "
+                                                          "whose id matches."),
+    repos: str | None = typer.Option(None, "--repos", help="File of Hub references, one a line "
+                                                          "(org/name[@rev]; '#' comments)."),
     out: str = typer.Option(..., "--out", "-o", help="Results root."),
-    limit: int | None = typer.Option(None, help="At most N repos per base model and kind."),
+    limit: int | None = typer.Option(None, help="At most N repos per base model and kind, author, "
+                                                "search, or from --repos."),
     include: list[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
     mode: str = typer.Option(_D.mode, help="fast (default) or exact (the paper's full SVDs)."),
@@ -285,7 +293,8 @@ def crawl(
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     spec: str | None = typer.Option(None, help="A YAML job spec instead of the flags above."),
 ) -> None:
-    """Discover adapters / fine-tunes of base models on the Hub and analyse what is new."""
+    """Discover adapters / fine-tunes on the Hub (by base model, author, search or a list) and
+    analyse what is new."""
     import json
     from dataclasses import asdict
 
@@ -303,7 +312,8 @@ def crawl(
         crawl_spec = CrawlSpec.load(spec)
     else:
         crawl_spec = CrawlSpec.from_dict({
-            "name": name, "base_models": list(base_model), "out": out, "limit": limit,
+            "name": name, "base_models": list(base_model), "author": list(author), "search": list(search),
+            "repos": repos, "out": out, "limit": limit,
             "include_full": "full" in include, "batch_size": batch_size, "ray_address": address,
             "analysis": {"mode": mode, "k_store": _k(k_store, "--k-store")},
         })

@@ -27,7 +27,8 @@ def esc(x: object) -> str:
     return escape(str(x))
 
 
-def run_analysis(base_ref: ModelRef | None, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
+def run_analysis(base_ref: ModelRef | None, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *,
+                 batch_size: int = 32,
                  address: str | None = None, executor: Executor = "ray",
                  max_in_flight: int | None = None, quiet: bool = False, device: str = "auto",
                  base_cache: str | None = None) -> RunSummary:

@@ -108,6 +108,7 @@ class HubState:
     grants: dict[str, set[str]] = field(default_factory=dict)   # token -> repo ids
     faults: list[Fault] = field(default_factory=list)
     served: dict[tuple[str, str], int] = field(default_factory=dict)
+    sent: int = 0                      # body bytes of every reply (API JSON included)
     log: list[RequestRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -233,6 +234,7 @@ class FakeHub:
         with self.state.lock:
             self.state.served.clear()
             self.state.log.clear()
+            self.state.sent = 0
 
     def _take_fault(self, repo_id: str, filename: str | None, method: str,
                     range_start: int | None = None) -> Fault | None:
@@ -325,6 +327,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if method != "HEAD" and body:
                 self.wfile.write(body)
+                with hub.state.lock:
+                    hub.state.sent += len(body)
                 if count and self._repo is not None and self._file is not None:
                     with hub.state.lock:
                         key = (self._repo, self._file)

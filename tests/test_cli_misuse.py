@@ -195,7 +195,8 @@ CASES = [
     Case("analyze-out-read-only", (*ANALYZE, "--out", "/proc/zoospectra-results"), 2, "cannot write in /proc"),
     Case("analyze-duplicate-names", ("analyze", "--base", "{M}", "same={A}", "same={B}", "--out", "r"), 2,
          "two artifacts have the name 'same'"),
-    Case("analyze-missing-artifact", ("analyze", "--base", "{M}", "x=does/not/exist", "--out", "r"), 2, "does/not/exist"),
+    Case("analyze-missing-artifact", ("analyze", "--base", "{M}", "x=does/not/exist", "--out", "r"), 2,
+         "does/not/exist"),
     Case("analyze-missing-base", ("analyze", "--base", "no-base", "{A}", "--out", "r"), 2, "no-base"),
     Case("analyze-name-without-path", ("analyze", "--base", "{M}", "lonely=", "--out", "r"), 2, "'lonely='"),
     Case("analyze-address-ray-refused", (*ANALYZE, "--out", "r", "--address", "ray://127.0.0.1:1"), 1,
@@ -288,7 +289,8 @@ def test_report_and_plot_rerun_over_their_own_outputs(scratch: Path) -> None:
 
 def test_a_directory_with_equals_is_taken_whole(scratch: Path, minilm_dir: Path) -> None:
     before = snapshot(scratch)
-    proc = cli(["analyze", "--base", str(minilm_dir), "lr=1e-4", "named=inputs/adapter=", "--out", "r", "--local"], scratch)
+    proc = cli(["analyze", "--base", str(minilm_dir), "lr=1e-4", "named=inputs/adapter=", "--out", "r", "--local"],
+               scratch)
     # 'named=inputs/adapter=' does not exist: NAME is 'named', the path 'inputs/adapter=' is missing
     assert proc.returncode == 2 and "inputs/adapter=" in proc.stderr, proc.stderr
     proc = cli(["analyze", "--base", str(minilm_dir), "lr=1e-4", "--out", "r", "--local", "--k-spec", "8"], scratch)

@@ -566,7 +566,8 @@ def test_quoted_results_root_is_not_sql(goods: list[Path], minilm_dir: Path, tmp
 
 def test_markup_in_a_model_name_is_printed_not_interpreted(hostile: dict[str, Path], minilm_dir: Path,
                                                            tmp_path: Path) -> None:
-    code, text = invoke("analyze", "--base", str(minilm_dir), f"[/]={hostile['truncated']}", "--out", str(tmp_path / "r"),
+    code, text = invoke("analyze", "--base", str(minilm_dir), f"[/]={hostile['truncated']}", "--out",
+                        str(tmp_path / "r"),
                         "--local", "--k-store", "10", "--k-spec", "10")
     assert code == 3 and "[/]" in text and "[file=" in text, text
 

@@ -235,11 +235,9 @@ def test_listing_without_sizes_gives_correct_results(
 # --- mitigate from the Hub ------------------------------------------------------------------
 def test_mitigate_a_hub_adapter_against_the_hub_base_it_names(
         fake_hub: FakeHub, sources: dict[str, Path], minilm_dir: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from zoospectra.mitigate import MitigationParams, mitigate_adapter
-
-    from safetensors.torch import save_file
 
     publish_base(fake_hub, minilm_dir)
     local = naming(sources["lora"], tmp_path / "lora-a", BASE)
@@ -251,9 +249,10 @@ def test_mitigate_a_hub_adapter_against_the_hub_base_it_names(
     hub_run = mitigate_adapter(f"org/lora-a@{sha}", tmp_path / "from-hub", params)
     ref_run = mitigate_adapter(local, tmp_path / "from-disk", params, base=minilm_dir)
     assert hub_run.base == f"{BASE}@{fake_hub.state.repos[BASE].head.sha}"
-    assert [(m.module, m.intruders) for m in hub_run.matrices] == [(m.module, m.intruders) for m in ref_run.matrices]
+    assert [(m.module, m.intruders) for m in hub_run.matrices] == \
+        [(m.module, m.intruders) for m in ref_run.matrices]
     assert hub_run.n_intruders > 0
-    got, want = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "from-hub", tmp_path / "from-disk"))
+    got, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("from-hub", "from-disk"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     # the base was read by byte ranges, never whole
     assert all(r.range for r in fake_hub.requests(BASE, "model.safetensors", "GET"))

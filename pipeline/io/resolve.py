@@ -13,46 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import BaseUnresolvedError, ConfigError, HubError, ZoospectraError
+from ..errors import BaseUnresolvedError, HubError, ZoospectraError
+from .hub import PATH_START, HubSpec, hub_spec
 from .refs import ModelRef, hub_ref, local_ref
 
 if TYPE_CHECKING:
     from .hub import HubOptions
 
-HF_PREFIX = "hf://"
-# org/name with an optional @revision (a branch, tag or sha; branches may hold '/')
-_HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<rev>[^\s@]+))?$")
-_PATH_START = ("/", ".", "~")
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    """A Hub reference as written: repo id and revision (None: the default branch)."""
-
-    repo_id: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return self.repo_id + (f"@{self.revision}" if self.revision else "")
-
-
-def hub_spec(text: str) -> HubSpec | None:
-    """The Hub reference `text` spells, or None when it reads as a local path."""
-    body = text[len(HF_PREFIX):] if text.startswith(HF_PREFIX) else text
-    if not text.startswith(HF_PREFIX) and (text.startswith(_PATH_START) or os.path.exists(text)):
-        return None
-    match = _HUB_REF.match(body)
-    if match is None:
-        if text.startswith(HF_PREFIX):  # said hf:// but is no repo id: say so, not "no such dir"
-            raise ConfigError(f"{text!r} is not a Hub reference: write hf://org/name or "
-                              "hf://org/name@revision", ref=text)
-        return None
-    return HubSpec(match["repo"], match["rev"])
-
+__all__ = ["BaseClaim", "BaseResolver", "HubSpec", "claimed_base", "hub_spec", "resolve_ref"]
 
 def resolve_ref(text: str, name: str | None = None, options: HubOptions | None = None) -> ModelRef:
     """A local directory (pinned by content) or a Hub reference (pinned to its commit sha)."""
@@ -162,7 +133,10 @@ class BaseResolver:
                 "card no base_model; pass --base REF (a directory or org/name[@revision])",
                 model=ref.model_id)
         # A relative path in a local adapter's config may be relative to the adapter itself.
-        near = ref.location if ref.source == "local" else ""
+        return self.resolve(claim, ref.location if ref.source == "local" else "")
+
+    def resolve(self, claim: BaseClaim, near: str = "") -> ModelRef:
+        """The pinned base `claim` names (`near`: the folder a relative path may be relative to)."""
         key = (claim.name, claim.revision, near)
         if key not in self._memo:
             try:
@@ -180,7 +154,7 @@ class BaseResolver:
         for candidate in (path, os.path.join(near, path) if near and not os.path.isabs(path) else None):
             if candidate and os.path.isdir(candidate):
                 return local_ref(candidate)
-        spec = None if claim.name.startswith(_PATH_START) else hub_spec(claim.name)
+        spec = None if claim.name.startswith(PATH_START) else hub_spec(claim.name)
         if spec is None:
             raise BaseUnresolvedError(f"{claim.where} names base {claim.name!r}: no such directory here "
                                       "and not a Hub repo id; pass --base REF", **ctx)
