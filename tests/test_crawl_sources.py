@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,10 +72,27 @@ def options(hub: FakeHub) -> HubOptions:
                       backoff=0.01, backoff_max=0.02)
 
 
-def crawl(out: Path, hub: FakeHub, **sources: object):
+def crawl(out: Path, hub: FakeHub, executor: str = "local", **sources: object):
     spec = {"name": "t", "out": str(out), **sources}
-    (report,) = zoospectra.crawl(spec, options=options(hub), executor="local").bases
+    (report,) = zoospectra.crawl(spec, options=options(hub), executor=executor).bases
     return report
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    """A local Ray whose workers may reach the loopback Hub (conftest sets HF_HUB_OFFLINE=1)."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def catalog(out: Path, run_id: str) -> set[str]:
@@ -86,9 +104,11 @@ def analysed(out: Path) -> dict[str, str]:
     return {r["model_id"]: r["base_id"] for r in pq.read_table(out / "models").to_pylist()}
 
 
-def test_author_finds_exactly_its_adapters_each_against_its_base(zoo: FakeHub, tmp_path: Path) -> None:
+@pytest.mark.slow   # a local Ray start
+def test_author_finds_exactly_its_adapters_each_against_its_base(zoo: FakeHub, local_ray: None,
+                                                                  tmp_path: Path) -> None:
     out = tmp_path / "r"
-    report = crawl(out, zoo, author="alice")
+    report = crawl(out, zoo, executor="ray", author="alice")      # one Ray run over two bases
     assert (report.discovered, report.discovery_errors, report.error_rows) == (3, 0, 0)
     assert catalog(out, report.run_id) == {"alice/tiny-lora-0", "alice/other-lora-1", "alice/card-lora"}
     assert analysed(out) == {"alice/tiny-lora-0": TINY, "alice/other-lora-1": OTHER, "alice/card-lora": TINY}
@@ -147,3 +167,12 @@ def test_source_specs_are_validated(tmp_path: Path) -> None:
                        ({"author": ["a/b"]}, "author"), ({"repos": str(tmp_path / "missing.txt")}, "does not exist")]:
         with pytest.raises(ConfigError, match=match):
             CrawlSpec.from_dict({**base, **bad})
+
+
+def test_a_base_model_pinned_to_a_revision(zoo: FakeHub, tmp_path: Path) -> None:
+    old = zoo.state.repos[TINY].head.sha
+    zoo.commit(TINY, {"config.json": b'{"changed": true}'})             # main moves on
+    report = crawl(tmp_path / "r", zoo, base_models=[f"{TINY}@{old}"])
+    assert report.base_sha == old and report.units_done > 0
+    bases = {r["base_revision"] for r in pq.read_table(tmp_path / "r" / "models").to_pylist()}
+    assert bases == {old}
