@@ -108,6 +108,7 @@ def test_reference_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 # --- analyze with Hub references and no --base ---------------------------------------------
+@pytest.mark.slow   # two CLI processes
 def test_analyze_hub_refs_without_base_gives_the_rows_of_local_copies(
         fake_hub: FakeHub, sources: dict[str, Path], minilm_dir: Path, tmp_path: Path) -> None:
     base_sha = publish_base(fake_hub, minilm_dir)

@@ -517,7 +517,6 @@ def hub_spec(text: str) -> HubSpec | None:
     return HubSpec(match["repo"], match["rev"])
 
 
-
 # --- discovery ---------------------------------------------------------------------------
 Kind = Literal["adapter", "full"]
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BaseClaim", "BaseResolver", "HubSpec", "claimed_base", "hub_spec", "resolve_ref"]
 
+
 def resolve_ref(text: str, name: str | None = None, options: HubOptions | None = None) -> ModelRef:
     """A local directory (pinned by content) or a Hub reference (pinned to its commit sha)."""
     spec = hub_spec(text)
