@@ -181,6 +181,7 @@ def test_mixed_bases_are_grouped_and_bad_bases_are_error_rows(
     fake_hub.add_repo("org/card-only", files_of(card_only))        # base named by the model card only
     good = {
         "org/lora-a": "org/lora-a",                                     # Hub adapter of the Hub MiniLM
+        "local-dora": str(naming(sources["dora"], tmp_path / "local-dora", BASE)),  # local, Hub base
         "t-abs": str(_tiny_adapter(tmp_path / "zoo" / "t-abs", 1, str(tiny_dir))),   # local path
         "t-rel": str(_tiny_adapter(tmp_path / "zoo" / "t-rel", 2, "../tiny-base")),  # relative to it
         "card": "org/card-only",
@@ -202,16 +203,17 @@ def test_mixed_bases_are_grouped_and_bad_bases_are_error_rows(
     assert "no-such-base" in errors["unknown"]["message"]
     rows = models(out)
     assert {m: r["base_id"] for m, r in rows.items()} == {
-        "org/lora-a": BASE, "t-abs": "tiny-base", "t-rel": "tiny-base", "card": TINY}
+        "org/lora-a": BASE, "local-dora": BASE, "t-abs": "tiny-base", "t-rel": "tiny-base", "card": TINY}
 
     # the reference: one analysis per base, the base given explicitly
     ref = tmp_path / "ref"
-    zoospectra.analyze({"org/lora-a": "org/lora-a"}, base=BASE, out=ref, executor="local", hub=fast(fake_hub))
+    zoospectra.analyze({k: good[k] for k in ("org/lora-a", "local-dora")}, base=BASE, out=ref, executor="local",
+                       hub=fast(fake_hub))
     zoospectra.analyze({k: good[k] for k in ("t-abs", "t-rel")}, base=tiny_dir, out=ref, executor="local")
     zoospectra.analyze({"card": "org/card-only"}, base=TINY, out=ref, executor="local", hub=fast(fake_hub))
     for table in TABLES:
         assert_rows_close(table_rows(out, table), table_rows(ref, table))
-    assert len({r[0] for r in table_rows(out, "matrices")}) == 4
+    assert len({r[0] for r in table_rows(out, "matrices")}) == 5
 
 
 # --- a listing without sizes --------------------------------------------------------------
