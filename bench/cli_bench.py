@@ -45,7 +45,7 @@ def claim_work(work: Path) -> None:
 
 def run_cli(base: Path, adapters: list[Path], out: Path, *extra: str) -> float:
     """Wall seconds of one `zoospectra analyze` process (interpreter and Ray start included)."""
-    cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(base), *map(str, adapters),
+    cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(base), *map(str, adapters),
            "--out", str(out), *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

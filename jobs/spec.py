@@ -1,7 +1,10 @@
 """Crawl job specs: one YAML file per scheduled crawl, validated once, here, at the edge.
 
     name: nightly-llama
-    base_models: [meta-llama/Llama-3.1-8B]
+    base_models: [meta-llama/Llama-3.1-8B]    # org/name or org/name@revision
+    author: [some-org]        # optional: every adapter these orgs publish (base from its config)
+    search: [llama-lora]      # optional: every adapter whose id matches
+    repos: repos.txt          # optional: a file of references (one a line, '#' comments) or a list
     include_full: false
     limit: 500                # per base model and kind (adapters / full fine-tunes)
     out: s3://bucket/zoospectra
@@ -38,8 +41,11 @@ _ANALYSIS_KEYS = tuple(f.name for f in fields(AnalysisConfig))  # defaults: Anal
 @dataclass(frozen=True)
 class CrawlSpec:
     name: str
-    base_models: tuple[str, ...]
     out: str
+    base_models: tuple[str, ...] = ()
+    author: tuple[str, ...] = ()      # Hub organisations / users
+    search: tuple[str, ...] = ()      # Hub search terms
+    repos: tuple[str, ...] = ()       # Hub references org/name[@revision]
     include_full: bool = False
     limit: int | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -53,12 +59,20 @@ class CrawlSpec:
         if not _NAME.match(self.name) or len(self.name) > 52:
             raise ConfigError(f"name {self.name!r} must be a lowercase DNS label (a-z, 0-9, '-'), "
                               "at most 52 characters: it names the Kubernetes resources", option="name")
-        if not self.base_models:
-            raise ConfigError("base_models is empty: list at least one Hub repo id", option="base_models")
-        for repo in self.base_models:
-            if not isinstance(repo, str) or not _REPO_ID.match(repo) or not _hub_valid(repo):
-                raise ConfigError(f"base model {repo!r} is not a Hub repo id like 'org/name'",
-                                  option="base_models")
+        if not (self.base_models or self.author or self.search or self.repos):
+            raise ConfigError("base_models is empty and no author, search or repos is given: list at "
+                              "least one Hub repo id or another source", option="base_models")
+        for repo in (*self.base_models, *self.repos):
+            if not _hub_ref_valid(repo):
+                raise ConfigError(f"{repo!r} is not a Hub repo id like 'org/name' (or 'org/name@revision')",
+                                  option="repos" if repo in self.repos else "base_models")
+        for key in ("author", "search"):
+            for value in getattr(self, key):
+                if not isinstance(value, str) or not value.strip():
+                    raise ConfigError(f"{key} entries must be non-empty strings, got {value!r}", option=key)
+            if key == "author" and not all(_REPO_ID.match(a) and "/" not in a for a in self.author):
+                raise ConfigError(f"author must list Hub user or organisation names, got {list(self.author)}",
+                                  option="author")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError("out must be a results root (local path or filesystem URI)", option="out")
         if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
@@ -82,12 +96,16 @@ class CrawlSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}", file=where)
-        missing = sorted({"name", "base_models", "out"} - set(raw))
+        missing = sorted({"name", "out"} - set(raw))
         if missing:
             raise ConfigError(f"{where}: missing required field(s) {missing}", file=where)
         data = dict(raw)
-        bases = data["base_models"]
-        data["base_models"] = tuple([bases] if isinstance(bases, str) else bases or ())
+        for key in ("base_models", "author", "search"):
+            value = data.get(key)
+            data[key] = tuple([value] if isinstance(value, str) else value or ())
+        repos = data.get("repos")
+        # a string is a file of references (relative to the spec's folder); a list, the references
+        data["repos"] = read_repos(_near(repos, where)) if isinstance(repos, str) else tuple(repos or ())
         data["analysis"] = _analysis(data.get("analysis") or {}, where)
         data["hub"] = _hub(data.get("hub") or {}, where)
         return cls(**data)
@@ -102,6 +120,37 @@ class CrawlSpec:
         except yaml.YAMLError as e:
             raise ConfigError(f"job spec {p} is not valid YAML: {e}", file=str(p)) from None
         return cls.from_dict(raw, str(p))
+
+
+def read_repos(path: str | Path) -> tuple[str, ...]:
+    """References from a file, one a line; '#' starts a comment, blank lines are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"repos file {p} does not exist; pass a file with one Hub reference a line",
+                          file=str(p))
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"repos file {p} cannot be read as text ({e})", file=str(p)) from None
+    refs = tuple(line.split("#", 1)[0].strip() for line in lines)
+    return tuple(r for r in refs if r)
+
+
+def _near(path: str, where: str) -> Path:
+    """`path` as written, or relative to the spec file's folder when that is where it exists."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or where == "job spec":
+        return p
+    return Path(where).parent / p
+
+
+def _hub_ref_valid(ref: object) -> bool:
+    """org/name, org/name@revision or hf://org/name[@revision], with an id the Hub accepts."""
+    if not isinstance(ref, str):
+        return False
+    body = ref[len("hf://"):] if ref.startswith("hf://") else ref
+    repo, _, rev = body.partition("@")
+    return bool(_REPO_ID.match(repo)) and _hub_valid(repo) and (not _ or bool(rev.strip()))
 
 
 def _hub_valid(repo: str) -> bool:

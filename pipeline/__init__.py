@@ -2,7 +2,8 @@
 
 The package tree (pipeline/ installs as `zoospectra`):
   errors, config, updates, numeric   the shared vocabulary: typed errors, AnalysisConfig, MatrixUpdate
-  io/        checkpoint (lazy safetensors), refs (what an artifact is and where), hub (Hub transport)
+  io/        checkpoint (lazy safetensors), refs (what an artifact is and where), resolve (arguments
+             and named bases -> pinned refs), hub (Hub transport)
   adapters/  PEFT formats and full fine-tunes -> the exact per-matrix MatrixUpdate
   spectral/  the math: exact (the paper's) and fast (structured) analyses; no I/O, no Ray
   run/       plan (frozen units) -> execute (Ray or in-process) -> unit -> records -> store; crawl

@@ -2,7 +2,7 @@
 notebooks.
 
     import zoospectra
-    run = zoospectra.analyze({"lora": "path/to/adapter"}, base="path/to/base", out="results/")
+    run = zoospectra.analyze({"lora": "path/to/adapter", "dora": "org/dora@main"}, out="results/")
     con = zoospectra.connect("results/")
     con.sql("SELECT model_id, sum(n_intruders) FROM intruders(0.5, 10) GROUP BY ALL").df()
 
@@ -32,27 +32,32 @@ PathLike = Union[str, "os.PathLike[str]"]
 ArtifactArg = Union[PathLike, "ModelRef"]
 
 
-def _ref(item: ArtifactArg, name: str | None = None) -> ModelRef:
-    from .io.refs import ModelRef, local_ref
+def _ref(item: ArtifactArg, name: str | None = None, hub: HubOptions | None = None) -> ModelRef:
+    """A ModelRef as given, a local directory, or a Hub reference (org/name[@rev], hf://...)
+    pinned to its commit sha now."""
+    from .io.refs import ModelRef
+    from .io.resolve import resolve_ref
 
     if isinstance(item, ModelRef):
         return item
-    return local_ref(item, name)
+    return resolve_ref(os.fspath(item), name, hub)
 
 
-def _refs(tuned: Mapping[str, ArtifactArg] | Sequence[ArtifactArg]) -> list[ModelRef]:
-    """Artifacts as ModelRefs: a mapping gives {recorded model id: path}; else the folder name."""
+def _refs(tuned: Mapping[str, ArtifactArg] | Sequence[ArtifactArg],
+          hub: HubOptions | None = None) -> list[ModelRef]:
+    """Artifacts as ModelRefs: a mapping gives {recorded model id: path or Hub ref}; else the
+    folder name / repo id."""
     if isinstance(tuned, Mapping):
-        return [_ref(path, name) for name, path in tuned.items()]
+        return [_ref(path, name, hub) for name, path in tuned.items()]
     if isinstance(tuned, (str, os.PathLike)):
-        return [_ref(tuned)]
-    return [_ref(item) for item in tuned]
+        return [_ref(tuned, None, hub)]
+    return [_ref(item, None, hub) for item in tuned]
 
 
 def analyze(
     tuned: Mapping[str, ArtifactArg] | Sequence[ArtifactArg],
     *,
-    base: ArtifactArg,
+    base: ArtifactArg | None = None,
     out: PathLike,
     config: AnalysisConfig | None = None,
     base_name: str | None = None,
@@ -66,8 +71,15 @@ def analyze(
     on_plan: Callable[[Plan], None] | None = None,
     on_progress: Callable[[int, int, UnitOutcome], None] | None = None,
     on_quarantine: Callable[[dict], None] | None = None,
+    hub: HubOptions | None = None,
 ) -> RunSummary:
     """Analyse fine-tuned artifacts against `base` and commit the tables under `out`.
+
+    Artifacts and base are local directories, Hub references (`org/name`, `org/name@rev`,
+    `hf://org/name@rev`, pinned to their commit sha here) or ModelRefs. Without `base`, each
+    artifact's base is the one its adapter_config.json (or model card) names; artifacts are
+    grouped by base in one plan, and one whose base cannot be resolved or does not fit is an
+    `errors` row. `hub` sets how the Hub is reached (default: HF_ENDPOINT, the HF cache).
 
     Plans from headers and configs only, then runs every unit not yet committed (a rerun
     resumes and never duplicates rows). Base decompositions are stored in `base_cache`
@@ -76,19 +88,23 @@ def analyze(
     `on_plan` sees the plan before execution starts; `on_progress(i, n, outcome)` is called
     after each unit.
     """
+    from .io.resolve import BaseResolver
     from .run.execute import new_run_id, run_plan
-    from .run.plan import build_plan
+    from .run.plan import plan_by_base
     from .run.store import ResultsStore
 
     cfg = config or AnalysisConfig()
+    refs = _refs(tuned, hub)
+    fixed = _ref(base, base_name, hub) if base is not None else None
     root = os.fspath(out)
     store = ResultsStore(root)
     for moved in store.repair():
         if on_quarantine:
             on_quarantine(moved)
     run_id = new_run_id()
-    plan = build_plan(_ref(base, base_name), _refs(tuned), cfg, batch_size=batch_size,
-                      done_pairs=store.done_pairs(), run_id=run_id)
+    resolver = BaseResolver(hub)
+    plan = plan_by_base(refs, cfg, (lambda _: fixed) if fixed is not None else resolver,
+                        batch_size=batch_size, done_pairs=store.done_pairs(), run_id=run_id)
     if on_plan:
         on_plan(plan)
     return run_plan(plan, root, run_id=run_id, executor=executor, address=address,

@@ -59,9 +59,9 @@ def _check_device(device: str) -> None:
 
 
 def parse_tuned(specs: list[str]) -> list[tuple[str | None, str]]:
-    """(name or None, path) per NAME=PATH / PATH argument. An existing path is taken whole even
-    when it contains '='; otherwise NAME is everything before the first '=' (paths may hold '=',
-    names may not). Two artifacts under one name would merge under one model id: refused."""
+    """(name or None, ref) per NAME=REF / REF argument (REF: a path or a Hub reference). An
+    existing path is taken whole even when it contains '='; otherwise NAME is everything before
+    the first '=' (paths may hold '=', names and Hub refs may not)."""
     import os
 
     out: list[tuple[str | None, str]] = []
@@ -71,7 +71,8 @@ def parse_tuned(specs: list[str]) -> list[tuple[str | None, str]]:
             continue
         name, _, path = spec.partition("=")
         if not name or not path:
-            raise ConfigError(f"{spec!r}: NAME=PATH needs both a name and a path", option="tuned")
+            raise ConfigError(f"{spec!r}: NAME=REF needs both a name and a path or Hub reference",
+                              option="tuned")
         out.append((name, path))
     return out
 
@@ -82,7 +83,7 @@ def _check_unique(refs) -> None:
         if ref.model_id in seen and seen[ref.model_id] != ref.location:
             raise ConfigError(
                 f"two artifacts have the name {ref.model_id!r} ({seen[ref.model_id]} and {ref.location}); "
-                "give each its own NAME=PATH", option="tuned", name=ref.model_id)
+                "give each its own NAME=REF", option="tuned", name=ref.model_id)
         seen[ref.model_id] = ref.location
 
 
@@ -97,11 +98,14 @@ def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str
 
 @app.command()
 def analyze(
-    base: str = typer.Argument(..., help="Base checkpoint: a local directory (Hub bases: zoospectra crawl)."),
-    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories. "
-                                                "NAME=PATH sets the model id."),
+    tuned: list[str] = typer.Argument(..., help="Adapters / fine-tunes: local directories or Hub references "
+                                                "(org/name, org/name@revision, hf://org/name@revision). "
+                                                "NAME=REF sets the model id."),
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
-    base_name: str | None = typer.Option(None, help="Id recorded for the base (default: directory name)."),
+    base: str | None = typer.Option(None, "--base", help="Base checkpoint for every artifact: a directory or a Hub "
+                                                         "reference (default: the base each adapter_config.json "
+                                                         "or model card names)."),
+    base_name: str | None = typer.Option(None, help="Id recorded for --base (default: directory name / repo id)."),
     k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
     eps: float = typer.Option(_D.eps, help="Intruder test: max |cos| threshold."),
     k_store: str = typer.Option(_kstr(_D.k_store), help="Per-vector records kept per side ('all' for every one)."),
@@ -122,7 +126,7 @@ def analyze(
                                                      "(path or URI; default OUT/bases)."),
 ) -> None:
     """Analyse fine-tuned artifacts against their base, writing Parquet tables to --out."""
-    from .io.refs import local_ref
+    from .io.resolve import resolve_ref
     from .outputs import claim_results_root
     from .run.execute import probe_address
 
@@ -132,10 +136,13 @@ def analyze(
     _check_positive(max_in_flight, "--max-in-flight")
     _check_device(device)
     pairs_ = parse_tuned(tuned)
-    base_ref = local_ref(base, base_name)
-    refs = [local_ref(path, name) for name, path in pairs_]
+    if base_name and not base:
+        raise ConfigError("--base-name names the --base: give --base too", option="base_name")
+    base_ref = resolve_ref(base, base_name) if base else None  # Hub refs: pinned to their sha here
+    refs = [resolve_ref(path, name) for name, path in pairs_]
     _check_unique(refs)
-    claim_results_root(out, inputs=[base_ref.location, *(r.location for r in refs)])
+    locals_ = [r.location for r in (base_ref, *refs) if r is not None and r.source == "local"]
+    claim_results_root(out, inputs=locals_)
     if address and not local:
         probe_address(address)
     summary = run_analysis(base_ref, refs, cfg, out, batch_size=batch_size, address=address,
@@ -251,7 +258,7 @@ def submit(
     if args and args[0] == "--":
         args = args[1:]
     if not args and status is None:
-        raise typer.BadParameter("give the zoospectra command to run after --, e.g. -- analyze BASE A --out R")
+        raise typer.BadParameter("give the zoospectra command to run after --, e.g. -- analyze A --base BASE --out R")
     client = ray_jobs.connect(address)
     if status is not None:
         info = ray_jobs.info(client, status)
@@ -282,9 +289,17 @@ def list_jobs(
 
 @app.command()
 def crawl(
-    base_model: list[str] = typer.Option(..., "--base-model", help="Hub id of a base model (repeatable)."),
+    base_model: list[str] = typer.Option([], "--base-model", help="Hub id of a base model, org/name[@rev] "
+                                                                  "(repeatable): its adapters."),
+    author: list[str] = typer.Option([], "--author", help="Hub user or organisation (repeatable): every "
+                                                          "adapter it publishes, each against the base it names."),
+    search: list[str] = typer.Option([], "--search", help="Hub search text (repeatable): every adapter "
+                                                          "whose id matches."),
+    repos: str | None = typer.Option(None, "--repos", help="File of Hub references, one a line "
+                                                          "(org/name[@rev]; '#' comments)."),
     out: str = typer.Option(..., "--out", "-o", help="Results root."),
-    limit: int | None = typer.Option(None, help="At most N repos per base model and kind."),
+    limit: int | None = typer.Option(None, help="At most N repos per base model and kind, author, "
+                                                "search, or from --repos."),
     include: list[str] = typer.Option([], "--include", help="'full': also full fine-tunes with safetensors weights."),
     name: str = typer.Option("adhoc-crawl", help="Crawl name (recorded in logs and manifests)."),
     mode: str = typer.Option(_D.mode, help="fast (default) or exact (the paper's full SVDs)."),
@@ -294,7 +309,8 @@ def crawl(
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
     spec: str | None = typer.Option(None, help="A YAML job spec instead of the flags above."),
 ) -> None:
-    """Discover adapters / fine-tunes of base models on the Hub and analyse what is new."""
+    """Discover adapters / fine-tunes on the Hub (by base model, author, search or a list) and
+    analyse what is new."""
     import json
     from dataclasses import asdict
 
@@ -312,7 +328,8 @@ def crawl(
         crawl_spec = CrawlSpec.load(spec)
     else:
         crawl_spec = CrawlSpec.from_dict({
-            "name": name, "base_models": list(base_model), "out": out, "limit": limit,
+            "name": name, "base_models": list(base_model), "author": list(author), "search": list(search),
+            "repos": repos, "out": out, "limit": limit,
             "include_full": "full" in include, "batch_size": batch_size, "ray_address": address,
             "analysis": {"mode": mode, "k_store": _k(k_store, "--k-store")},
         })
@@ -390,13 +407,13 @@ def plot(
 
 @app.command()
 def mitigate(
-    adapter: str = typer.Argument(..., help="PEFT LoRA adapter directory."),
+    adapter: str = typer.Argument(..., help="PEFT LoRA adapter: a directory or a Hub reference (org/name[@rev])."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the mitigated adapter."),
     lam: float = typer.Option(0.75, "--lam", help="Factor for the intruder singular values "
                                                   "(PEFT's mitigation_lambda)."),
     k: int = typer.Option(_D.k, help="Top-k singular vectors tested (PEFT's top_k)."),
     eps: float = typer.Option(_D.eps, help="Intruder threshold on max |cos| (PEFT's threshold_epsilon)."),
-    base: str | None = typer.Option(None, help="Base checkpoint directory "
+    base: str | None = typer.Option(None, help="Base checkpoint: a directory or a Hub reference "
                                                "(default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("float32", help="float32 (as PEFT) or float64 for the decompositions."),
     force: bool = typer.Option(False, "--force", help="Replace a previous mitigate output in --out "

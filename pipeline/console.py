@@ -27,11 +27,13 @@ def esc(x: object) -> str:
     return escape(str(x))
 
 
-def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *, batch_size: int = 32,
+def run_analysis(base_ref: ModelRef | None, refs: list[ModelRef], cfg: AnalysisConfig, out: str, *,
+                 batch_size: int = 32,
                  address: str | None = None, executor: Executor = "ray",
                  max_in_flight: int | None = None, quiet: bool = False, device: str = "auto",
                  base_cache: str | None = None) -> RunSummary:
-    """zoospectra.analyze with the CLI's plan summary, progress bar and run summary."""
+    """zoospectra.analyze with the CLI's plan summary, progress bar and run summary. Without
+    `base_ref`, each artifact's base is the one its config names (grouped by base)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -53,7 +55,7 @@ def run_analysis(base_ref: ModelRef, refs: list[ModelRef], cfg: AnalysisConfig, 
             if quiet:
                 return
             progress.console.print(
-                f"[bold]plan[/]: {len(plan.models)} artifacts, {len(plan.units)} units, "
+                f"[bold]plan[/]: {len(plan.models)} artifacts on {len(plan.bases)} base(s), {len(plan.units)} units, "
                 f"{plan.n_pairs} (artifact, matrix) pairs to analyse, {plan.skipped_pairs} already done, "
                 f"{len(plan.errors)} planning errors"
             )

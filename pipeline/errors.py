@@ -79,6 +79,11 @@ class BaseMismatchError(AdapterError, ValueError):
 
 
 # --- hub ---------------------------------------------------------------------------------
+class BaseUnresolvedError(AdapterError, ValueError):
+    """An artifact names no base (no --base, nothing in its adapter config or model card), or
+    names one that is neither a directory here nor a Hub repo id."""
+
+
 class HubError(ZoospectraError):
     pass
 

@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +48,9 @@ from .errors import (
 )
 from .io.checkpoint import Checkpoint
 from .outputs import claim_output, replace_output
+
+if TYPE_CHECKING:
+    from .io.refs import ModelRef
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -210,16 +213,34 @@ def lora_matrices(art: PeftAdapter, base_keys: set[str], where: str,
     return out
 
 
-def base_location(config: dict[str, Any], base: str | os.PathLike | None, adapter: Path) -> Path:
-    """--base when given, else base_model_name_or_path when it is a local directory."""
+def adapter_ref(adapter: str | os.PathLike) -> ModelRef:
+    """The adapter as a pinned ModelRef: a directory (which must hold adapter_config.json), or a
+    Hub reference pinned to the sha its revision points to now (read through the HF cache)."""
+    from .io.refs import local_ref
+    from .io.resolve import hub_spec, resolve_ref
+
+    text = os.fspath(adapter)
+    if hub_spec(text) is not None:
+        return resolve_ref(text)
+    if not (Path(text) / ADAPTER_CONFIG).is_file():
+        raise CheckpointNotFoundError(
+            f"no {ADAPTER_CONFIG} in {text}: pass a PEFT adapter directory", file=text)
+    return local_ref(text)
+
+
+def _shown(ref: ModelRef) -> str:
+    """A directory as its path, a Hub artifact as repo@sha."""
+    return ref.location if ref.source == "local" else f"{ref.location}@{ref.revision}"
+
+
+def base_ref_for(base: str | os.PathLike | None, adapter: ModelRef) -> ModelRef:
+    """--base (a directory or a Hub reference) when given, else the base the adapter's config
+    (base_model_name_or_path + revision) or model card names: a directory or a Hub repo."""
+    from .io.resolve import BaseResolver, resolve_ref
+
     if base is not None:
-        return Path(base)
-    named = config.get("base_model_name_or_path")
-    if named and Path(named).is_dir():
-        return Path(named)
-    raise CheckpointNotFoundError(
-        f"the adapter's base {named!r} is not a local directory; pass the base checkpoint "
-        "directory with --base", file=str(adapter / ADAPTER_CONFIG))
+        return resolve_ref(os.fspath(base))
+    return BaseResolver()(adapter)
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -230,18 +251,19 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
     """Write the mitigated adapter to `out`: a new or empty directory, or a previous mitigate
     output (its files replaced one by one; with `force` the whole output is emptied first).
     `out` is claimed (outputs.claim_output) before any work, so a refused one costs nothing."""
-    adapter = Path(adapter)
-    where = str(adapter / ADAPTER_WEIGHTS)
-    if not (adapter / ADAPTER_CONFIG).is_file():
-        raise CheckpointNotFoundError(
-            f"no {ADAPTER_CONFIG} in {adapter}: pass a PEFT adapter directory", file=str(adapter))
-    art = open_artifact(adapter)  # validates the config; refuses pickles and unknown options
-    assert isinstance(art, PeftAdapter)
+    ref = adapter_ref(adapter)
+    where = f"{_shown(ref)}/{ADAPTER_WEIGHTS}"
+    art = open_artifact(ref.open_source(), model_id=ref.model_id)  # validates the config; refuses pickles
+    if not isinstance(art, PeftAdapter):
+        raise CheckpointNotFoundError(f"no {ADAPTER_CONFIG} in {_shown(ref)}: pass a PEFT adapter",
+                                      file=_shown(ref))
     check_supported(art, where)
-    base_dir = base_location(art.config, base, adapter)
-    out_dir = claim_output(out, "mitigate", inputs=[adapter, base_dir], force=force)
-    base_ckpt = Checkpoint.open(base_dir)
-    result = MitigationResult(str(adapter), str(base_dir), str(out), params)
+    base_ref = base_ref_for(base, ref)
+    base_dir = _shown(base_ref)
+    local_inputs = [Path(r.location) for r in (ref, base_ref) if r.source == "local"]
+    out_dir = claim_output(out, "mitigate", inputs=local_inputs, force=force)
+    base_ckpt = Checkpoint.open(base_ref.open_source())  # a Hub base: byte ranges of touched matrices
+    result = MitigationResult(_shown(ref), str(base_dir), str(out), params)
     tensors = {key: art.ckpt.get(key, dtype=None) for key in art.ckpt.keys()}  # an adapter is small
     layers = lora_matrices(art, set(base_ckpt.keys()), where, str(base_dir))
     for i, layer in enumerate(layers, 1):

@@ -3,7 +3,8 @@
 It serves in-memory fixture repos with the subset of the Hugging Face Hub API that
 `huggingface_hub` (2.x) uses for listing, model info and downloads:
 
-    GET  /api/models?filter=..&expand=..&limit=..      listing; Link: <..>; rel="next" pagination
+    GET  /api/models?filter=..&author=..&search=..&expand=..&limit=..
+                                                        listing; Link: <..>; rel="next" pagination
     GET  /api/models/{repo}[/revision/{rev}]            model info (siblings, sha, gated, ...)
     HEAD /{repo}/resolve/{rev}/{file}                   X-Repo-Commit, ETag, Content-Length
     GET  /{repo}/resolve/{rev}/{file}                   body, Range -> 206 + Content-Range
@@ -107,6 +108,7 @@ class HubState:
     grants: dict[str, set[str]] = field(default_factory=dict)   # token -> repo ids
     faults: list[Fault] = field(default_factory=list)
     served: dict[tuple[str, str], int] = field(default_factory=dict)
+    sent: int = 0                      # body bytes of every reply (API JSON included)
     log: list[RequestRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -114,9 +116,13 @@ class HubState:
 class FakeHub:
     """The server. `with FakeHub() as hub: os.environ["HF_ENDPOINT"] = hub.url`."""
 
-    def __init__(self, *, page_size: int = 20, lfs_suffixes: tuple[str, ...] = (".safetensors",)) -> None:
+    def __init__(self, *, page_size: int = 20, lfs_suffixes: tuple[str, ...] = (".safetensors",),
+                 sizes: bool = True) -> None:
         self.state = HubState()
         self.page_size = page_size
+        # False: file listings carry no sizes (Hub-compatible mirrors that omit them); the
+        # resolve route's HEAD still answers Content-Length / X-Linked-Size.
+        self.sizes = sizes
         self.lfs_suffixes = lfs_suffixes
         self._clock = 0
         # Commit shas are unique per server instance: caches keyed by (repo, sha), like the
@@ -228,6 +234,7 @@ class FakeHub:
         with self.state.lock:
             self.state.served.clear()
             self.state.log.clear()
+            self.state.sent = 0
 
     def _take_fault(self, repo_id: str, filename: str | None, method: str,
                     range_start: int | None = None) -> Fault | None:
@@ -320,6 +327,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if method != "HEAD" and body:
                 self.wfile.write(body)
+                with hub.state.lock:
+                    hub.state.sent += len(body)
                 if count and self._repo is not None and self._file is not None:
                     with hub.state.lock:
                         key = (self._repo, self._file)
@@ -382,7 +391,11 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             offset = int(q.get("cursor", ["0"])[0])
             with hub.state.lock:
                 repos = sorted(hub.state.repos.values(), key=lambda r: r.repo_id)
-            hits = [r for r in repos if self._can_see(r) and all(f in r.tags for f in filters)]
+            author = q.get("author", [None])[0]
+            search = (q.get("search", [""])[0] or "").lower()
+            hits = [r for r in repos if self._can_see(r) and all(f in r.tags for f in filters)
+                    and (author is None or r.repo_id.split("/")[0] == author)
+                    and search in r.repo_id.lower()]
             if limit is not None:
                 hits = hits[:limit]
             page = hits[offset: offset + hub.page_size]
@@ -480,7 +493,7 @@ def _model_json(repo: Repo, commit: Commit, expand: list[str] | None, *, blobs: 
     siblings = []
     for name in sorted(commit.files):
         sib: dict = {"rfilename": name}
-        if blobs:
+        if blobs and hub.sizes:
             data = commit.files[name]
             sib["size"] = len(data)
             sib["blobId"] = _etag(data, False)

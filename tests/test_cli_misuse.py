@@ -118,7 +118,7 @@ def _chmod_note(s: Path) -> None:
 
 
 NO_NET = {"HF_HUB_OFFLINE": "0"}
-ANALYZE = ("analyze", "{M}", "{A}")
+ANALYZE = ("analyze", "--base", "{M}", "{A}")
 CASES = [
     # data loss: mitigate --out
     Case("mitigate-out-dot", ("mitigate", "{A}", "--out", ".", "--base", "{M}"), 2, "contains the input"),
@@ -193,11 +193,12 @@ CASES = [
     Case("analyze-out-user-dir", (*ANALYZE, "--out", "userdir"), 2, "is not a zoospectra results root"),
     Case("analyze-out-inside-adapter", (*ANALYZE, "--out", "{A}/results"), 2, "inside the input"),
     Case("analyze-out-read-only", (*ANALYZE, "--out", "/proc/zoospectra-results"), 2, "cannot write in /proc"),
-    Case("analyze-duplicate-names", ("analyze", "{M}", "same={A}", "same={B}", "--out", "r"), 2,
+    Case("analyze-duplicate-names", ("analyze", "--base", "{M}", "same={A}", "same={B}", "--out", "r"), 2,
          "two artifacts have the name 'same'"),
-    Case("analyze-missing-artifact", ("analyze", "{M}", "x=does/not/exist", "--out", "r"), 2, "does/not/exist"),
-    Case("analyze-missing-base", ("analyze", "no-base", "{A}", "--out", "r"), 2, "no-base"),
-    Case("analyze-name-without-path", ("analyze", "{M}", "lonely=", "--out", "r"), 2, "'lonely='"),
+    Case("analyze-missing-artifact", ("analyze", "--base", "{M}", "x=does/not/exist", "--out", "r"), 2,
+         "does/not/exist"),
+    Case("analyze-missing-base", ("analyze", "--base", "no-base", "{A}", "--out", "r"), 2, "no-base"),
+    Case("analyze-name-without-path", ("analyze", "--base", "{M}", "lonely=", "--out", "r"), 2, "'lonely='"),
     Case("analyze-address-ray-refused", (*ANALYZE, "--out", "r", "--address", "ray://127.0.0.1:1"), 1,
          "cannot reach Ray cluster at ray://127.0.0.1:1", max_s=30),
     Case("analyze-address-refused", (*ANALYZE, "--out", "r", "--address", "127.0.0.1:1"), 1,
@@ -288,10 +289,11 @@ def test_report_and_plot_rerun_over_their_own_outputs(scratch: Path) -> None:
 
 def test_a_directory_with_equals_is_taken_whole(scratch: Path, minilm_dir: Path) -> None:
     before = snapshot(scratch)
-    proc = cli(["analyze", str(minilm_dir), "lr=1e-4", "named=inputs/adapter=", "--out", "r", "--local"], scratch)
+    proc = cli(["analyze", "--base", str(minilm_dir), "lr=1e-4", "named=inputs/adapter=", "--out", "r", "--local"],
+               scratch)
     # 'named=inputs/adapter=' does not exist: NAME is 'named', the path 'inputs/adapter=' is missing
     assert proc.returncode == 2 and "inputs/adapter=" in proc.stderr, proc.stderr
-    proc = cli(["analyze", str(minilm_dir), "lr=1e-4", "--out", "r", "--local", "--k-spec", "8"], scratch)
+    proc = cli(["analyze", "--base", str(minilm_dir), "lr=1e-4", "--out", "r", "--local", "--k-spec", "8"], scratch)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     ids = duckdb.sql(f"SELECT DISTINCT model_id FROM read_parquet('{scratch}/r/models/*.parquet')").fetchall()
     assert ids == [("lr=1e-4",)]
@@ -304,7 +306,7 @@ def test_a_config_naming_another_base_is_warned_and_recorded(scratch: Path, mini
     cfg["base_model_name_or_path"] = "other-org/other-base"
     cfg_path.write_text(json.dumps(cfg))
     before = snapshot(scratch)
-    proc = cli(["analyze", str(minilm_dir), f"mine={scratch / 'inputs' / 'adapter'}",
+    proc = cli(["analyze", "--base", str(minilm_dir), f"mine={scratch / 'inputs' / 'adapter'}",
                 f"ok={scratch / 'inputs' / 'sibling'}", "--out", "r", "--local", "--k-spec", "8"], scratch)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     warned = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
@@ -334,7 +336,7 @@ def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str,
     """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with
     `wait_for` (and again `second` seconds later); its exit code and all its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
-    args = [sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir), "inputs/adapter",
+    args = [sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(minilm_dir), "inputs/adapter",
             "inputs/sibling", "--out", "r", "--k-store", "all", "--k-spec", "all", "--batch-size", "1", *extra]
     proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_hub import hub_env, safetensors_bytes
-from hub_server import FakeHub
+from hub_server import LISTING, FakeHub
 from rows import VOLATILE as _BOOKKEEPING
 from rows import assert_rows_close
 from rows import table_rows as shared_table_rows
@@ -121,7 +121,7 @@ def local_reference(minilm_dir: Path, hub_zoo: dict[str, Path], tmp_path_factory
     """`zoospectra analyze` of the same files, each named by its repo id (in-process executor:
     the Ray path is the crawl's)."""
     out = tmp_path_factory.mktemp("local") / "results"
-    proc = cli("analyze", str(minilm_dir), *[f"{repo}={path}" for repo, path in hub_zoo.items()],
+    proc = cli("analyze", "--base", str(minilm_dir), *[f"{repo}={path}" for repo, path in hub_zoo.items()],
                "--out", str(out), "--base-name", BASE, "--batch-size", str(BATCH), "--local",
                env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
@@ -224,10 +224,8 @@ def test_unchanged_hub_analyses_nothing_and_a_new_commit_only_its_repo(
     again = crawl(out, BASE, opts, batch_size=BATCH)
     assert (again.discovered, again.units, again.units_done, again.error_rows) == (N_REPOS, 0, 0, 0)
     assert n_units(out) == before
-    header = Checkpoint.open(minilm_dir).header("model.safetensors").header_bytes
-    assert module_hub.bytes_served(BASE, "model.safetensors") == header      # planning: header only
-    assert module_hub.bytes_served(BASE) == header
-    assert not any(module_hub.requests(r) for r in hub_zoo)                  # adapters: all from the cache
+    assert module_hub.bytes_served(BASE) == 0 and not module_hub.requests(BASE)  # nothing new: no base
+    assert not any(module_hub.requests(r) for r in hub_zoo)                  # adapters: nothing asked
 
     repo = "user1/minilm-lora-05"                                            # touches 2 matrices
     new_dir = _variant(hub_zoo[repo], tmp_path / "v05-new", 99, scale=3.0)
@@ -244,6 +242,32 @@ def test_unchanged_hub_analyses_nothing_and_a_new_commit_only_its_repo(
     _analyse_locally(local_ref(minilm_dir, BASE), [local_ref(new_dir, repo)], ref_out)
     for table in TABLES:
         assert_rows_close(table_rows(out, table, run_id=third.run_id), table_rows(ref_out, table))
+
+
+def test_no_change_crawl_downloads_nothing_even_with_an_empty_hf_cache(
+        first_crawl: dict, module_hub: FakeHub, hub_zoo: dict[str, Path], tmp_path: Path) -> None:
+    """The catalog of the results root is read first: an analysed (repo, sha) costs its entry in
+    the listing and nothing else, whether the HF cache holds its files or not."""
+    from dataclasses import replace
+
+    out = first_crawl["out"]
+    before = n_units(out)
+    pages = -(-N_REPOS // module_hub.page_size)
+    for cache in ("cold", "warm"):
+        opts = options_for(module_hub)
+        if cache == "cold":  # a fresh pod: an empty HF cache
+            opts = replace(opts, cache_dir=str(tmp_path / "empty-hf-cache"))
+        module_hub.reset_counters()
+        report = crawl(out, BASE, opts, batch_size=BATCH)
+        assert (report.discovered, report.units, report.error_rows) == (N_REPOS, 0, 0)
+        log = module_hub.requests()
+        assert not any(module_hub.requests(r) for r in hub_zoo)      # no adapter config, no weights
+        assert [r.repo_id for r in log] == [LISTING] * pages          # one request per listing page
+        assert sum(module_hub.state.served.values()) == 0             # no file body at all
+        print(f"\nno-change crawl of {N_REPOS} repos, {cache} HF cache: {len(log)} requests "
+              f"({pages} listing pages), {module_hub.state.sent} bytes received, 0 file bytes")
+    assert n_units(out) == before
+    assert not any(p.is_file() for p in (tmp_path / "empty-hf-cache").rglob("*"))   # nothing cached
 
 
 def _analyse_locally(base: ModelRef, refs: list[ModelRef], out: Path) -> None:

@@ -29,7 +29,7 @@ def test_ray_task_failure_stores_redacted_message(minilm_dir, one_lora, tmp_path
     inject = str(Path(__file__).parent / "inject")  # sitecustomize: units raise in Ray workers only
     env = {**os.environ, "HF_TOKEN": ENV_SECRET, "INJECT_UNIT_FAILURE": f"worker saw {ENV_SECRET} and {TOKEN_LIKE}",
            "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
+    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(minilm_dir),
                            f"q={one_lora}", "--out", str(out), "--batch-size", "6"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 3, proc.stderr                      # completed, with error rows
@@ -56,7 +56,7 @@ def test_ray_base_task_failure_is_a_warning_and_error_rows(minilm_dir, one_lora,
     env = {**os.environ, "HF_TOKEN": ENV_SECRET, "INJECT_BASE_FAILURE": f"base saw {ENV_SECRET} and {TOKEN_LIKE}",
            "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))}
     # two members, one per unit: each tensor has two units, so it gets a prepare-base task
-    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
+    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(minilm_dir),
                            f"a={one_lora}", f"b={one_lora}", "--out", str(out), "--batch-size", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 3, proc.stderr

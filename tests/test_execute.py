@@ -37,7 +37,7 @@ def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProces
 
 
 def analyze_args(minilm_dir: Path, zoo: list[Path], out: Path, *extra: str) -> list[str]:
-    return ["analyze", str(minilm_dir), *[f"{p.name}={p}" for p in zoo], "--out", str(out),
+    return ["analyze", "--base", str(minilm_dir), *[f"{p.name}={p}" for p in zoo], "--out", str(out),
             "--pairs", "--batch-size", "1", *extra]
 
 

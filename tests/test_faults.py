@@ -165,7 +165,7 @@ def test_ray_cli_driver_killed_with_a_dead_worker_resumes(minilm_dir: Path, tiny
     """A real `zoospectra analyze` on a local Ray: one worker dies hard (retried), then the whole
     process group (driver and Ray) is killed at a random point; a rerun finishes the job."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", str(minilm_dir),
+    cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(minilm_dir),
            *[f"{n}={p}" for n, p in zip(IDS, tiny_loras, strict=True)], "--out", str(out), "--batch-size", "1",
            "--mode", "exact"]  # the exact engine, as the in-process reference and resume
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -487,7 +487,7 @@ def cli_root(goods: list[Path], hostile: dict[str, Path], minilm_dir: Path,
     out = tmp / "results"
     args = [f"good1={goods[0]}", *[f"{c.name}={hostile[c.name]}" for c in CASES], f"good2={goods[1]}",
             f"{odd_names['sql']}={goods[0]}", f"{odd_names['traversal']}={goods[1]}"]
-    proc = cli("analyze", str(minilm_dir), *args, "--out", str(out), "--batch-size", "64")
+    proc = cli("analyze", "--base", str(minilm_dir), *args, "--out", str(out), "--batch-size", "64")
     return {"out": out, "proc": proc, "marker": marker, "odd": odd_names, "tmp": tmp}
 
 
@@ -556,7 +556,7 @@ def test_sql_injection_through_cli_parameters_runs_nothing(cli_root: dict, tmp_p
 def test_quoted_results_root_is_not_sql(goods: list[Path], minilm_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned-root.csv"
     root = tmp_path / f"r'; COPY (SELECT 1) TO '{marker.name}'; --"
-    code, text = invoke("analyze", str(minilm_dir), f"good1={goods[0]}", "--out", str(root), "--local",
+    code, text = invoke("analyze", "--base", str(minilm_dir), f"good1={goods[0]}", "--out", str(root), "--local",
                         "--k-store", "10", "--k-spec", "10")
     assert code == 0, text
     code, text = invoke("sql", str(root), "SELECT count(*) AS n FROM matrices", "--format", "csv")
@@ -566,7 +566,8 @@ def test_quoted_results_root_is_not_sql(goods: list[Path], minilm_dir: Path, tmp
 
 def test_markup_in_a_model_name_is_printed_not_interpreted(hostile: dict[str, Path], minilm_dir: Path,
                                                            tmp_path: Path) -> None:
-    code, text = invoke("analyze", str(minilm_dir), f"[/]={hostile['truncated']}", "--out", str(tmp_path / "r"),
+    code, text = invoke("analyze", "--base", str(minilm_dir), f"[/]={hostile['truncated']}", "--out",
+                        str(tmp_path / "r"),
                         "--local", "--k-store", "10", "--k-spec", "10")
     assert code == 3 and "[/]" in text and "[file=" in text, text
 

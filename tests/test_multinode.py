@@ -40,7 +40,7 @@ def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def analyze_args(minilm_dir: Path, zoo: list[Path], out: Path, *extra: str) -> list[str]:
-    return ["analyze", str(minilm_dir), *[f"{p.name}={p}" for p in zoo], "--out", str(out),
+    return ["analyze", *[f"{p.name}={p}" for p in zoo], "--base", str(minilm_dir), "--out", str(out),
             "--batch-size", "1", *extra]
 
 

@@ -85,7 +85,7 @@ def planted(module_hub: FakeHub, tiny_loras: list[Path], minilm_dir: Path,
     env = {**hub_env(fake_hub), "HF_TOKEN": SECRET, "RAY_TMPDIR": str(ray_tmp), "HF_DEBUG": "1"}
     procs = [
         run("crawl", "--base-model", BASE, "--out", str(out), "--name", "secrets", env=env),
-        run("analyze", str(minilm_dir), f"local-quoting-token={local}", f"plain={a}", "--out", str(out),
+        run("analyze", "--base", str(minilm_dir), f"local-quoting-token={local}", f"plain={a}", "--out", str(out),
             "--local", env=env),
         run("report", str(out), "--out", str(report), env=env),
         run("status", str(out), env=env),

@@ -71,7 +71,7 @@ def zoo(tmp_path_factory) -> list[Path]:
 def test_submitted_analysis_runs_and_lands(jobs_api, minilm_dir, zoo, tmp_path):
     out = tmp_path / "results"
     ref = tmp_path / "reference"
-    args = ["analyze", str(minilm_dir), *map(str, zoo), "--batch-size", "4"]
+    args = ["analyze", *map(str, zoo), "--base", str(minilm_dir), "--batch-size", "4"]
     local = zs(*args, "--out", str(ref), "--local")
     assert local.returncode == 0, local.stderr
 
@@ -93,7 +93,7 @@ def test_submitted_analysis_runs_and_lands(jobs_api, minilm_dir, zoo, tmp_path):
 
 def test_a_failed_job_reports_its_exit_code_and_message(jobs_api, tmp_path):
     proc = zs("submit", "--address", jobs_api, "--wait", "--timeout", "300", "--",
-              "analyze", str(tmp_path / "no-such-base"), str(tmp_path / "no-such-adapter"),
+              "analyze", str(tmp_path / "no-such-adapter"), "--base", str(tmp_path / "no-such-base"),
               "--out", str(tmp_path / "r"))
     assert proc.returncode == 2, proc.stdout + proc.stderr       # the job's own exit code (bad input)
     assert "FAILED" in proc.stdout and "exit code 2" in proc.stdout
@@ -106,7 +106,7 @@ def test_unknown_job_and_bounded_wait(jobs_api, minilm_dir, zoo, tmp_path):
     assert "Traceback" not in unknown.stderr
     # an analysis takes far longer than 1 s (the job's interpreter alone starts slower than that)
     slow = zs("submit", "--address", jobs_api, "--wait", "--timeout", "1", "--",
-              "analyze", str(minilm_dir), *map(str, zoo), "--out", str(tmp_path / "r"))
+              "analyze", *map(str, zoo), "--base", str(minilm_dir), "--out", str(tmp_path / "r"))
     assert slow.returncode == 1, slow.stderr
     last = slow.stderr.strip().splitlines()[-1]
     assert last.startswith("error (JobWaitTimeoutError): job raysubmit_") and "keeps running" in last

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import random
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -55,7 +56,8 @@ RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 WHOLE_FILES = ("adapter_model.safetensors",)
 WHOLE_SUFFIXES = (".json", ".txt", ".md")
 # Expanded listing properties: enough to pin, filter and catalog without one call per repo.
-LIST_EXPAND: list[ExpandModelProperty_T] = ["sha", "siblings", "gated", "lastModified", "private"]
+LIST_EXPAND: list[ExpandModelProperty_T] = ["sha", "siblings", "gated", "lastModified", "private",
+                                            "cardData"]
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class HubFileSource:
         self.options = options or HubOptions()
         self.name = f"{repo_id}@{revision}"
         self.bytes_fetched = 0                    # body bytes of ranged reads (metrics, tests)
-        self._sizes: dict[str, int] | None = None
+        self._sizes: dict[str, int | None] | None = None
 
     def __getstate__(self) -> dict:  # ship only the identity to Ray workers, not counters
         state = dict(self.__dict__)
@@ -282,8 +284,9 @@ class HubFileSource:
         return {"repo": self.repo_id, "revision": self.revision, "file": filename}
 
     # -- FileSource --
-    def files(self) -> dict[str, int]:
-        """filename -> size in bytes at this revision."""
+    def files(self) -> dict[str, int | None]:
+        """filename -> size in bytes at this revision; None where the listing gives no size
+        (Hub-compatible servers may omit it: `size()` then asks the server)."""
         if self._sizes is None:
             from huggingface_hub import HfApi
 
@@ -292,7 +295,7 @@ class HubFileSource:
                 lambda: api.model_info(self.repo_id, revision=self.revision, files_metadata=True,
                                        timeout=self.options.timeout),
                 "model info", self.options, **self._ctx())
-            self._sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+            self._sizes = {s.rfilename: _listed_size(s) for s in info.siblings or []}
         return self._sizes
 
     def exists(self, filename: str) -> bool:
@@ -311,7 +314,19 @@ class HubFileSource:
         if filename not in sizes:
             raise HubNotFoundError(f"{filename!r} is not in {self.name}; check the file name",
                                    **self._ctx(filename))
-        return sizes[filename]
+        size = sizes[filename]
+        if size is None:  # not listed: ask (one HEAD), never assume 0 (that read as "corrupt")
+            size = self._head_size(filename)
+            sizes[filename] = size
+        return size
+
+    def _head_size(self, filename: str) -> int:
+        meta = with_retries(lambda: self._head(filename), "file size", self.options, **self._ctx(filename))
+        size = getattr(meta, "size", None)
+        if not isinstance(size, int) or size < 0:
+            raise HubError("the server reports no size for this file (neither in the listing nor in "
+                           "a HEAD reply); it cannot be read by byte ranges", **self._ctx(filename))
+        return size
 
     def read_text(self, filename: str) -> str:
         with open(self.local_path(filename), encoding="utf-8") as f:
@@ -393,6 +408,15 @@ class HubFileSource:
         return data
 
 
+def _listed_size(sibling: object) -> int | None:
+    """A sibling's size from the listing: the LFS size for LFS files, else `size`; None if absent."""
+    lfs = getattr(sibling, "lfs", None)
+    for size in (getattr(lfs, "size", None) if lfs is not None else None, getattr(sibling, "size", None)):
+        if isinstance(size, int) and size >= 0:
+            return size
+    return None
+
+
 def _fetch_whole(filename: str) -> bool:
     base = filename.rsplit("/", 1)[-1]
     return base in WHOLE_FILES or base.endswith(WHOLE_SUFFIXES)
@@ -461,6 +485,38 @@ def pin(repo_id: str, revision: str = "main", options: HubOptions | None = None)
     return info.sha
 
 
+# --- references as written ----------------------------------------------------------------
+HF_PREFIX = "hf://"
+# org/name with an optional @revision (a branch, tag or sha; branches may hold '/')
+_HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<rev>[^\s@]+))?$")
+PATH_START = ("/", ".", "~")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A Hub reference as written: repo id and revision (None: the default branch)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def hub_spec(text: str) -> HubSpec | None:
+    """The Hub reference `text` spells, or None when it reads as a local path."""
+    body = text[len(HF_PREFIX):] if text.startswith(HF_PREFIX) else text
+    if not text.startswith(HF_PREFIX) and (text.startswith(PATH_START) or os.path.exists(text)):
+        return None
+    match = _HUB_REF.match(body)
+    if match is None:
+        if text.startswith(HF_PREFIX):  # said hf:// but is no repo id: say so, not "no such dir"
+            raise ConfigError(f"{text!r} is not a Hub reference: write hf://org/name or "
+                              "hf://org/name@revision", ref=text)
+        return None
+    return HubSpec(match["repo"], match["rev"])
+
+
 # --- discovery ---------------------------------------------------------------------------
 Kind = Literal["adapter", "full"]
 
@@ -476,6 +532,7 @@ class CatalogEntry:
     last_modified: datetime | None = None
     gated: str | None = None                  # "auto" | "manual" | None (not gated)
     private: bool = False
+    base_revision: str | None = None          # the revision the adapter config names (not stored)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -494,8 +551,16 @@ class CatalogEntry:
 
 @dataclass
 class Discovery:
-    entries: list[CatalogEntry] = field(default_factory=list)
+    entries: list[CatalogEntry] = field(default_factory=list)   # new: (repo, sha) not analysed yet
     errors: list[dict] = field(default_factory=list)   # `errors` rows minus run_id / unit_id
+    known: list[CatalogEntry] = field(default_factory=list)     # listed, already analysed: not fetched
+
+    @property
+    def n_listed(self) -> int:
+        return len(self.entries) + len(self.known)
+
+
+Known = Mapping[tuple[str, str], CatalogEntry]
 
 
 def unanalysed(entries: Iterable[CatalogEntry], analysed: Iterable[tuple[str, str]]) -> list[CatalogEntry]:
@@ -511,12 +576,14 @@ def pinned_ref(repo_id: str, sha: str | None) -> Pinned | None:
 
 def discover(base_models: list[str], *, include_full: bool = False, limit: int | None = None,
              api: HfApi | None = None, options: HubOptions | None = None,
-             on_progress: Callable[[int, int, str], None] | None = None) -> Discovery:
+             on_progress: Callable[[int, int, str], None] | None = None,
+             known: Known | None = None) -> Discovery:
     """Adapters (and, with include_full, full fine-tunes) of each base, pinned to their sha.
 
     `limit` caps the listing per base model and kind. Adapters must carry adapter_config.json
     naming this base and safetensors weights; full fine-tunes must carry safetensors weights
     that this token can read. Anything else becomes an `errors` row and discovery goes on.
+    A listed (repo, sha) in `known` (already analysed) is taken as it is: no request for it.
     """
     from huggingface_hub import HfApi
 
@@ -543,6 +610,9 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
                 if info.id in seen:
                     continue
                 seen.add(info.id)
+                if known and info.sha and (info.id, info.sha) in known:
+                    found.known.append(known[(info.id, info.sha)])
+                    continue
                 try:
                     found.entries.append(_admit(info, kind, base, opts))
                 except ZoospectraError as err:
@@ -551,9 +621,132 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
     return found
 
 
-def _listing(api: HfApi, filters: list[str], limit: int | None) -> Callable[[], list[ModelInfo]]:
-    """One listing call for with_retries, bound to these filters (not to the loop's variable)."""
-    return lambda: list(api.list_models(filter=filters, expand=LIST_EXPAND, limit=limit))
+def _client(api: HfApi | None, opts: HubOptions) -> HfApi:
+    """The caller's api (a fake in tests: nothing to probe), else a probed real one."""
+    from huggingface_hub import HfApi
+
+    if api is not None:
+        return api
+    probe_endpoint(opts)
+    _single_retry_loop()
+    return HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
+
+
+def discover_sources(*, authors: Iterable[str] = (), searches: Iterable[str] = (),
+                     repos: Iterable[str] = (), include_full: bool = False, limit: int | None = None,
+                     api: HfApi | None = None, options: HubOptions | None = None,
+                     on_progress: Callable[[int, int, str], None] | None = None,
+                     known: Known | None = None) -> Discovery:
+    """Adapters (and, with include_full, full fine-tunes) published by `authors`, matching
+    `searches`, or listed in `repos` (references org/name[@revision]), pinned to their sha.
+
+    Each entry's base_model is the base its adapter_config.json (or model card) names: these
+    sources do not say which base they are of. A listed repo that is neither an adapter nor an
+    included full fine-tune is skipped; one named in `repos` is an `errors` row instead.
+    """
+    opts = options or HubOptions()
+    api = _client(api, opts)
+    found, seen = Discovery(), set()
+    listings: list[tuple[str, Callable[[], list[ModelInfo]], bool]] = []
+    for org in authors:
+        listings.append((f"author:{org}", _listing(api, [], limit, author=org), False))
+    for text in searches:
+        listings.append((f"search:{text}", _listing(api, [], limit, search=text), False))
+    for ref in list(repos)[:limit]:
+        spec = hub_spec(ref)
+        if spec is None:
+            found.errors.append(error_row("hub", HubError("not a Hub reference (org/name[@revision])",
+                                                          repo=ref), model_id=ref))
+            continue
+        listings.append((ref, _info_call(api, spec.repo_id, spec.revision, opts), True))
+    for label, call, named in listings:
+        try:
+            listed = with_retries(call, "list models", opts, repo=label)
+        except HubError as err:
+            found.errors.append(error_row("hub", err, model_id=label))
+            continue
+        for i, info in enumerate(listed, 1):
+            if on_progress:
+                on_progress(i, len(listed), f"{label}: {info.id}")
+            if (info.id, info.sha) in seen:
+                continue
+            seen.add((info.id, info.sha))
+            if known and info.sha and (info.id, info.sha) in known:
+                found.known.append(known[(info.id, info.sha)])
+                continue
+            try:
+                entry = _admit_any(info, include_full, opts)
+            except ZoospectraError as err:
+                found.errors.append(error_row("hub", err, model=pinned_ref(info.id, info.sha), model_id=info.id))
+                continue
+            if entry is not None:
+                found.entries.append(entry)
+            elif named:
+                found.errors.append(error_row("hub", CheckpointNotFoundError(
+                    "neither a PEFT adapter (no adapter_config.json) nor, without --include full, "
+                    "an analysed full fine-tune; skipped", repo=info.id, revision=info.sha),
+                    model=pinned_ref(info.id, info.sha), model_id=info.id))
+    found.entries.sort()
+    return found
+
+
+def _info_call(api: HfApi, repo_id: str, revision: str | None, opts: HubOptions
+               ) -> Callable[[], list[ModelInfo]]:
+    """One model-info call, shaped like a listing of one repo (pinned to `revision`'s sha)."""
+    return lambda: [api.model_info(check_repo_id(repo_id), revision=revision, expand=LIST_EXPAND,
+                                   timeout=opts.timeout)]
+
+
+def _admit_any(info: ModelInfo, include_full: bool, opts: HubOptions) -> CatalogEntry | None:
+    """An adapter or (with include_full) a full fine-tune with the base it names; None if the
+    repo is neither."""
+    check_repo_id(info.id)
+    if not info.sha:
+        raise HubError("the listing gave no commit sha; cannot pin this repo", repo=info.id)
+    names = {s.rfilename for s in info.siblings or []}
+    source = HubFileSource(info.id, info.sha, opts)
+    card = _card_base(info)
+    base: str | None
+    revision: str | None
+    if "adapter_config.json" in names:
+        kind: Kind = "adapter"
+        config = _adapter_config(source, names)
+        named, rev = config.get("base_model_name_or_path"), config.get("revision")
+        if isinstance(named, str) and named.strip():  # the revision goes with the config's base
+            base, revision = named.strip(), (rev if isinstance(rev, str) and rev else None)
+        else:
+            base, revision = card, None
+    elif include_full and any(n.endswith(".safetensors") for n in names):
+        kind, base, revision = "full", card, None
+        source.check_access(_full_weights(source, names))
+    else:
+        return None
+    if not base:
+        from ..errors import BaseUnresolvedError
+
+        raise BaseUnresolvedError("names no base (no base_model_name_or_path in adapter_config.json, "
+                                  "no base_model in its model card); analyse it with `zoospectra "
+                                  "analyze REPO --base REF`", repo=info.id, revision=info.sha)
+    gated = info.gated if isinstance(info.gated, str) else None
+    return CatalogEntry(info.id, info.sha, kind, base, info.last_modified, gated, bool(info.private),
+                        revision)
+
+
+def _card_base(info: ModelInfo) -> str | None:
+    """base_model of the model card as the listing gives it (cardData), when it names one."""
+    card = getattr(info, "card_data", None)
+    named = card.get("base_model") if card is not None else None
+    if isinstance(named, list) and len(named) == 1:
+        named = named[0]
+    return named.strip() if isinstance(named, str) and named.strip() else None
+
+
+def _listing(api: HfApi, filters: list[str], limit: int | None, *, author: str | None = None,
+             search: str | None = None) -> Callable[[], list[ModelInfo]]:
+    """One listing call for with_retries, bound to these filters (not to the loop's variable),
+    optionally of one author's repos or of a search."""
+    return lambda: list(api.list_models(filter=filters or None, author=author, search=search,
+                                        expand=LIST_EXPAND, limit=limit))
 
 
 def _admit(info: ModelInfo, kind: Kind, base: str, opts: HubOptions) -> CatalogEntry:
@@ -573,6 +766,18 @@ def _admit(info: ModelInfo, kind: Kind, base: str, opts: HubOptions) -> CatalogE
 
 def _check_adapter(source: HubFileSource, names: set[str], base: str) -> None:
     ctx = {"repo": source.repo_id, "revision": source.revision}
+    config = _adapter_config(source, names)
+    named = str(config.get("base_model_name_or_path") or "")
+    if _norm_id(named) != _norm_id(base):
+        raise BaseMismatchError(
+            f"adapter_config.json names base {named!r}, but the repo is listed as an adapter of "
+            f"{base!r}; it is skipped: crawl {named!r} to analyse it", base=base, **ctx)
+
+
+def _adapter_config(source: HubFileSource, names: set[str]) -> dict:
+    """adapter_config.json of a PEFT adapter repo with safetensors weights (downloaded into the
+    HF cache), else a typed error saying what is missing."""
+    ctx = {"repo": source.repo_id, "revision": source.revision}
     if "adapter_config.json" not in names:
         raise CheckpointNotFoundError("no adapter_config.json: not a PEFT adapter repo", **ctx)
     if "adapter_model.safetensors" not in names:
@@ -584,11 +789,9 @@ def _check_adapter(source: HubFileSource, names: set[str], base: str) -> None:
         config = json.loads(source.read_text("adapter_config.json"))
     except json.JSONDecodeError as e:
         raise BaseMismatchError(f"adapter_config.json is not valid JSON ({e})", **ctx) from None
-    named = str(config.get("base_model_name_or_path") or "")
-    if _norm_id(named) != _norm_id(base):
-        raise BaseMismatchError(
-            f"adapter_config.json names base {named!r}, but the repo is listed as an adapter of "
-            f"{base!r}; it is skipped: crawl {named!r} to analyse it", base=base, **ctx)
+    if not isinstance(config, dict):
+        raise BaseMismatchError("adapter_config.json is not a JSON object", **ctx)
+    return config
 
 
 def weights_file(source: HubFileSource) -> str:

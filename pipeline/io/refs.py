@@ -45,9 +45,11 @@ class ModelRef:
         return LocalFileSource(self.location)
 
 
-def hub_ref(repo_id: str, sha: str, options: HubOptions | None = None) -> ModelRef:
-    """A Hub repo pinned at commit `sha`; `options` travel with it to the Ray workers that read it."""
-    return ModelRef(model_id=repo_id, revision=sha, location=repo_id, source="hub", hub_options=options)
+def hub_ref(repo_id: str, sha: str, options: HubOptions | None = None, name: str | None = None) -> ModelRef:
+    """A Hub repo pinned at commit `sha`, recorded as `name` (default: the repo id); `options`
+    travel with it to the Ray workers that read it."""
+    return ModelRef(model_id=name or repo_id, revision=sha, location=repo_id, source="hub",
+                    hub_options=options)
 
 
 def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:

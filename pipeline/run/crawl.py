@@ -1,8 +1,10 @@
 """A crawl: for each base model, discover its adapters (and full fine-tunes) on the Hub, pin
 them, write the catalog, then plan and execute (on the cluster at `ray_address`, else a local Ray).
+Repos found by author, search or list are one more run, each planned against the base it names.
 
-Incremental by construction: a (repo, sha) whose matrices are already in the results root plans
-to nothing; a new commit is a new ModelRef and is analysed. Per-repo failures become `errors`
+Incremental by construction: the results root's catalog is read first, and a listed (repo, sha)
+already analysed in full costs its listing entry and nothing else (no config, no weights, even
+with an empty HF cache); a new commit is a new ModelRef and is analysed. Per-repo failures become `errors`
 rows; the crawl still completes. Driven by `zoospectra.crawl` (api.py), which the CLI and the
 Ray Jobs entrypoint (jobs/entrypoint.py) wrap.
 """
@@ -14,10 +16,20 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import HubError, ZoospectraError, error_row
-from ..io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, weights_file
-from ..io.refs import ModelRef, hub_ref
+from ..io.hub import (
+    CatalogEntry,
+    Discovery,
+    HubFileSource,
+    HubOptions,
+    discover,
+    discover_sources,
+    pin,
+    pinned_ref,
+    weights_file,
+)
+from ..io.refs import hub_ref
 from .execute import Executor, new_run_id, run_plan
-from .plan import build_plan
+from .plan import Plan, build_plan
 from .store import ResultsStore
 
 if TYPE_CHECKING:
@@ -53,37 +65,96 @@ class CrawlSummary:
 def run_crawl(spec: CrawlSpec, *, options: HubOptions | None = None, executor: Executor = "ray",
               command: str = "", on_progress: Callable[[int, int, str], None] | None = None
               ) -> CrawlSummary:
-    """One crawl: discovery + catalog + plan + execute, one run per base model.
+    """One crawl: discovery + catalog + plan + execute, one run per base model, and one run for
+    the repos found by author, search or list (grouped by the base each names).
     on_progress(i, n, label) after each discovered repo is checked."""
     summary = CrawlSummary(spec.name)
+    opts = options or spec.hub
     for base in spec.base_models:
-        summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command, on_progress))
+        summary.bases.append(_crawl_base(spec, base, opts, executor, command, on_progress))
+    if spec.author or spec.search or spec.repos:
+        summary.bases.append(_crawl_sources(spec, opts, executor, command, on_progress))
     return summary
+
+
+def analysed(store: ResultsStore) -> dict[tuple[str, str], CatalogEntry]:
+    """(repo, sha) -> catalog entry of every Hub artifact already analysed in full under the
+    results root: in the catalog, with a models row whose every target has a committed pair.
+    Read from the root alone, so a crawl on an empty HF cache fetches nothing for them."""
+    from collections import Counter
+
+    from ..io.identity import artifact_uid
+
+    done = Counter(uid for uid, _ in store.done_pairs())
+    targets = {r["model_uid"]: r["n_targets"] for r in store.read_rows("models", ["model_uid", "n_targets"])}
+    out: dict[tuple[str, str], CatalogEntry] = {}
+    for r in store.read_rows("catalog", ["repo_id", "sha", "kind", "base_model", "last_modified",
+                                         "gated", "private"]):
+        uid = artifact_uid("hub", r["repo_id"], r["sha"])
+        if uid in targets and done[uid] >= (targets[uid] or 0):
+            out[(r["repo_id"], r["sha"])] = CatalogEntry(**r)
+    return out
 
 
 def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Executor,
                 command: str, on_progress: Callable[[int, int, str], None] | None = None) -> BaseCrawl:
+    from ..io.resolve import HubSpec, hub_spec
+
     store = ResultsStore(spec.out)
     store.repair()  # damaged units go to quarantine/ (recorded in _verify.json) and are recomputed
     run_id = new_run_id()
-    found = discover([base], include_full=spec.include_full, limit=spec.limit, options=options,
-                     on_progress=on_progress)
-    report = BaseCrawl(base, run_id, discovered=len(found.entries), discovery_errors=len(found.errors))
+    where = hub_spec(base) or HubSpec(base)  # base_models may pin a revision: org/name@rev
+    found = discover([where.repo_id], include_full=spec.include_full, limit=spec.limit, options=options,
+                     on_progress=on_progress, known=analysed(store))
+    report = BaseCrawl(base, run_id, discovered=found.n_listed, discovery_errors=len(found.errors))
     errors = list(found.errors)
-    try:
-        report.base_sha = pin(base, options=options)
-        # One HEAD on the base's weights: a gated/unreadable base is one error row for the base,
-        # not one per adapter when the planner first touches its header.
-        base_source = HubFileSource(base, report.base_sha, options)
-        base_source.check_access(weights_file(base_source))
-        # The options ride on every ref: planner and Ray workers read the Hub the same way.
-        base_ref = ModelRef(model_id=base, revision=report.base_sha, location=base, source="hub",
-                            hub_options=options)
-        plan = build_plan(base_ref, [hub_ref(e.repo_id, e.sha, options) for e in found.entries], spec.analysis,
-                          batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
-    except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
-        errors.append(error_row("plan", err, model=pinned_ref(base, report.base_sha), model_id=base))
-        plan = None
+    plan: Plan | None = Plan(bases=[], config=spec.analysis, units=[], models=[])
+    if found.entries:  # something new: only then is the base pinned and its header read
+        try:
+            report.base_sha = pin(where.repo_id, where.revision or "main", options=options)
+            # One HEAD on the base's weights: a gated/unreadable base is one error row for the base,
+            # not one per adapter when the planner first touches its header.
+            base_source = HubFileSource(where.repo_id, report.base_sha, options)
+            base_source.check_access(weights_file(base_source))
+            # The options ride on every ref: planner and Ray workers read the Hub the same way.
+            base_ref = hub_ref(where.repo_id, report.base_sha, options)
+            plan = build_plan(base_ref, [hub_ref(e.repo_id, e.sha, options) for e in found.entries],
+                              spec.analysis, batch_size=spec.batch_size, done_pairs=store.done_pairs(),
+                              run_id=run_id)
+        except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
+            errors.append(error_row("plan", err, model=pinned_ref(where.repo_id, report.base_sha),
+                                    model_id=where.repo_id))
+            plan = None
+    return _finish(spec, store, run_id, plan, found, errors, report, executor, command)
+
+
+def _crawl_sources(spec: CrawlSpec, options: HubOptions, executor: Executor, command: str,
+                   on_progress: Callable[[int, int, str], None] | None = None) -> BaseCrawl:
+    """Repos by author, search and list: each planned against the base its config names."""
+    from ..io.resolve import BaseClaim, BaseResolver
+    from .plan import plan_by_base
+
+    store = ResultsStore(spec.out)
+    store.repair()
+    run_id = new_run_id()
+    found = discover_sources(authors=spec.author, searches=spec.search, repos=spec.repos,
+                             include_full=spec.include_full, limit=spec.limit, options=options,
+                             on_progress=on_progress, known=analysed(store))
+    label = " ".join([*(f"author:{a}" for a in spec.author), *(f"search:{t}" for t in spec.search),
+                      *([f"repos:{len(spec.repos)}"] if spec.repos else [])])
+    report = BaseCrawl(label, run_id, discovered=found.n_listed, discovery_errors=len(found.errors))
+    claims = {hub_ref(e.repo_id, e.sha, options): BaseClaim(e.base_model, e.base_revision,
+                                                           "adapter_config.json or model card")
+              for e in found.entries}
+    resolver = BaseResolver(options)
+    plan = plan_by_base(claims, spec.analysis, lambda ref: resolver.resolve(claims[ref]),
+                        batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
+    return _finish(spec, store, run_id, plan, found, list(found.errors), report, executor, command)
+
+
+def _finish(spec: CrawlSpec, store: ResultsStore, run_id: str, plan: Plan | None, found: Discovery,
+            errors: list[dict], report: BaseCrawl, executor: Executor, command: str) -> BaseCrawl:
+    """Execute the plan (or record a failed run), then write the catalog and discovery errors."""
     if plan is not None:
         if not plan.units:  # nothing new on the Hub: record the run, but start no Ray for it
             executor = "local"
@@ -95,8 +166,9 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Execu
     else:  # still leave a run manifest, so the failure is visible in `runs`
         store.start_run(run_id, spec.analysis.to_json(), command)
         store.finish_run(run_id, "failed", n_units=0, n_done=0, n_skipped=0, n_failed=0)
-    store.write_catalog(run_id, [e.row(run_id) for e in found.entries])
+    # every repo listed this run, the already-analysed ones included (their rows carried over)
+    store.write_catalog(run_id, [e.row(run_id) for e in sorted(found.entries + found.known)])
     store.write_errors(run_id, "discover", [dict(r, run_id=run_id, unit_id="discover") for r in errors])
     report.error_rows += len(errors)
-    log.info("crawl %s base %s: %s", spec.name, base, asdict(report))
+    log.info("crawl %s %s: %s", spec.name, report.base_model, asdict(report))
     return report

@@ -20,7 +20,7 @@ from typing import Literal
 from ..config import AnalysisConfig
 from ..errors import ClusterUnreachableError, ConfigError, error_row, redact
 from .basecache import BaseCache, BaseOutcome, default_base_cache, prepare_base
-from .plan import Plan, WorkUnit, base_tensors
+from .plan import Plan, WorkUnit, base_key, base_tensors
 from .unit import UnitOutcome, process_unit
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,8 @@ def _tally_base(summary: RunSummary, o: BaseOutcome) -> None:
 def _solo_units(units: list[WorkUnit]) -> set[str]:
     """Units that are the only one of their tensor: they obtain the base themselves (a separate
     decomposition task would only read W0 a second time, on another worker)."""
-    count = Counter((u.tensor, u.transpose_w0) for u in units)
-    return {u.unit_id for u in units if count[(u.tensor, u.transpose_w0)] == 1}
+    count = Counter(base_key(u) for u in units)
+    return {u.unit_id for u in units if count[base_key(u)] == 1}
 
 
 def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
@@ -285,7 +285,7 @@ def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
     todo = set(base_tensors([u for u in units if u.unit_id not in solo]))
     out: list[tuple[str, WorkUnit]] = []
     for u in units:
-        key = (u.tensor, u.transpose_w0)
+        key = base_key(u)
         if key in todo:
             todo.discard(key)
             out.append(("base", u))
@@ -326,11 +326,11 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
     # held by workers at once, and none go through the object store (tasks return outcomes).
     pending: dict = {}
     queue = _schedule(list(units))
-    base_refs: dict = {}          # (tensor, transpose) -> its prepare task, which its units wait on
+    base_refs: dict = {}          # base_key -> its prepare task, which its units wait on
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             kind, u = queue.pop(0)
-            key = (u.tensor, u.transpose_w0)
+            key = base_key(u)
             if kind == "base":
                 base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache)
                 pending[base_refs[key]] = (kind, u)

@@ -10,13 +10,13 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..config import AnalysisConfig
-from ..errors import error_row, redact
+from ..errors import ConfigError, error_row, redact
 from ..io.refs import ModelRef
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class WorkUnit:
 
 @dataclass
 class Plan:
-    base: ModelRef
+    bases: list[ModelRef]                    # every base a unit of this plan decomposes
     config: AnalysisConfig
     units: list[WorkUnit]
     models: list[dict]                       # rows for the `models` table
@@ -49,10 +49,16 @@ class Plan:
         return sum(len(u.members) for u in self.units)
 
 
-def base_tensors(units: Sequence[WorkUnit]) -> list[tuple[str, bool]]:
-    """(tensor, transpose_w0) of every base matrix the units touch, in unit order: one base
-    decomposition is scheduled per entry, ahead of that tensor's units."""
-    return list(dict.fromkeys((u.tensor, u.transpose_w0) for u in units))
+def base_key(unit: WorkUnit) -> tuple[str, str, bool]:
+    """(base uid, tensor, transpose_w0): the base matrix a unit decomposes. The base uid is part
+    of it because one plan may span several bases whose tensors share names."""
+    return (unit.base.uid, unit.tensor, unit.transpose_w0)
+
+
+def base_tensors(units: Sequence[WorkUnit]) -> list[tuple[str, str, bool]]:
+    """base_key of every base matrix the units touch, in unit order: one base decomposition is
+    scheduled per entry, ahead of that matrix's units."""
+    return list(dict.fromkeys(base_key(u) for u in units))
 
 
 def unit_id_for(base: ModelRef, tensor: str, members: Sequence[ModelRef], cfg: AnalysisConfig) -> str:
@@ -75,7 +81,6 @@ def build_plan(
     row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
     """
     from ..adapters import open_artifact
-    from ..errors import ConfigError
     from ..io.checkpoint import Checkpoint
 
     if not isinstance(batch_size, int) or batch_size < 1:  # range(0, n, 0) raises, negatives plan nothing
@@ -123,7 +128,47 @@ def build_plan(
                     transpose_w0=bool(getattr(t, "transpose", False)),
                 )
             )
-    return Plan(base=base, config=cfg, units=units, models=models, errors=errors, skipped_pairs=n_done_pairs)
+    return Plan(bases=[base], config=cfg, units=units, models=models, errors=errors, skipped_pairs=n_done_pairs)
+
+
+def plan_by_base(
+    artifacts: Iterable[ModelRef],
+    cfg: AnalysisConfig,
+    base_of: Callable[[ModelRef], ModelRef],
+    *,
+    batch_size: int = 32,
+    done_pairs: set[tuple[str, str]] | frozenset = frozenset(),
+    run_id: str = "",
+) -> Plan:
+    """One plan over several bases: artifacts grouped by `base_of(artifact)` (the --base given,
+    or what each artifact's config names), one build_plan per group, merged.
+
+    An artifact whose base cannot be resolved, and every artifact of a base that cannot be
+    opened, becomes an `errors` row naming what to pass; the other groups are planned."""
+    from ..errors import ZoospectraError
+
+    groups: dict[str, tuple[ModelRef, list[ModelRef]]] = {}
+    errors: list[dict] = []
+    for ref in sorted(set(artifacts)):
+        try:
+            base = base_of(ref)
+        except ZoospectraError as err:
+            errors.append(error_row("plan", err, model=ref))
+            continue
+        groups.setdefault(base.uid, (base, []))[1].append(ref)
+    plans = []
+    for base, refs in groups.values():
+        try:
+            plans.append(build_plan(base, refs, cfg, batch_size=batch_size, done_pairs=done_pairs,
+                                    run_id=run_id))
+        except ZoospectraError as err:  # the base itself is unreadable: a row per artifact on it
+            if isinstance(err, ConfigError):
+                raise  # a bad option, not a bad base
+            errors += [error_row("plan", err, model=ref) for ref in refs]
+    return Plan(bases=[p.bases[0] for p in plans], config=cfg,
+                units=[u for p in plans for u in p.units], models=[m for p in plans for m in p.models],
+                errors=errors + [e for p in plans for e in p.errors],
+                skipped_pairs=sum(p.skipped_pairs for p in plans))
 
 
 def _model_row(ref: ModelRef, base: ModelRef, art, n_targets: int, run_id: str,

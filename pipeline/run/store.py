@@ -493,6 +493,17 @@ class ResultsStore:
         if rows:
             self._fs.put(path, _parquet_bytes(_rows_table("errors", [{"at": _now(), **r} for r in rows])))
 
+    def read_rows(self, table: str, columns: list[str]) -> list[dict]:
+        """`columns` of every file of a flat table (models, catalog): what a crawl reads to know
+        which (repo, sha) are already analysed before it asks the Hub for anything."""
+        folder = TABLE_GLOBS[table].split("/")[0]
+        rows: list[dict] = []
+        for name in self._fs.list_names(folder):
+            raw = self._fs.read(f"{folder}/{name}") if name.endswith(".parquet") else None
+            if raw:
+                rows += pq.read_table(pa.BufferReader(raw), columns=columns).to_pylist()
+        return rows
+
     def write_catalog(self, run_id: str, rows: list[dict]) -> None:
         """catalog/<run_id>.parquet (one file per run; a second call replaces the first)."""
         path = f"catalog/{check_name(run_id, 'run id')}.parquet"
