@@ -7,9 +7,13 @@ which becomes a null in the tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .null import NullDraws
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +89,7 @@ class MatrixAnalysis:
     similarity: np.ndarray        # [K, K], [i, j] = |<u0_i, ut_j>|, K = sim_k clipped to p
     mode: str                     # "exact" | "fast"
     seconds: float                # this update's own work (the shared base SVD is not included)
+    null: NullDraws | None = None  # cfg.null_draws random-direction draws (null.py); None when off
 
 
 @dataclass(frozen=True, eq=False)

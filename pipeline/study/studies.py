@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Params = Mapping[str, Any]
-SCOPED_TABLES = ("models", "matrices", "vectors", "spectra", "similarity", "pairs")
+SCOPED_TABLES = ("models", "matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -92,7 +92,7 @@ def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> duckdb.Du
                     + " AND ".join(conds), params)
         for table in SCOPED_TABLES:
             con.execute(f"ALTER VIEW {table} RENAME TO _all_{table}")
-        for table in ("models", "matrices", "vectors", "spectra", "similarity"):
+        for table in ("models", "matrices", "vectors", "spectra", "similarity", "null_vectors"):
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _all_{table} "
                         "WHERE model_uid IN (SELECT model_uid FROM _scope)")
         con.execute("CREATE VIEW pairs AS SELECT * FROM _all_pairs WHERE model_uid_a IN "
