@@ -220,3 +220,31 @@ SELECT p.model_uid, p.model_id, CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) A
 FROM per AS p JOIN sums AS s ON s.model_uid = p.model_uid
 GROUP BY p.model_uid, p.model_id, p.n_matrices, p.n_intruders, p.n_draws
 ORDER BY p.model_id, p.model_uid;
+
+-- Norm-aware measures (docs/science.md#intruder-norms): each of the top k singular vectors of
+-- Wt, both sides, with the share of the norms its singular value carries:
+--   share_dw = s_j(Wt)^2 / ||dW||_F^2   (null when dW = 0)
+--   share_w0 = s_j(Wt)^2 / ||W0||_F^2   (null when W0 = 0)
+-- and whether it is an intruder at eps. A study weights intruders by size with these.
+CREATE OR REPLACE MACRO intruder_norms(eps := 0.5, k := 10) AS TABLE
+WITH args_ok AS (SELECT _check_eps(eps) AND _check_k(k) AS ok),
+mx AS (
+  SELECT model_uid, tensor, any_value(layer) AS layer, any_value(module) AS module,
+         max(norm_dw) AS norm_dw, max(norm_w0) AS norm_w0
+  FROM matrices GROUP BY model_uid, tensor
+), v AS (
+  SELECT model_uid, any_value(model_id) AS model_id, tensor, side, j,
+         avg(sigma) AS sigma, avg(max_cos) AS max_cos
+  FROM vectors WHERE j <= k GROUP BY model_uid, tensor, side, j
+)
+SELECT v.model_uid, v.model_id, v.tensor, mx.layer, mx.module, v.side, CAST(v.j AS INTEGER) AS j,
+       v.sigma, v.max_cos, v.max_cos < CAST(eps AS DOUBLE) AS intruder,
+       CASE WHEN mx.norm_dw > 0 THEN v.sigma * v.sigma / (mx.norm_dw * mx.norm_dw) END AS share_dw,
+       CASE WHEN mx.norm_w0 > 0 THEN v.sigma * v.sigma / (mx.norm_w0 * mx.norm_w0) END AS share_w0,
+       CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k
+FROM v
+JOIN mx ON mx.model_uid = v.model_uid AND mx.tensor = v.tensor
+CROSS JOIN args_ok
+LEFT JOIN _stored() AS s ON s.model_uid = v.model_uid AND s.tensor = v.tensor
+WHERE args_ok.ok AND _k_ok(k, s.k_stored, s.min_dim, v.model_id, v.tensor)
+ORDER BY v.model_id, v.model_uid, v.tensor, v.side, v.j;

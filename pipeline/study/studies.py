@@ -114,10 +114,14 @@ class Study:
     plot: Callable[[pa.Table, Params], Figure]
     needs: str                                 # what the results must hold for rows to exist
     description: str = ""
+    # Python after the SQL (bootstrap intervals, effect sizes: study/uncertainty.py) and its own
+    # parameters, which the macro does not take.
+    post: Callable[[pa.Table, Params], pa.Table] | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def params(self, overrides: Params | None = None) -> dict[str, Any]:
         """Defaults updated with `overrides`; unknown names are a ConfigError."""
-        out = dict(self.defaults)
+        out = dict(self.defaults) | dict(self.extra)
         for key, value in (overrides or {}).items():
             if key not in out:
                 raise ConfigError(f"study {self.name!r} has no parameter {key!r}; its parameters "
@@ -127,7 +131,8 @@ class Study:
 
     def sql(self, overrides: Params | None = None) -> str:
         """The one SELECT behind the figure, with every parameter spelled out."""
-        args = ", ".join(f"{k} := {sql_literal(v)}" for k, v in self.params(overrides).items())
+        macro_args = {k: v for k, v in self.params(overrides).items() if k in dict(self.defaults)}
+        args = ", ".join(f"{k} := {sql_literal(v)}" for k, v in macro_args.items())
         return f"SELECT * FROM {self.macro}({args})"
 
 
@@ -175,9 +180,10 @@ def run_study(con: duckdb.DuckDBPyConnection, study: Study, overrides: Params | 
     import duckdb
 
     try:
-        return con.sql(study.sql(overrides)).to_arrow_table()
+        table = con.sql(study.sql(overrides)).to_arrow_table()
     except duckdb.Error as err:
         raise ResultsError(f"study {study.name!r} failed: {err}", study=study.name) from err
+    return study.post(table, study.params(overrides)) if study.post else table
 
 
 def get_study(name: str) -> Study:
@@ -551,6 +557,16 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> Figure:
 
 _EPS_K = (("eps", AnalysisConfig.eps), ("k", AnalysisConfig.k))
 
+from .reviewer import (  # noqa: E402 - the registry below needs them; reviewer imports this module lazily
+    BOOT_PARAMS,
+    groups_post,
+    layer_map_post,
+    plot_groups,
+    plot_intruder_norms,
+    plot_layer_map,
+    plot_null,
+)
+
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("intruders-eps", "Intruder dimensions vs eps", "Shuttleworth et al. 2024, Fig. 5",
           "study_intruders_eps", (("k", AnalysisConfig.k),), plot_intruders_eps,
@@ -588,4 +604,27 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           "pairs (analyse with --pairs)",
           "phi(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j) of the updates' left singular "
           "vectors, averaged over the matrices both update."),
+    Study("null", "Observed intruders vs a random-direction null", "null baseline (issue 15)",
+          "study_null", _EPS_K, plot_null, "null draws (analyse with --null-draws B)",
+          "Per model, intruders summed over matrices against B draws of updates with the same "
+          "singular values and random directions: the null's mean, central 95% and the Monte Carlo "
+          "tail probability p = (1 + #{draws >= observed}) / (1 + B) (docs/science.md#null)."),
+    Study("intruder-norms", "Intruders weighted by size", "norm-aware measures (issue 15)",
+          "study_intruder_norms", _EPS_K, plot_intruder_norms, "any analysed model",
+          "Every top-k singular vector of Wt (U side): its max |cos| with the base and its share "
+          "s_j(Wt)^2 / ||W0||_F^2 (share_dw: over ||dW||_F^2), so intruders can be weighed by size."),
+    Study("groups", "Groups of artifacts with bootstrap intervals and effect sizes",
+          "uncertainty over artifacts (issue 15)", "study_groups", _EPS_K, plot_groups,
+          "at least one analysed model (intervals need two per group)",
+          "Per kind, rank and alpha rule: mean intruders per matrix, intruders' share of ||W0||^2 "
+          "and effective rank over artifacts, with seeded percentile bootstrap intervals; each "
+          "group against the reference group (full fine-tunes, the smallest rank, alpha = 2r) as "
+          "a difference of means and Cohen's d with intervals (docs/science.md#uncertainty).",
+          post=groups_post, extra=BOOT_PARAMS),
+    Study("layer-map", "Layer x module maps of intruders and effective rank",
+          "layer maps (issue 15)", "study_layer_map", _EPS_K, plot_layer_map,
+          "matrices with a block index (layer)",
+          "Intruders and effective rank of dW per layer and module, per kind (mean over its "
+          "artifacts, with bootstrap intervals in the rows) and per model.",
+          post=layer_map_post, extra=BOOT_PARAMS),
 ]}
