@@ -12,9 +12,9 @@ from ..config import AnalysisConfig
 from ..updates import MatrixUpdate
 from .base import prepare_batch, thin_svd
 from .inputs import delta
+from .null import null_exact
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
-from .null import null_exact
 from .stats import (
     amplification_rank,
     build_matrix_analysis,

@@ -69,7 +69,7 @@ def reference_group(grouping: str, groups: Mapping[str, list]) -> str:
     """What every other group is compared with: full fine-tunes for kinds (LoRA vs full), the
     smallest rank for ranks, alpha = 2r for alpha rules; else the largest group."""
     preferred = {"kind": "full", "alpha rule": "alpha = 2r"}.get(grouping)
-    if preferred in groups:
+    if preferred is not None and preferred in groups:
         return preferred
     if grouping == "rank":
         return min(groups, key=lambda g: _order(grouping, g))
@@ -257,8 +257,9 @@ def plot_layer_map(table: pa.Table, params: Params) -> Figure:
         items = sorted(keyed.items())
         entities += items[:MAX_MODEL_MAPS] if level == "model" else items
     vmax_i = max([r["intruders"] for r in rows] + [1.0])
-    fig, axes = plt.subplots(len(entities), 2, squeeze=False, layout="constrained",
-                             figsize=(2.0 + 0.45 * len(layers) * 2 + 3.0, 0.9 + (0.22 * len(modules) + 0.6) * len(entities)))
+    width = 5.0 + 0.9 * len(layers)
+    height = 0.9 + (0.22 * len(modules) + 0.6) * len(entities)
+    fig, axes = plt.subplots(len(entities), 2, squeeze=False, layout="constrained", figsize=(width, height))
     for (name, cells), (ax_i, ax_r) in zip(entities, axes, strict=True):
         im_i = ax_i.imshow(_grid(cells, "intruders", layers, modules), cmap="Reds", vmin=0, vmax=vmax_i,
                            aspect="auto")

@@ -57,7 +57,7 @@ def mean_ci(values: Sequence[float], label: str, *, n_boot: int = N_BOOT, level:
     return MeanCI(int(x.size), float(x.mean()), lo, hi)
 
 
-def cohen_d(a: np.ndarray, b: np.ndarray) -> float:
+def cohen_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(mean a - mean b) / pooled standard deviation; nan when it is undefined (no spread)."""
     na, nb = a.shape[-1], b.shape[-1]
     # a group of one adds no spread (and numpy would warn on its ddof=1 variance)
@@ -65,7 +65,7 @@ def cohen_d(a: np.ndarray, b: np.ndarray) -> float:
     vb = b.var(axis=-1, ddof=1) if nb > 1 else np.zeros(b.shape[:-1])
     pooled = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(pooled > 0, (a.mean(axis=-1) - b.mean(axis=-1)) / pooled, np.nan)
+        return np.asarray(np.where(pooled > 0, (a.mean(axis=-1) - b.mean(axis=-1)) / pooled, np.nan))
 
 
 @dataclass(frozen=True)
