@@ -13,8 +13,7 @@ import pyarrow as pa
 
 from ..config import AnalysisConfig
 from ..schemas.tables import schema_for, to_table
-from ..spectral.null import NullDraws
-from ..spectral.results import BatchAnalysis, MatrixAnalysis, SideVectors
+from ..spectral.results import BatchAnalysis, MatrixAnalysis, NullDraws, SideVectors
 from ..updates import MatrixUpdate
 
 TABLE_NAMES = ("matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")

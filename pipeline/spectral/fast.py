@@ -47,9 +47,9 @@ from .krylov import (
     top_triplets,
     top_triplets_lowrank_batched,
 )
-from .null import NullDraws, coordinates, no_update
+from .null import coordinates, no_update
 from .pairs import pair_grids
-from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
+from .results import BaseSVD, BatchAnalysis, MatrixAnalysis, NullDraws
 from .stats import (
     amplification_rank,
     build_matrix_analysis,

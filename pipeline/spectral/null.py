@@ -19,28 +19,14 @@ draws do not depend on the batch an update was analysed in.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .results import BaseSVD
+from .base import thin_svd
+from .results import BaseSVD, NullDraws
 
 F64 = torch.float64
-
-
-@dataclass(frozen=True, eq=False)
-class NullDraws:
-    """B null draws of one (artifact, matrix): row b describes draw b + 1."""
-
-    sigma: np.ndarray     # [B, K] s_j(Wt_null), descending
-    max_cos_u: np.ndarray  # [B, K] max_i |<u_j(Wt_null), u0_i>| over all p base vectors
-    max_cos_v: np.ndarray  # [B, K] same, right singular vectors
-    rank: int              # r: the number of singular values of dW kept (its numerical rank)
-
-    @property
-    def draws(self) -> int:
-        return int(self.sigma.shape[0])
 
 
 def draw_seed(key: str, tensor: str, draw: int) -> int:
@@ -78,8 +64,6 @@ def no_update(base: BaseSVD, n_vec: int, draws: int) -> NullDraws:
 def null_exact(w0: torch.Tensor, base: BaseSVD, sd: np.ndarray, key: str, tensor: str,
                n_vec: int, draws: int) -> NullDraws:
     """The reference: each draw formed densely in R^{m x n} and decomposed by a full thin SVD."""
-    from .base import thin_svd
-
     r = int(sd.size)
     if r == 0:
         return no_update(base, n_vec, draws)

@@ -7,13 +7,9 @@ which becomes a null in the tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from .null import NullDraws
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +57,20 @@ class SideVectors:
     def intruders(self, k: int, eps: float) -> int:
         """Intruder count among the top k (Shuttleworth et al. Def. 1, PEFT's `cos[:k] < eps`)."""
         return int(np.count_nonzero(self.max_cos[:k] < eps))
+
+
+@dataclass(frozen=True, eq=False)
+class NullDraws:
+    """B random-direction null draws (null.py) of one (artifact, matrix): row b describes draw b + 1."""
+
+    sigma: np.ndarray     # [B, K] s_j(Wt_null), descending
+    max_cos_u: np.ndarray  # [B, K] max_i |<u_j(Wt_null), u0_i>| over all p base vectors
+    max_cos_v: np.ndarray  # [B, K] same, right singular vectors
+    rank: int              # r: the number of singular values of dW kept (its numerical rank)
+
+    @property
+    def draws(self) -> int:
+        return int(self.sigma.shape[0])
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,8 +10,7 @@ import math
 import numpy as np
 
 from ..config import ALL, AnalysisConfig
-from .null import NullDraws
-from .results import MatrixAnalysis, SideVectors
+from .results import MatrixAnalysis, NullDraws, SideVectors
 
 _EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
 
