@@ -668,19 +668,21 @@ def plot_layer_map(table: pa.Table, params: Params) -> Figure:
     height = 0.9 + (0.22 * len(modules) + 0.6) * len(entities)
     fig, axes = plt.subplots(len(entities), 2, squeeze=False, layout="constrained", figsize=(width, height))
     for (name, cells), (ax_i, ax_r) in zip(entities, axes, strict=True):
-        im_i = ax_i.imshow(_grid(cells, "intruders", layers, modules), cmap="Reds", vmin=0, vmax=vmax_i,
-                           aspect="auto")
-        im_r = ax_r.imshow(_grid(cells, "eff_rank", layers, modules), cmap="viridis", aspect="auto")
+        # pcolormesh, not imshow: identical maps (e.g. two models without intruders) would embed
+        # identical images, which the SVG backend gives the same element id
+        im_i = ax_i.pcolormesh(_grid(cells, "intruders", layers, modules), cmap="Reds", vmin=0, vmax=vmax_i)
+        im_r = ax_r.pcolormesh(_grid(cells, "eff_rank", layers, modules), cmap="viridis")
         for ax, im in ((ax_i, im_i), (ax_r, im_r)):
-            ax.set_yticks(range(len(modules)), modules, fontsize=6)
-            ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+            ax.set_yticks(np.arange(len(modules)) + 0.5, modules, fontsize=6)
+            ax.set_xticks(np.arange(len(layers)) + 0.5, [str(layer) for layer in layers], fontsize=6)
+            ax.invert_yaxis()
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax_i.set_title(f"{name}: intruders", fontsize=8)
         ax_r.set_title(f"{name}: effective rank", fontsize=8)
     axes[-1][0].set_xlabel("layer")
     axes[-1][1].set_xlabel("layer")
-    fig.suptitle(f"Layer x module maps (k = {params.get('k')}, eps = {params.get('eps')}); "
-                 "group rows: mean over the kind's artifacts (intervals in the rows)")
+    fig.suptitle(f"Layer x module maps (k = {params.get('k')}, eps = {params.get('eps')})\n"
+                 "first rows: mean over each kind's artifacts (intervals in the table)", fontsize=9)
     return fig
 
 
