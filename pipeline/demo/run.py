@@ -16,7 +16,7 @@ from ..config import AnalysisConfig
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_STEPS = 60
-DEMO_NULL_DRAWS = 39   # random-direction null draws per matrix (docs/science.md#null): p_tail >= 1/40
+DEMO_NULL_DRAWS = 19   # random-direction null draws per matrix (docs/science.md#null): p_tail >= 1/20
 console = Console(stderr=True)
 
 SQL_EXAMPLE = """\
