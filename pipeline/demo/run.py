@@ -30,7 +30,8 @@ zoospectra report {out} --out {out}-report
 zoospectra shell {out}        # an interactive DuckDB shell with the same views and macros"""
 
 
-NULL_SQL = ("SELECT model_id, n_intruders AS \"intruders at eps {eps}\", null_mean, null_lo, null_hi, p_tail "
+NULL_SQL = ("SELECT model_id, n_intruders AS \"intruders at eps {eps}\", null_mean, null_lo, null_hi, p_tail, "
+            "n_matrices "
             "FROM model_vs_null({eps}, {k}) ORDER BY model_id")
 
 

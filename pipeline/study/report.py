@@ -30,7 +30,7 @@ MAX_TABLE_ROWS = 40
 SUMMARY_SQL = f"SELECT * FROM model_summary(eps := {AnalysisConfig.eps}, k := {AnalysisConfig.k})"
 # The closing note: each model's intruders against the random-direction null (docs/science.md#null).
 NULL_NOTE_SQL = (f"SELECT model_id, n_intruders AS \"intruders at eps {AnalysisConfig.eps}\", null_mean, "
-                 f"p_tail AS tail_probability, n_draws FROM model_vs_null(eps := {AnalysisConfig.eps}, "
+                 f"p_tail AS tail_probability, n_draws, n_matrices FROM model_vs_null(eps := {AnalysisConfig.eps}, "
                  f"k := {AnalysisConfig.k}) ORDER BY model_id")
 
 _CSS = """
