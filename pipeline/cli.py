@@ -88,11 +88,12 @@ def _check_unique(refs) -> None:
 
 
 def _config(k: int, eps: float, k_store: str, k_spec: str, sim_k: int, mode: str, dtype: str,
-            pairs: bool, embeddings: bool) -> AnalysisConfig:
+            pairs: bool, embeddings: bool, null_draws: int = _D.null_draws) -> AnalysisConfig:
     return AnalysisConfig(
         k=k, eps=eps, k_store=_k(k_store, "--k-store"), k_spec=_k(k_spec, "--k-spec"), sim_k=sim_k,
         # typer hands over plain strings; AnalysisConfig.__post_init__ refuses any other value
         mode=cast("Mode", mode), dtype=cast("Dtype", dtype), pairs=pairs, include_embeddings=embeddings,
+        null_draws=null_draws,
     )
 
 
@@ -117,6 +118,8 @@ def analyze(
     pairs: bool = typer.Option(_D.pairs, "--pairs/--no-pairs", help="Adapter-vs-adapter subspace similarity."),
     embeddings: bool = typer.Option(_D.include_embeddings, "--embeddings/--no-embeddings",
                                     help="Also analyse embedding/head matrices."),
+    null_draws: int = typer.Option(_D.null_draws, help="Random-direction null draws per matrix "
+                                   "(0 = off; each costs about one more solve per matrix)."),
     batch_size: int = typer.Option(32, help="Artifacts per unit of work (sharing one base SVD)."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     local: bool = typer.Option(False, "--local", help="Run in-process without Ray (debugging)."),
@@ -131,7 +134,7 @@ def analyze(
     from .run.execute import probe_address
 
     # everything checked before Ray starts or a header is read
-    cfg = _config(k, eps, k_store, k_spec, sim_k, mode, dtype, pairs, embeddings)
+    cfg = _config(k, eps, k_store, k_spec, sim_k, mode, dtype, pairs, embeddings, null_draws)
     _check_positive(batch_size, "--batch-size")
     _check_positive(max_in_flight, "--max-in-flight")
     _check_device(device)

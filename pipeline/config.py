@@ -11,6 +11,7 @@ from .errors import ConfigError
 Mode = Literal["exact", "fast"]
 Dtype = Literal["float32", "float64"]
 ALL = -1  # "all" for k_store / k_spec
+MAX_NULL_DRAWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class AnalysisConfig:
     mode:       "fast" (default) = structured solvers (docs/architecture.md#engines); "exact" =
                 the paper's full SVDs, the check every fast result is tested against.
     dtype:      float32 or float64 for every decomposition (never half precision).
+    null_draws: random-direction null draws per matrix (docs/science.md#null); 0 = off (the
+                default: each draw costs about one more solve per matrix, bench/RESULTS.md).
     """
 
     k: int = 10
@@ -38,9 +41,10 @@ class AnalysisConfig:
     mode: Mode = "fast"
     dtype: Dtype = "float32"
     include_embeddings: bool = False
+    null_draws: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("k", "k_store", "k_spec", "sim_k", "pair_max"):
+        for name in ("k", "k_store", "k_spec", "sim_k", "pair_max", "null_draws"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"{name} must be an integer, got {v!r}", option=name)
@@ -58,13 +62,19 @@ class AnalysisConfig:
             v = getattr(self, name)
             if v != ALL and v < 1:
                 raise ConfigError(f"{name} must be >= 1 or 'all', got {v}", option=name)
+        if not 0 <= self.null_draws <= MAX_NULL_DRAWS:
+            raise ConfigError(f"null_draws must lie in 0..{MAX_NULL_DRAWS}, got {self.null_draws}",
+                              option="null_draws")
         if self.mode not in ("exact", "fast"):
             raise ConfigError(f"mode must be 'exact' or 'fast', got {self.mode!r}", option="mode")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}", option="dtype")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if not self.null_draws:      # off: the JSON (and unit ids) of configs from before the null
+            del fields["null_draws"]
+        return json.dumps(fields, sort_keys=True)
 
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the numbers (part of every unit id)."""

@@ -52,6 +52,9 @@ class MatrixUpdate:
     base_rewritten: bool = False
     # Caveats a reader of this matrix's numbers must know (stored as matrices.warnings).
     warnings: tuple[str, ...] = ()
+    # Seeds the null draws of this update (spectral/null.py): the artifact's model_uid in a run,
+    # so reruns draw the same directions whatever batch the update lands in.
+    null_key: str = ""
 
     def __post_init__(self) -> None:
         factored = self.B is not None and self.A is not None

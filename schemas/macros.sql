@@ -12,6 +12,9 @@
 --   SELECT * FROM intruder_fraction_curve(eps := 0.5, fractions := [0.1, 0.5, 1.0]);  -- Fig. 11
 --   SELECT * FROM effective_rank_summary();       -- Fig. 6
 --   SELECT * FROM model_summary(eps := 0.5, k := 10);
+--   SELECT * FROM intruders_vs_null(eps := 0.5, k := 10);   -- observed vs null (--null-draws)
+--   SELECT * FROM model_vs_null(eps := 0.5, k := 10);
+--   SELECT * FROM intruder_norms(eps := 0.5, k := 10);      -- each intruder's share of the norms
 
 -- min(m, n) per (model, tensor): when that many vectors are stored, every k is answerable.
 CREATE OR REPLACE MACRO _matrix_dims() AS TABLE
@@ -160,3 +163,88 @@ LEFT JOIN models AS md ON md.model_uid = ids.model_uid
 LEFT JOIN mx ON mx.model_uid = ids.model_uid
 LEFT JOIN intr ON intr.model_uid = ids.model_uid
 ORDER BY model_id, ids.model_uid;
+
+-- Null baseline (docs/science.md#null): the observed intruder count of each (model, matrix)
+-- against B random-direction draws of the same spectrum (table null_vectors, written when the
+-- analysis ran with --null-draws B). Per matrix: observed n_intruders (U side, as intruders()),
+-- the null's mean, standard deviation and central 95% (2.5% / 97.5% quantiles of the B draw
+-- counts), and the Monte Carlo tail probability p_tail = (1 + #{draws >= observed}) / (1 + B),
+-- whose floor is 1 / (1 + B). Matrices without null draws are left out.
+CREATE OR REPLACE MACRO _null_counts(eps, k) AS TABLE
+WITH args_ok AS (SELECT _check_eps(eps) AND _check_k(k) AS ok),
+counted AS (
+  SELECT model_uid, tensor, draw,
+         count(DISTINCT j) FILTER (WHERE side = 'U' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_u,
+         count(DISTINCT j) FILTER (WHERE side = 'V' AND j <= k AND max_cos < CAST(eps AS DOUBLE)) AS n_v,
+         least(max(j) FILTER (WHERE side = 'U'), max(j) FILTER (WHERE side = 'V')) AS k_stored,
+         any_value(model_id) AS model_id
+  FROM null_vectors GROUP BY model_uid, tensor, draw
+)
+SELECT c.model_uid, c.tensor, c.draw, CAST(c.n_u AS INTEGER) AS n_u, CAST(c.n_v AS INTEGER) AS n_v
+FROM counted AS c
+CROSS JOIN args_ok
+LEFT JOIN _matrix_dims() AS d ON d.model_uid = c.model_uid AND d.tensor = c.tensor
+WHERE args_ok.ok AND _k_ok(k, c.k_stored, d.min_dim, c.model_id, c.tensor);
+
+CREATE OR REPLACE MACRO intruders_vs_null(eps := 0.5, k := 10) AS TABLE
+SELECT o.model_uid, o.model_id, o.tensor, CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k,
+       o.n_intruders, CAST(count(*) AS INTEGER) AS n_draws,
+       avg(c.n_u) AS null_mean, coalesce(stddev_samp(c.n_u), 0.0) AS null_sd,
+       CAST(quantile_disc(c.n_u, 0.025) AS INTEGER) AS null_lo,
+       CAST(quantile_disc(c.n_u, 0.975) AS INTEGER) AS null_hi,
+       (1 + count(*) FILTER (WHERE c.n_u >= o.n_intruders)) / (1 + count(*)) AS p_tail
+FROM intruders(eps := eps, k := k) AS o
+JOIN _null_counts(eps, k) AS c ON c.model_uid = o.model_uid AND c.tensor = o.tensor
+GROUP BY o.model_uid, o.model_id, o.tensor, o.n_intruders
+ORDER BY o.model_id, o.model_uid, o.tensor;
+
+-- The same per model: observed intruders summed over its matrices with null draws, against
+-- the B sums of draw b over those matrices (draws are independent across matrices; only draw
+-- indices every such matrix has are used).
+CREATE OR REPLACE MACRO model_vs_null(eps := 0.5, k := 10) AS TABLE
+WITH per AS (
+  SELECT model_uid, any_value(model_id) AS model_id, CAST(sum(n_intruders) AS INTEGER) AS n_intruders,
+         CAST(count(*) AS INTEGER) AS n_matrices, min(n_draws) AS n_draws
+  FROM intruders_vs_null(eps := eps, k := k) GROUP BY model_uid
+), sums AS (
+  SELECT c.model_uid, c.draw, sum(c.n_u) AS n_u
+  FROM _null_counts(eps, k) AS c JOIN per AS p ON p.model_uid = c.model_uid
+  WHERE c.draw <= p.n_draws GROUP BY c.model_uid, c.draw
+)
+SELECT p.model_uid, p.model_id, CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k,
+       p.n_matrices, p.n_intruders, p.n_draws,
+       avg(s.n_u) AS null_mean, coalesce(stddev_samp(s.n_u), 0.0) AS null_sd,
+       CAST(quantile_disc(s.n_u, 0.025) AS INTEGER) AS null_lo,
+       CAST(quantile_disc(s.n_u, 0.975) AS INTEGER) AS null_hi,
+       (1 + count(*) FILTER (WHERE s.n_u >= p.n_intruders)) / (1 + p.n_draws) AS p_tail
+FROM per AS p JOIN sums AS s ON s.model_uid = p.model_uid
+GROUP BY p.model_uid, p.model_id, p.n_matrices, p.n_intruders, p.n_draws
+ORDER BY p.model_id, p.model_uid;
+
+-- Norm-aware measures (docs/science.md#intruder-norms): each of the top k singular vectors of
+-- Wt, both sides, with the share of the norms its singular value carries:
+--   share_dw = s_j(Wt)^2 / ||dW||_F^2   (null when dW = 0)
+--   share_w0 = s_j(Wt)^2 / ||W0||_F^2   (null when W0 = 0)
+-- and whether it is an intruder at eps. A study weights intruders by size with these.
+CREATE OR REPLACE MACRO intruder_norms(eps := 0.5, k := 10) AS TABLE
+WITH args_ok AS (SELECT _check_eps(eps) AND _check_k(k) AS ok),
+mx AS (
+  SELECT model_uid, tensor, any_value(layer) AS layer, any_value(module) AS module,
+         max(norm_dw) AS norm_dw, max(norm_w0) AS norm_w0
+  FROM matrices GROUP BY model_uid, tensor
+), v AS (
+  SELECT model_uid, any_value(model_id) AS model_id, tensor, side, j,
+         avg(sigma) AS sigma, avg(max_cos) AS max_cos
+  FROM vectors WHERE j <= k GROUP BY model_uid, tensor, side, j
+)
+SELECT v.model_uid, v.model_id, v.tensor, mx.layer, mx.module, v.side, CAST(v.j AS INTEGER) AS j,
+       v.sigma, v.max_cos, v.max_cos < CAST(eps AS DOUBLE) AS intruder,
+       CASE WHEN mx.norm_dw > 0 THEN v.sigma * v.sigma / (mx.norm_dw * mx.norm_dw) END AS share_dw,
+       CASE WHEN mx.norm_w0 > 0 THEN v.sigma * v.sigma / (mx.norm_w0 * mx.norm_w0) END AS share_w0,
+       CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k
+FROM v
+JOIN mx ON mx.model_uid = v.model_uid AND mx.tensor = v.tensor
+CROSS JOIN args_ok
+LEFT JOIN _stored() AS s ON s.model_uid = v.model_uid AND s.tensor = v.tensor
+WHERE args_ok.ok AND _k_ok(k, s.k_stored, s.min_dim, v.model_id, v.tensor)
+ORDER BY v.model_id, v.model_uid, v.tensor, v.side, v.j;

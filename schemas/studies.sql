@@ -12,6 +12,10 @@
 --   SELECT * FROM study_alpha(eps := 0.5, k := 10);               -- alpha = 2r vs fixed alpha
 --   SELECT * FROM study_ab_balance();                             -- LoRA+ A/B norm balance
 --   SELECT * FROM study_pairs();                                  -- Hu et al. 7.2, phi(i, j)
+--   SELECT * FROM study_null(eps := 0.5, k := 10);                -- observed vs random-direction null
+--   SELECT * FROM study_intruder_norms(eps := 0.5, k := 10);      -- intruders' share of the norms
+--   SELECT * FROM study_groups(eps := 0.5, k := 10);              -- per artifact, for group comparisons
+--   SELECT * FROM study_layer_map(eps := 0.5, k := 10);           -- layer x module maps
 
 -- One row per model: what it is (from `models`, else from its `matrices` rows), for grouping.
 CREATE OR REPLACE MACRO _study_models() AS TABLE
@@ -182,3 +186,73 @@ JOIN _study_models() AS ma ON ma.model_uid = c.model_uid_a
 JOIN _study_models() AS mb ON mb.model_uid = c.model_uid_b
 GROUP BY ALL
 ORDER BY model_id_a, model_id_b, c.model_uid_a, c.model_uid_b, c.i, c.j;
+
+-- Null baseline (docs/science.md#null): per model, observed intruders against the random-
+-- direction null of the same spectra (model_vs_null), with kind and rank. Needs --null-draws.
+CREATE OR REPLACE MACRO study_null(eps := 0.5, k := 10) AS TABLE
+SELECT sm.kind, sm.r, n.model_uid, n.model_id, n.eps, n.k, n.n_matrices, n.n_intruders,
+       n.n_draws, n.null_mean, n.null_sd, n.null_lo, n.null_hi, n.p_tail
+FROM model_vs_null(eps := eps, k := k) AS n
+JOIN _study_models() AS sm ON sm.model_uid = n.model_uid
+ORDER BY sm.kind, sm.r NULLS FIRST, n.model_id, n.model_uid;
+
+-- Norm-aware measures: every top-k vector of every matrix (U side) with its share of ||dW||_F^2
+-- and ||W0||_F^2 (intruder_norms) and whether it is an intruder.
+CREATE OR REPLACE MACRO study_intruder_norms(eps := 0.5, k := 10) AS TABLE
+SELECT sm.kind, sm.r, x.model_uid, x.model_id, x.tensor, x.layer, x.module, x.j, x.sigma,
+       x.max_cos, x.intruder, x.share_dw, x.share_w0, x.eps, x.k
+FROM intruder_norms(eps := eps, k := k) AS x
+JOIN _study_models() AS sm ON sm.model_uid = x.model_uid
+WHERE x.side = 'U'
+ORDER BY sm.kind, sm.r NULLS FIRST, x.model_id, x.model_uid, x.tensor, x.j;
+
+-- One row per artifact (checkpoints of a training run apart) with the numbers the group
+-- comparisons use: intruders per matrix, the intruders' share of ||W0||_F^2 (sum over U-side
+-- intruders of s_j^2 over the sum of ||W0||_F^2 of the model's matrices) and the mean effective
+-- rank; zoospectra.studies adds bootstrap intervals and effect sizes per grouping in Python.
+CREATE OR REPLACE MACRO study_groups(eps := 0.5, k := 10) AS TABLE
+WITH intr AS (
+  SELECT model_uid, sum(n_intruders) AS n_u, count(*) AS n_mat
+  FROM intruders(eps := eps, k := k) GROUP BY model_uid
+), energy AS (
+  SELECT model_uid, coalesce(sum(sigma * sigma) FILTER (WHERE intruder AND side = 'U'), 0.0) AS e_intr
+  FROM intruder_norms(eps := eps, k := k) GROUP BY model_uid
+), mx AS (
+  SELECT model_uid, sum(n2) AS e_w0, avg(er) AS eff_rank_mean
+  FROM (SELECT model_uid, tensor, max(norm_w0) * max(norm_w0) AS n2, avg(eff_rank) AS er
+        FROM matrices GROUP BY model_uid, tensor) GROUP BY model_uid
+)
+SELECT sm.kind, sm.r, sm.alpha,
+       CASE WHEN sm.kind <> 'lora' OR sm.r IS NULL OR sm.alpha IS NULL THEN NULL
+            WHEN sm.use_rslora THEN 'rsLoRA alpha = ' || format('{:g}', sm.alpha)
+            WHEN sm.alpha = 2 * sm.r THEN 'alpha = 2r'
+            ELSE 'alpha = ' || format('{:g}', sm.alpha) END AS alpha_rule,
+       sm.model_uid, sm.model_id, CAST(intr.n_mat AS INTEGER) AS n_matrices,
+       CAST(intr.n_u AS INTEGER) AS n_intruders, intr.n_u / intr.n_mat AS intruders_per_matrix,
+       CASE WHEN mx.e_w0 > 0 THEN energy.e_intr / mx.e_w0 END AS intruder_share_w0,
+       mx.eff_rank_mean, CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k
+FROM intr
+JOIN _study_models() AS sm ON sm.model_uid = intr.model_uid
+JOIN energy ON energy.model_uid = intr.model_uid
+JOIN mx ON mx.model_uid = intr.model_uid
+WHERE NOT regexp_matches(sm.model_id, '@(step|checkpoint-)[0-9]+$')
+ORDER BY sm.kind, sm.r NULLS FIRST, sm.model_id, sm.model_uid;
+
+-- Layer maps: per model, layer and module (matrices with a block index), intruders (U side,
+-- summed over duplicate tensors of a cell) and the effective rank of dW. zoospectra.studies adds
+-- per-kind rows (mean over the kind's artifacts, with bootstrap intervals) in Python.
+CREATE OR REPLACE MACRO study_layer_map(eps := 0.5, k := 10) AS TABLE
+WITH x AS (
+  SELECT model_uid, tensor, any_value(layer) AS layer, any_value(module) AS module,
+         avg(eff_rank) AS eff_rank
+  FROM matrices WHERE layer IS NOT NULL GROUP BY model_uid, tensor
+)
+SELECT sm.kind, sm.r, x.model_uid, sm.model_id, x.layer, x.module,
+       CAST(sum(i.n_intruders) AS INTEGER) AS n_intruders, avg(x.eff_rank) AS eff_rank,
+       CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k
+FROM x
+JOIN intruders(eps := eps, k := k) AS i ON i.model_uid = x.model_uid AND i.tensor = x.tensor
+JOIN _study_models() AS sm ON sm.model_uid = x.model_uid
+WHERE NOT regexp_matches(sm.model_id, '@(step|checkpoint-)[0-9]+$')
+GROUP BY sm.kind, sm.r, x.model_uid, sm.model_id, x.layer, x.module
+ORDER BY sm.kind, sm.model_id, x.model_uid, x.module, x.layer;

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*;
-#                          1.2: runs.n_nodes, runs.cluster
+SCHEMA_VERSION = "1.2"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
+# 1.2: null_vectors (random-direction null draws, written only with null_draws > 0), runs.n_nodes, runs.cluster
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -113,6 +113,20 @@ VECTORS = pa.schema(
     ]
 )
 
+NULL_VECTORS = pa.schema(
+    [
+        *_UNIT,
+        *_MODEL,
+        _f("tensor", _str, False),
+        _f("draw", _i32, False, "1-based null draw (docs/science.md#null)"),
+        _f("null_rank", _i32, False, "r: nonzero singular values of dW the draws reuse"),
+        _f("side", _str, False, "U (left) or V (right)"),
+        _f("j", _i32, False, "1-based rank of the singular vector of Wt_null"),
+        _f("sigma", _f64, False, "s_j(Wt_null), Wt_null = W0 + U_r diag(s(dW)) V_r^T"),
+        _f("max_cos", _f64, False, "max_i |<v_j(Wt_null), v_i(W0)>| over all base vectors"),
+    ]
+)
+
 SPECTRA = pa.schema(
     [
         *_UNIT,
@@ -204,6 +218,7 @@ TABLES: dict[str, pa.Schema] = {
     "models": MODELS,
     "matrices": MATRICES,
     "vectors": VECTORS,
+    "null_vectors": NULL_VECTORS,
     "spectra": SPECTRA,
     "similarity": SIMILARITY,
     "pairs": PAIRS,

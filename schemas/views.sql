@@ -10,6 +10,7 @@
 --   SELECT * FROM read_parquet('RESULTS/units/*/spectra.parquet',    union_by_name = true);
 --   SELECT * FROM read_parquet('RESULTS/units/*/similarity.parquet', union_by_name = true);
 --   SELECT * FROM read_parquet('RESULTS/units/*/pairs.parquet',      union_by_name = true);
+--   SELECT * FROM read_parquet('RESULTS/units/*/null_vectors.parquet', union_by_name = true);
 --   SELECT * FROM read_parquet('RESULTS/models/*.parquet',           union_by_name = true);
 --   SELECT * FROM read_parquet('RESULTS/runs/*.parquet',             union_by_name = true);
 --   SELECT * FROM read_parquet('RESULTS/errors/*/*.parquet',         union_by_name = true);
@@ -59,6 +60,10 @@ SELECT * FROM read_parquet({files:similarity}, union_by_name = {union_by_name});
 -- view: pairs
 CREATE OR REPLACE VIEW pairs AS
 SELECT * FROM read_parquet({files:pairs}, union_by_name = {union_by_name});
+
+-- view: null_vectors
+CREATE OR REPLACE VIEW null_vectors AS
+SELECT * FROM read_parquet({files:null_vectors}, union_by_name = {union_by_name});
 
 -- view: models
 CREATE OR REPLACE VIEW models AS

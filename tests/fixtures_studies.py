@@ -28,7 +28,7 @@ from zoospectra.io.refs import ModelRef, local_ref
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS = [0, 1, 2]
-CFG = AnalysisConfig(pairs=True)
+CFG = AnalysisConfig(pairs=True, null_draws=5)   # a few null draws: the null study has rows
 CKPT_STEPS = (4, 8, 16)
 
 
@@ -166,6 +166,8 @@ def _engine_numbers(study_zoo: StudyZoo) -> EngineNumbers:
     for tensor, mids in sorted(by_tensor.items()):
         w0 = base.get(tensor)
         updates = [arts[m].load_update(tensor, base, w0=w0) for m in mids]
+        for m, upd in zip(mids, updates, strict=True):
+            upd.null_key = study_zoo.refs[m].uid      # the run's seeds (run/unit.py)
         batch = analyze_batch(w0, updates, CFG)
         out.shapes[tensor] = tuple(w0.shape)
         for mid, upd, item in zip(mids, updates, batch.items, strict=True):

@@ -189,6 +189,8 @@ CASES = [
          "--device must be one of auto, cpu, cuda"),
     Case("analyze-eps-out-of-range", (*ANALYZE, "--out", "r", "--eps", "2"), 2, "eps must lie in (0, 1)"),
     Case("analyze-k-store-text", (*ANALYZE, "--out", "r", "--k-store", "lots"), 2, "--k-store"),
+    Case("analyze-null-draws-negative", (*ANALYZE, "--out", "r", "--null-draws", "-1"), 2,
+         "null_draws must lie in 0..10000"),
     Case("analyze-out-is-file", (*ANALYZE, "--out", "notes.txt"), 2, "notes.txt is a file"),
     Case("analyze-out-user-dir", (*ANALYZE, "--out", "userdir"), 2, "is not a zoospectra results root"),
     Case("analyze-out-inside-adapter", (*ANALYZE, "--out", "{A}/results"), 2, "inside the input"),

@@ -72,7 +72,9 @@ def _rows(table: pa.Table, **where) -> list[dict]:
 
 def test_tables_have_exactly_the_contract_schemas(unit) -> None:
     *_, tables = unit
-    assert set(tables) == set(TABLE_NAMES) == {"matrices", "vectors", "spectra", "similarity", "pairs"}
+    assert set(tables) == set(TABLE_NAMES) == {"matrices", "vectors", "spectra", "similarity", "pairs",
+                                              "null_vectors"}
+    assert tables["null_vectors"].num_rows == 0          # null_draws = 0: no null rows
     for name, table in tables.items():
         assert table.schema.equals(schema_for(name), check_metadata=True), name
         for field in table.schema:  # declared non-null columns really hold no nulls
@@ -80,7 +82,7 @@ def test_tables_have_exactly_the_contract_schemas(unit) -> None:
                 assert table.column(field.name).null_count == 0, (name, field.name)
     counts = {name: t.num_rows for name, t in tables.items()}
     assert counts == {"matrices": 3, "vectors": 3 * 2 * 12, "spectra": 8 + 3 * 2 * 8,
-                      "similarity": 3 * 25, "pairs": 4 * 6 + 4 * 0 + 6 * 0}
+                      "similarity": 3 * 25, "pairs": 4 * 6 + 4 * 0 + 6 * 0, "null_vectors": 0}
 
 
 def test_matrices_rows(unit) -> None:

@@ -188,7 +188,8 @@ EXPECTED_TEXT = {
     "intruders-eps": "lora_r8_a16", "intruders-fraction": "lora_r2_a8",
     "effective-rank": "attention.self.query", "similarity": "pre-trained singular vector",
     "checkpoints": "lora_ckpt", "alpha": "alpha = 2r", "ab-balance": "lora_r8_a8",
-    "pairs": "phi(i, j)",
+    "pairs": "phi(i, j)", "null": "random-direction null", "intruder-norms": "||W0||_F^2",
+    "groups": "bootstrap intervals", "layer-map": "effective rank",
 }
 
 

@@ -16,6 +16,7 @@ from ..config import AnalysisConfig
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_STEPS = 60
+DEMO_NULL_DRAWS = 19   # random-direction null draws per matrix (docs/science.md#null): p_tail >= 1/20
 console = Console(stderr=True)
 
 SQL_EXAMPLE = """\
@@ -24,8 +25,14 @@ zoospectra sql {out} "
   FROM intruders(0.5, 10) GROUP BY model_id ORDER BY intruders_top10_eps05 DESC"
 zoospectra sql {out} "SELECT * FROM intruder_curve(10) WHERE model_id LIKE 'lora_r8%'"
 zoospectra sql {out} "SELECT module, avg(eff_rank) FROM matrices GROUP BY ALL ORDER BY ALL"
+zoospectra sql {out} "SELECT * FROM model_vs_null(0.5, 10)"   # observed vs random-direction null
 zoospectra report {out} --out {out}-report
 zoospectra shell {out}        # an interactive DuckDB shell with the same views and macros"""
+
+
+NULL_SQL = ("SELECT model_id, n_intruders AS \"intruders at eps {eps}\", null_mean, null_lo, null_hi, p_tail, "
+            "n_matrices "
+            "FROM model_vs_null({eps}, {k}) ORDER BY model_id")
 
 
 def _quiet_libraries() -> None:
@@ -88,10 +95,13 @@ def run_demo(out: str = "results/demo", cache: str = ".zoospectra-cache/zoo",
 
     base = local_ref(minilm_dir(), BASE_ID)
     refs = [local_ref(p, spec.name) for p, spec in zip(paths, specs, strict=True)]
-    cfg = AnalysisConfig(pairs=True)
+    cfg = AnalysisConfig(pairs=True, null_draws=DEMO_NULL_DRAWS)
     run_analysis(base, refs, cfg, out, quiet=quiet)
 
     summary = query(out, f"SELECT * FROM model_summary({cfg.eps}, {cfg.k}) ORDER BY kind, r NULLS FIRST, model_id")
     print(format_table(summary, "table", None))
+    print(f"\nAgainst the null ({DEMO_NULL_DRAWS} draws of random directions with each update's "
+          "singular values; p_tail = P(null >= observed), docs/science.md#null):")
+    print(format_table(query(out, NULL_SQL.format(eps=cfg.eps, k=cfg.k)), "table", None))
     print(f"\nTry it yourself (views and macros are loaded by `zoospectra sql`):\n{SQL_EXAMPLE.format(out=out)}")
     console.print(f"[bold]demo[/]: done in {time.perf_counter() - t0:.1f}s; results in {Path(out).resolve()}")

@@ -13,10 +13,10 @@ import pyarrow as pa
 
 from ..config import AnalysisConfig
 from ..schemas.tables import schema_for, to_table
-from ..spectral.results import BatchAnalysis, MatrixAnalysis, SideVectors
+from ..spectral.results import BatchAnalysis, MatrixAnalysis, NullDraws, SideVectors
 from ..updates import MatrixUpdate
 
-TABLE_NAMES = ("matrices", "vectors", "spectra", "similarity", "pairs")
+TABLE_NAMES = ("matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,16 @@ def _vectors(head: dict, side: str, vecs: SideVectors) -> pa.Table:
         "argmax_i": vecs.argmax + 1, "base_sigma": vecs.base_sigma})
 
 
+def _null_vectors(head: dict, null: NullDraws) -> list[pa.Table]:
+    """Draw-major rows (draw, j) of each side: B x K per side."""
+    draws, k = null.sigma.shape
+    draw, j = np.meshgrid(np.arange(1, draws + 1), np.arange(1, k + 1), indexing="ij")
+    const = {**head, "null_rank": null.rank}
+    return [_columns("null_vectors", draws * k, {**const, "side": side}, {
+        "draw": draw.ravel(), "j": j.ravel(), "sigma": null.sigma.ravel(), "max_cos": cos.ravel()})
+        for side, cos in (("U", null.max_cos_u), ("V", null.max_cos_v))]
+
+
 def _spectrum(head: dict, which: str, sigma: np.ndarray) -> pa.Table:
     return _columns("spectra", len(sigma), {**head, "which": which},
                     {"idx": np.arange(1, len(sigma) + 1), "sigma": sigma})
@@ -138,6 +148,8 @@ def unit_tables(ctx: UnitContext, updates: Sequence[MatrixUpdate], analysis: Bat
         parts["spectra"] += [_spectrum(head, "wt", item.spectrum_wt),
                              _spectrum(head, "dw", item.spectrum_dw)]
         parts["similarity"].append(_grid("similarity", head, item.similarity, "value"))
+        if item.null is not None:
+            parts["null_vectors"] += _null_vectors(head, item.null)
     for pair in analysis.pairs:
         (uid_a, id_a), (uid_b, id_b) = ctx.members[pair.a], ctx.members[pair.b]
         head = {**unit, "model_uid_a": uid_a, "model_id_a": id_a,

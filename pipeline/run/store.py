@@ -51,7 +51,7 @@ from .integrity import (
     success_marker,
 )
 
-UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs")
+UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")
 RUN_STATUSES = ("running", "finished", "failed")
 SUCCESS = "_SUCCESS"
 DONE = "_done.json"

@@ -90,7 +90,9 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     updates, members = [], []
     for ref in unit.members:
         try:
-            updates.append(_artifact(ref).load_update(unit.tensor, base, w0=w0, dtype=torch_dtype(cfg.dtype)))
+            update = _artifact(ref).load_update(unit.tensor, base, w0=w0, dtype=torch_dtype(cfg.dtype))
+            update.null_key = ref.uid    # seeds its null draws (spectral/null.py)
+            updates.append(update)
             members.append(ref)
         except Exception as err:  # noqa: BLE001 - one artifact's failure, of any kind, is its own row
             errors.append(error_row("load", err, model=ref, tensor=unit.tensor))

@@ -12,9 +12,17 @@ from ..config import AnalysisConfig
 from ..updates import MatrixUpdate
 from .base import prepare_batch, thin_svd
 from .inputs import delta
+from .null import null_exact
 from .pairs import pair_grids
 from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
-from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
+from .stats import (
+    amplification_rank,
+    build_matrix_analysis,
+    clip_k,
+    nonzero_sigma,
+    numerical_rank,
+    pair_rank,
+)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -54,6 +62,8 @@ def _analyze_update(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, upd
     dw_rank = numerical_rank(dw_sigma, shape, cfg.dtype)
     amp_r = amplification_rank(update.rank, dw_rank, cfg.k)
     norm_dw = float(np.sqrt(np.sum(dw_sigma**2)))
+    null = (null_exact(w0, base, nonzero_sigma(dw_sigma, shape, cfg.dtype), update.null_key,
+                       update.tensor, n_vec, cfg.null_draws) if cfg.null_draws else None)
     item = build_matrix_analysis(
         tensor=update.tensor,
         shape=shape,
@@ -68,6 +78,7 @@ def _analyze_update(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, upd
         similarity=_np((base.U[:, :sim_k].T @ ut[:, :sim_k]).abs()),
         mode="exact",
         seconds=time.perf_counter() - start,
+        null=null,
     )
     return item, ud[:, : pair_rank(update.rank, dw_rank, cfg.pair_max)]
 

@@ -47,9 +47,17 @@ from .krylov import (
     top_triplets,
     top_triplets_lowrank_batched,
 )
+from .null import coordinates, no_update
 from .pairs import pair_grids
-from .results import BaseSVD, BatchAnalysis, MatrixAnalysis
-from .stats import amplification_rank, build_matrix_analysis, clip_k, numerical_rank, pair_rank
+from .results import BaseSVD, BatchAnalysis, MatrixAnalysis, NullDraws
+from .stats import (
+    amplification_rank,
+    build_matrix_analysis,
+    clip_k,
+    nonzero_sigma,
+    numerical_rank,
+    pair_rank,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -220,6 +228,43 @@ def batched_wt(base: BaseSVD, factors: dict[int, Factors], want: Wanted) -> dict
     return out
 
 
+def null_fast(base: BaseSVD, sd: np.ndarray, key: str, tensor: str, want: Wanted,
+              draws: int) -> NullDraws:
+    """null.py's draws on the reduced operator: draw b is the LoRA-shaped update B = U_r diag(sd),
+    A = V_r^T, whose base-coordinate factors are C_u diag(sd) and C_v directly (no O(m p r)
+    product); the parts outside span(U0) / span(V0) enter through the R of their QR, as in
+    project_factors. One top-K_store solve per draw (wt_triplets)."""
+    r, p = int(sd.size), int(base.S.shape[0])
+    want = Wanted(want.n_vec, 0, want.n_vec, want.all_, want.tol, want.tol_values)
+    if r == 0:
+        return no_update(base, want.n_vec, draws)
+    (m, n), dev = base.shape, base.device
+    s0, s = base.S.to(F64), torch.as_tensor(sd, dtype=F64, device=dev)
+    sig, cu_max, cv_max = [], [], []
+    for b in range(draws):
+        cu, cv = (c.to(dev) for c in coordinates(key, tensor, b, (m, n), r))
+        bt, at = cu[:p] * s[None, :], cv[:p]
+        if m > p:
+            bt = torch.cat([bt, torch.linalg.qr(cu[p:] * s[None, :], mode="r")[1]], 0)
+        if n > p:
+            at = torch.cat([at, torch.linalg.qr(cv[p:], mode="r")[1]], 0)
+        op = LowRankUpdate(s0, bt.contiguous(), at.T.contiguous(), _head(want, p))
+        t = wt_triplets(op, want)
+        _log_fallback(t, f"{tensor} (null draw {b + 1})")
+        sig.append(_np(t.sigma[: want.n_vec]))
+        cu_max.append(_np(t.U[:p, : want.n_vec].abs().max(dim=0).values))
+        cv_max.append(_np(t.V[:p, : want.n_vec].abs().max(dim=0).values))
+    return NullDraws(np.stack(sig), np.stack(cu_max), np.stack(cv_max), r)
+
+
+def _null(base: BaseSVD, dw_sigma: np.ndarray, update: MatrixUpdate, cfg: AnalysisConfig,
+          want: Wanted) -> NullDraws | None:
+    if not cfg.null_draws:
+        return None
+    sd = nonzero_sigma(dw_sigma, base.shape, cfg.dtype)
+    return null_fast(base, sd, update.null_key, update.tensor, want, cfg.null_draws)
+
+
 def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f: Factors,
                   cfg: AnalysisConfig, want: Wanted, shared_seconds: float,
                   wt: Triplets | None = None) -> tuple[MatrixAnalysis, torch.Tensor]:
@@ -242,8 +287,9 @@ def _lowrank_item(base: BaseSVD, base_sigma: np.ndarray, update: MatrixUpdate, f
         proj = f.dw_left(dw, amp_r, f.bt[:p]).T @ (s0[:, None] * f.dw_right_base(dw, amp_r, p))
         denom = float(torch.linalg.matrix_norm(proj))
         amp = norm_dw / denom if denom > 0 else None
+    null = _null(base, dw_sigma, update, cfg, want)
     item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
-                     time.perf_counter() - start + shared_seconds)
+                     time.perf_counter() - start + shared_seconds, null)
     n_pair = pair_rank(update.rank, dw_rank, cfg.pair_max) if cfg.pairs else 0
     return item, f.dw_left(dw, n_pair, f.b)
 
@@ -275,8 +321,9 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     if amp_r > 0:
         denom = float(torch.linalg.matrix_norm(ud[:, :amp_r].T @ w0.to(F64) @ vd[:, :amp_r]))
         amp = norm_dw / denom if denom > 0 else None
+    null = _null(base, dw_sigma, update, cfg, want)
     item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, null)
     return item, ud[:, :n_pair]
 
 
@@ -296,7 +343,8 @@ def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.T
 
 def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
               base_sigma: np.ndarray, wt: Triplets, dw_sigma: np.ndarray, want: Wanted,
-              amp: float | None, amp_r: int, seconds: float) -> MatrixAnalysis:
+              amp: float | None, amp_r: int, seconds: float,
+              null: NullDraws | None = None) -> MatrixAnalysis:
     """wt.U / wt.V hold Wt's singular vectors in base coordinates: row i <-> u0_i / v0_i."""
     p = int(base_sigma.shape[0])
     cos_u = wt.U[:p, : want.n_vec].abs().max(dim=0)
@@ -308,7 +356,7 @@ def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
         v_cos=(_np(cos_v.values), cos_v.indices.cpu().numpy()),
         amplification=amp, amp_rank=amp_r if amp_r > 0 else None,
         similarity=_np(wt.U[: want.sim_k, : want.sim_k].abs()),   # [i, j] = |<u0_i, ut_j>|
-        mode="fast", seconds=seconds,
+        mode="fast", seconds=seconds, null=null,
     )
 
 

@@ -60,6 +60,20 @@ class SideVectors:
 
 
 @dataclass(frozen=True, eq=False)
+class NullDraws:
+    """B random-direction null draws (null.py) of one (artifact, matrix): row b describes draw b + 1."""
+
+    sigma: np.ndarray     # [B, K] s_j(Wt_null), descending
+    max_cos_u: np.ndarray  # [B, K] max_i |<u_j(Wt_null), u0_i>| over all p base vectors
+    max_cos_v: np.ndarray  # [B, K] same, right singular vectors
+    rank: int              # r: the number of singular values of dW kept (its numerical rank)
+
+    @property
+    def draws(self) -> int:
+        return int(self.sigma.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
 class MatrixAnalysis:
     """Everything docs/science.md defines per (base matrix, update), phi aside (PairGrid)."""
 
@@ -85,6 +99,7 @@ class MatrixAnalysis:
     similarity: np.ndarray        # [K, K], [i, j] = |<u0_i, ut_j>|, K = sim_k clipped to p
     mode: str                     # "exact" | "fast"
     seconds: float                # this update's own work (the shared base SVD is not included)
+    null: NullDraws | None = None  # cfg.null_draws random-direction draws (null.py); None when off
 
 
 @dataclass(frozen=True, eq=False)

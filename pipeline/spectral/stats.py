@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..config import ALL, AnalysisConfig
-from .results import MatrixAnalysis, SideVectors
+from .results import MatrixAnalysis, NullDraws, SideVectors
 
 _EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
 
@@ -101,6 +101,7 @@ def build_matrix_analysis(
     similarity: np.ndarray,
     mode: str,
     seconds: float,
+    null: NullDraws | None = None,
 ) -> MatrixAnalysis:
     """Assemble one MatrixAnalysis.
 
@@ -139,4 +140,5 @@ def build_matrix_analysis(
         similarity=np.asarray(similarity, dtype=np.float64),
         mode=mode,
         seconds=seconds,
+        null=null,
     )

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 REPORT_FILE = "index.html"
 MAX_TABLE_ROWS = 40
 SUMMARY_SQL = f"SELECT * FROM model_summary(eps := {AnalysisConfig.eps}, k := {AnalysisConfig.k})"
+# The closing note: each model's intruders against the random-direction null (docs/science.md#null).
+NULL_NOTE_SQL = (f"SELECT model_id, n_intruders AS \"intruders at eps {AnalysisConfig.eps}\", null_mean, "
+                 f"p_tail AS tail_probability, n_draws, n_matrices FROM model_vs_null(eps := {AnalysisConfig.eps}, "
+                 f"k := {AnalysisConfig.k}) ORDER BY model_id")
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -65,6 +69,7 @@ class Report:
     runs: pa.Table | None = None
     n_open_errors: int = 0
     open_errors: pa.Table | None = None
+    null_note: pa.Table | None = None
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, scope: Scope = Scope(),
@@ -105,6 +110,7 @@ def collect(root: str | os.PathLike, scope: Scope, params: Mapping[str, Mapping[
             "SELECT model_id, tensor, stage, error_type, message FROM open_errors "
             "ORDER BY model_id, tensor LIMIT 50").to_arrow_table()
         report.n_open_errors = con.sql("SELECT count(*) AS n FROM open_errors").to_arrow_table()["n"][0].as_py()
+        report.null_note = con.sql(NULL_NOTE_SQL).to_arrow_table()
         for i, study in enumerate(STUDIES.values(), 1):
             report.sections.append(_section(con, study, params.get(study.name, {})))
             if on_progress:
@@ -171,6 +177,20 @@ def _section_html(s: StudySection) -> str:
     return "\n".join(parts)
 
 
+def _closing_html(report: Report) -> str:
+    """The closing note: intruders at the default eps against the null, per model."""
+    head = '<h2 id="closing">Closing note: intruders against the null</h2>'
+    if report.null_note is None or report.null_note.num_rows == 0:
+        return (f'{head}<p class="note">No null draws in these results: analyse with '
+                "<code>--null-draws B</code> to compare every intruder count with updates of the "
+                "same singular values in random directions.</p>")
+    return (f"{head}<p>Per model: intruders among the top {AnalysisConfig.k} at eps = "
+            f"{AnalysisConfig.eps} (sum over matrices), the mean count of the random-direction null "
+            "(same singular values, uniformly random directions) and the tail probability "
+            "P(null &ge; observed) = (1 + #draws &ge; observed) / (1 + draws).</p>"
+            f"<pre>{_esc(NULL_NOTE_SQL)};</pre>{html_table(report.null_note, max_rows=500)}")
+
+
 def render_html(report: Report) -> str:
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = " ".join(f'<a href="#{_esc(s.study.name)}">{_esc(s.study.name)}</a>' for s in report.sections)
@@ -189,6 +209,7 @@ def render_html(report: Report) -> str:
         html_table(report.summary, max_rows=500),
         '<h2 id="runs">Runs</h2>', html_table(report.runs), errors,
         *(_section_html(s) for s in report.sections),
+        _closing_html(report),
     ])
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import AnalysisConfig
 from ..errors import ConfigError, ResultsError
 from ..io.refs import ModelRef, local_ref
+from .reviewer import BOOT_PARAMS, GROUPINGS, METRIC_LABEL, METRICS, groups_post, layer_map_post
+from .uncertainty import LEVEL
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Params = Mapping[str, Any]
-SCOPED_TABLES = ("models", "matrices", "vectors", "spectra", "similarity", "pairs")
+SCOPED_TABLES = ("models", "matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -92,7 +95,7 @@ def connect_scoped(root: str | os.PathLike, scope: Scope = Scope()) -> duckdb.Du
                     + " AND ".join(conds), params)
         for table in SCOPED_TABLES:
             con.execute(f"ALTER VIEW {table} RENAME TO _all_{table}")
-        for table in ("models", "matrices", "vectors", "spectra", "similarity"):
+        for table in ("models", "matrices", "vectors", "spectra", "similarity", "null_vectors"):
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _all_{table} "
                         "WHERE model_uid IN (SELECT model_uid FROM _scope)")
         con.execute("CREATE VIEW pairs AS SELECT * FROM _all_pairs WHERE model_uid_a IN "
@@ -114,10 +117,14 @@ class Study:
     plot: Callable[[pa.Table, Params], Figure]
     needs: str                                 # what the results must hold for rows to exist
     description: str = ""
+    # Python after the SQL (bootstrap intervals, effect sizes: study/uncertainty.py) and its own
+    # parameters, which the macro does not take.
+    post: Callable[[pa.Table, Params], pa.Table] | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def params(self, overrides: Params | None = None) -> dict[str, Any]:
         """Defaults updated with `overrides`; unknown names are a ConfigError."""
-        out = dict(self.defaults)
+        out = dict(self.defaults) | dict(self.extra)
         for key, value in (overrides or {}).items():
             if key not in out:
                 raise ConfigError(f"study {self.name!r} has no parameter {key!r}; its parameters "
@@ -127,7 +134,8 @@ class Study:
 
     def sql(self, overrides: Params | None = None) -> str:
         """The one SELECT behind the figure, with every parameter spelled out."""
-        args = ", ".join(f"{k} := {sql_literal(v)}" for k, v in self.params(overrides).items())
+        macro_args = {k: v for k, v in self.params(overrides).items() if k in dict(self.defaults)}
+        args = ", ".join(f"{k} := {sql_literal(v)}" for k, v in macro_args.items())
         return f"SELECT * FROM {self.macro}({args})"
 
 
@@ -175,9 +183,10 @@ def run_study(con: duckdb.DuckDBPyConnection, study: Study, overrides: Params | 
     import duckdb
 
     try:
-        return con.sql(study.sql(overrides)).to_arrow_table()
+        table = con.sql(study.sql(overrides)).to_arrow_table()
     except duckdb.Error as err:
         raise ResultsError(f"study {study.name!r} failed: {err}", study=study.name) from err
+    return study.post(table, study.params(overrides)) if study.post else table
 
 
 def get_study(name: str) -> Study:
@@ -549,7 +558,136 @@ def plot_pairs(table: pa.Table, params: Params, max_pairs: int = 4) -> Figure:
     return fig
 
 
+# --- figures of the reviewer studies (issue 15; tables from reviewer.py) ------------------------
+def _err(mean: float, lo: float | None, hi: float | None) -> tuple[float, float]:
+    """Error-bar lengths below and above; none (0) where there is no interval."""
+    return (mean - lo if lo is not None else 0.0, hi - mean if hi is not None else 0.0)
+
+
+def plot_null(table: pa.Table, params: Params) -> Figure:
+    """Per model: the observed intruders (red) against the null's mean and central 95% (grey)."""
+    plt = _pyplot()
+    rows = table.to_pylist()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2.5), 4.2), layout="constrained")
+    x = np.arange(len(rows))
+    means = [r["null_mean"] for r in rows]
+    err = np.array([_err(r["null_mean"], r["null_lo"], r["null_hi"]) for r in rows]).T
+    ax.errorbar(x, means, yerr=err, fmt="s", color="grey", capsize=4, label="null: mean, central 95%")
+    ax.scatter(x, [r["n_intruders"] for r in rows], color="red", zorder=3, label="observed")
+    for xi, r in zip(x, rows, strict=True):
+        ax.annotate(f"p={r['p_tail']:.2g}", (xi, max(r["n_intruders"], r["null_hi"] or 0)),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(x, [f"{r['model_id']}\n({r['kind']})" for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')}),\nsum over matrices")
+    ax.set_title(f"Observed intruders vs a random-direction null ({rows[0]['n_draws']} draws)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def plot_intruder_norms(table: pa.Table, params: Params) -> Figure:
+    """max |cos| against the share of ||W0||_F^2 of every top-k vector; intruders left of eps."""
+    plt = _pyplot()
+    rows = [r for r in table.to_pylist() if r["share_w0"] is not None and r["share_w0"] > 0]
+    models = sorted(_by(rows, "model_uid").items(), key=lambda kv: str(kv[1][0]["model_id"]))
+    style = _styles([uid for uid, _ in models])
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), layout="constrained")
+    for uid, mrows in models:
+        ax.scatter([r["max_cos"] for r in mrows], [r["share_w0"] for r in mrows], s=10,
+                   color=style[uid]["color"], marker=style[uid]["marker"], alpha=0.7,
+                   label=str(mrows[0]["model_id"]))
+    ax.axvline(float(params.get("eps", 0.5)), color="red", ls="--", lw=1, label="eps")
+    ax.set_yscale("log")
+    ax.set_xlabel("max |cos| with the base's singular vectors (intruders: left of eps)")
+    ax.set_ylabel("s_j(Wt)^2 / ||W0||_F^2")
+    ax.set_title(f"Size of the top-{params.get('k')} singular vectors, intruders or not")
+    _legend(ax, len(models) + 1)
+    return fig
+
+
+def plot_groups(table: pa.Table, params: Params) -> Figure:
+    """One panel per (metric, grouping): group means with their bootstrap intervals; each
+    non-reference group labelled with Cohen's d against the reference and its interval."""
+    plt = _pyplot()
+    rows = table.to_pylist()
+    groupings = [g for g in GROUPINGS if any(r["grouping"] == g for r in rows)]
+    fig, axes = plt.subplots(len(METRICS), len(groupings), squeeze=False, layout="constrained",
+                             figsize=(3.6 * len(groupings) + 1.0, 2.7 * len(METRICS)))
+    for col, grouping in enumerate(groupings):
+        for row_i, metric in enumerate(METRICS):
+            ax = axes[row_i][col]
+            cell = [r for r in rows if r["grouping"] == grouping and r["metric"] == metric]
+            x = np.arange(len(cell))
+            err = np.array([_err(r["mean"], r["lo"], r["hi"]) for r in cell]).T.reshape(2, -1)
+            ax.errorbar(x, [r["mean"] for r in cell], yerr=err, fmt="o", capsize=4)
+            for xi, r in zip(x, cell, strict=True):
+                if r["cohen_d"] is not None:
+                    ci = (f" [{r['d_lo']:.2g}, {r['d_hi']:.2g}]" if r["d_lo"] is not None else "")
+                    ax.annotate(f"d={r['cohen_d']:.2g}{ci}", (xi, r["mean"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=6)
+            ax.set_xticks(x, [f"{r['grp']}\n(n={r['n_artifacts']})" for r in cell], fontsize=7,
+                          rotation=30 if len(cell) > 3 else 0)
+            if col == 0:
+                ax.set_ylabel(METRIC_LABEL[metric], fontsize=8)
+            if row_i == 0:
+                ref = cell[0]["reference"] if cell else ""
+                ax.set_title(f"by {grouping} (d vs {ref})", fontsize=9)
+    level = rows[0]["level"] if rows else LEVEL
+    fig.suptitle(f"Groups of artifacts: means with {100 * level:g}% bootstrap intervals "
+                 f"(k = {params.get('k')}, eps = {params.get('eps')})")
+    return fig
+
+
+def _grid(cells: list[dict], value: str, layers: list[int], modules: list[str]) -> np.ndarray:
+    grid = np.full((len(modules), len(layers)), np.nan)
+    for c in cells:
+        if c[value] is not None:
+            grid[modules.index(c["module"]), layers.index(c["layer"])] = c[value]
+    return grid
+
+
+MAX_MODEL_MAPS = 12
+
+
+def plot_layer_map(table: pa.Table, params: Params) -> Figure:
+    """Layer x module heatmaps of intruders (left) and effective rank (right): first one row per
+    group (kind, mean over its artifacts), then one per model (the first MAX_MODEL_MAPS)."""
+    plt = _pyplot()
+    rows = table.to_pylist()
+    layers = sorted({r["layer"] for r in rows})
+    modules = sorted({r["module"] for r in rows})
+    entities: list[tuple[str, list[dict]]] = []
+    for level in ("group", "model"):
+        keyed: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["level"] == level:
+                keyed.setdefault(str(r["model_id"]), []).append(r)
+        items = sorted(keyed.items())
+        entities += items[:MAX_MODEL_MAPS] if level == "model" else items
+    vmax_i = max([r["intruders"] for r in rows] + [1.0])
+    width = 5.0 + 0.9 * len(layers)
+    height = 0.9 + (0.22 * len(modules) + 0.6) * len(entities)
+    fig, axes = plt.subplots(len(entities), 2, squeeze=False, layout="constrained", figsize=(width, height))
+    for (name, cells), (ax_i, ax_r) in zip(entities, axes, strict=True):
+        # pcolormesh, not imshow: identical maps (e.g. two models without intruders) would embed
+        # identical images, which the SVG backend gives the same element id
+        im_i = ax_i.pcolormesh(_grid(cells, "intruders", layers, modules), cmap="Reds", vmin=0, vmax=vmax_i)
+        im_r = ax_r.pcolormesh(_grid(cells, "eff_rank", layers, modules), cmap="viridis")
+        for ax, im in ((ax_i, im_i), (ax_r, im_r)):
+            ax.set_yticks(np.arange(len(modules)) + 0.5, modules, fontsize=6)
+            ax.set_xticks(np.arange(len(layers)) + 0.5, [str(layer) for layer in layers], fontsize=6)
+            ax.invert_yaxis()
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        ax_i.set_title(f"{name}: intruders", fontsize=8)
+        ax_r.set_title(f"{name}: effective rank", fontsize=8)
+    axes[-1][0].set_xlabel("layer")
+    axes[-1][1].set_xlabel("layer")
+    fig.suptitle(f"Layer x module maps (k = {params.get('k')}, eps = {params.get('eps')})\n"
+                 "first rows: mean over each kind's artifacts (intervals in the table)", fontsize=9)
+    return fig
+
+
 _EPS_K = (("eps", AnalysisConfig.eps), ("k", AnalysisConfig.k))
+
 
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("intruders-eps", "Intruder dimensions vs eps", "Shuttleworth et al. 2024, Fig. 5",
@@ -588,4 +726,27 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           "pairs (analyse with --pairs)",
           "phi(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j) of the updates' left singular "
           "vectors, averaged over the matrices both update."),
+    Study("null", "Observed intruders vs a random-direction null", "null baseline (issue 15)",
+          "study_null", _EPS_K, plot_null, "null draws (analyse with --null-draws B)",
+          "Per model, intruders summed over matrices against B draws of updates with the same "
+          "singular values and random directions: the null's mean, central 95% and the Monte Carlo "
+          "tail probability p = (1 + #{draws >= observed}) / (1 + B) (docs/science.md#null)."),
+    Study("intruder-norms", "Intruders weighted by size", "norm-aware measures (issue 15)",
+          "study_intruder_norms", _EPS_K, plot_intruder_norms, "any analysed model",
+          "Every top-k singular vector of Wt (U side): its max |cos| with the base and its share "
+          "s_j(Wt)^2 / ||W0||_F^2 (share_dw: over ||dW||_F^2), so intruders can be weighed by size."),
+    Study("groups", "Groups of artifacts with bootstrap intervals and effect sizes",
+          "uncertainty over artifacts (issue 15)", "study_groups", _EPS_K, plot_groups,
+          "at least one analysed model (intervals need two per group)",
+          "Per kind, rank and alpha rule: mean intruders per matrix, intruders' share of ||W0||^2 "
+          "and effective rank over artifacts, with seeded percentile bootstrap intervals; each "
+          "group against the reference group (full fine-tunes, the smallest rank, alpha = 2r) as "
+          "a difference of means and Cohen's d with intervals (docs/science.md#uncertainty).",
+          post=groups_post, extra=BOOT_PARAMS),
+    Study("layer-map", "Layer x module maps of intruders and effective rank",
+          "layer maps (issue 15)", "study_layer_map", _EPS_K, plot_layer_map,
+          "matrices with a block index (layer)",
+          "Intruders and effective rank of dW per layer and module, per kind (mean over its "
+          "artifacts, with bootstrap intervals in the rows) and per model.",
+          post=layer_map_post, extra=BOOT_PARAMS),
 ]}
