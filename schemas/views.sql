@@ -29,7 +29,7 @@
 -- union_by_name = true lets files of older schema versions (fewer columns) be read together.
 --
 -- After `zoospectra compact RESULTS`, committed units' rows live in RESULTS/compacted/<gen>/
--- (<table>.parquet, or base=<key>/<table>.parquet); a generation counts once its _SUCCESS exists,
+-- (<table>.parquet, or bases/<key>/<table>.parquet); a generation counts once its _SUCCESS exists,
 -- and a unit folder still in units/ whose unit a generation holds is a leftover: read one or
 -- the other, never both (the views below do). `units.path` is the unit folder or the generation.
 --

@@ -2,7 +2,7 @@
 
 One compaction writes one generation:
 
-    compacted/<gen_id>/<table>.parquet              (or base=<key>/<table>.parquet, by base model)
+    compacted/<gen_id>/<table>.parquet              (or bases/<key>/<table>.parquet, by base model)
     compacted/<gen_id>/_units.parquet               unit_id, fingerprint, model_uid, tensor
     compacted/<gen_id>/_manifest.json               every file's size, sha256, rows; every unit's rows
     compacted/<gen_id>/_SUCCESS                     written last: the record of _manifest.json
@@ -232,7 +232,7 @@ def _write_generation(store: Any, units: list[UnitCheck], partition_by_base: boo
         pair_rows += [{"unit_id": check.name, "fingerprint": check.fingerprint, "model_uid": str(m),
                        "tensor": str(t)} for m, t in manifest.get("done", [])]
         for t, table in tables.items():
-            rel = f"base={key}/{t}.parquet" if key else f"{t}.parquet"
+            rel = f"bases/{key}/{t}.parquet" if key else f"{t}.parquet"
             buffers[rel].append(table.cast(schema_for(t)))
             if sum(b.num_rows for b in buffers[rel]) >= ROW_GROUP:
                 flush(rel, t)
@@ -306,11 +306,11 @@ def check_generation(fs: Any, gen: Generation, *, full: bool) -> list[str]:
 
 
 def _listing(fs: Any, rel: str) -> dict[str, int | None]:
-    """Relative path -> size of every file under `rel` (one level of partition folders)."""
+    """Relative path -> size of every file under `rel` (partition folders included)."""
     out: dict[str, int | None] = {}
     for name, size in fs.entries(rel).items():
         if size is None:
-            out.update({f"{name}/{k}": v for k, v in fs.entries(f"{rel}/{name}").items()})
+            out.update({f"{name}/{k}": v for k, v in _listing(fs, f"{rel}/{name}").items()})
         else:
             out[name] = size
     return out

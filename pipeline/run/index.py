@@ -300,15 +300,16 @@ class DoneIndex:
 
     # --- verify / rebuild ----------------------------------------------------------------------
     def check(self, committed: dict[str, Any]) -> list[str]:
-        """Problems of the index against the committed loose units (integrity UnitChecks): a unit
-        without its entry, or an entry whose pairs or sizes differ from the unit's own records."""
+        """Problems of the index against the committed loose units (integrity UnitChecks): an
+        entry whose pairs or sizes differ from the unit's own records. A unit without an entry
+        (written before the index) gets one, as a load would give it."""
         self._refresh_entries()
         by_key = {(str(e["unit_id"]), str(e["fingerprint"])): e for e in self._entries.values()}
         problems = []
         for unit_id, check in sorted(committed.items()):
             entry = by_key.get((unit_id, str(check.fingerprint)))
-            if entry is None:
-                problems.append(f"units/{unit_id} has no index entry")
+            if entry is None:  # a unit of before the index (or an entry deleted): rebuilt, not damage
+                self.heal(unit_id)
                 continue
             want = sorted({(str(m), str(t)) for m, t in (check.manifest or {}).get("done", [])})
             if sorted((str(m), str(t)) for m, t in entry.get("done", [])) != want:
