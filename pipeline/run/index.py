@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,28 @@ class DoneIndex:
         self._claims: dict[Pair, set[tuple[str, str]]] = {}   # pair -> {(unit_id, fingerprint)}
         self._gens: dict[str, Generation] = {}
         self._dead_gens: set[str] = set()
+        self._lock = threading.RLock()   # one store may serve several threads of a process
+
+    # every public method holds the lock (an RLock: they call each other)
+    def load(self) -> Loaded:
+        with self._lock:
+            return self._load_unlocked()
+
+    def claimed(self, pairs: list[Pair]) -> set[Pair]:
+        with self._lock:
+            return self._claimed_unlocked(pairs)
+
+    def record(self, entry: dict) -> str:
+        with self._lock:
+            return self._record_unlocked(entry)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._forget_unlocked(name)
+
+    def generations(self) -> dict[str, Generation]:
+        with self._lock:
+            return self._generations_unlocked()
 
     # --- reading -------------------------------------------------------------------------------
     def _add(self, name: str, entry: dict) -> None:
@@ -182,7 +205,7 @@ class DoneIndex:
             if isinstance(entry, dict) and "unit_id" in entry and "fingerprint" in entry:
                 self._add(name, entry)
 
-    def generations(self) -> dict[str, Generation]:
+    def _generations_unlocked(self) -> dict[str, Generation]:
         """Committed generations not replaced by a later one (a killed re-compaction leaves both:
         the replacing one wins, so no unit is read twice)."""
         for gen_id, size in self._fs.entries(COMPACTED).items():
@@ -201,7 +224,7 @@ class DoneIndex:
         """unit_id -> generation id of every unit whose rows a live generation holds."""
         return {u: g.gen_id for g in self.generations().values() for u in g.units}
 
-    def load(self) -> Loaded:
+    def _load_unlocked(self) -> Loaded:
         """Every unit that counts as done (and its pairs): compacted ones, and loose folders whose
         listing matches their entry's recorded sizes; unindexed committed units get an entry."""
         out = Loaded()
@@ -260,7 +283,7 @@ class DoneIndex:
         return entry
 
     # --- the commit path -----------------------------------------------------------------------
-    def claimed(self, pairs: list[Pair]) -> set[Pair]:
+    def _claimed_unlocked(self, pairs: list[Pair]) -> set[Pair]:
         """Of `pairs`, those a committed unit (loose or compacted) holds right now. Reads only
         entries new since the last look, and one marker per unit that claims one of `pairs`."""
         self._refresh_entries()
@@ -282,14 +305,14 @@ class DoneIndex:
                     break
         return out
 
-    def record(self, entry: dict) -> str:
+    def _record_unlocked(self, entry: dict) -> str:
         """Write a unit's entry (before its folder is published); returns its path."""
         name = entry_name(entry["unit_id"], entry["fingerprint"])
         self._fs.put(name, json.dumps(entry).encode())
         self._add(name.removeprefix(f"{INDEX}/"), entry)
         return name
 
-    def forget(self, name: str) -> None:
+    def _forget_unlocked(self, name: str) -> None:
         """Remove an entry this process wrote for a commit that did not land (it lost a race)."""
         self._fs.delete(name)
         entry = self._entries.pop(name.removeprefix(f"{INDEX}/"), None)
