@@ -267,3 +267,42 @@ def test_generation_files_match_their_manifest(root: Path) -> None:
         assert n == rec["rows"]
     assert sum(r["rows"]["vectors"] for r in manifest["units"].values()) == \
         sum(r["rows"] for r in manifest["files"].values() if r["table"] == "vectors")
+
+
+# --- crawls compact past a threshold -----------------------------------------------------------
+def test_a_crawl_compacts_past_its_threshold(fake_hub, hub_options, tmp_path: Path) -> None:
+    """A real crawl (loopback Hub, in-process executor) into two roots, one compacting after every
+    crawl: the same rows; a second crawl over a new adapter adds to the compacted root."""
+    from test_crawl import TINY, _tiny_adapter, _tiny_zoo, options_for
+
+    from zoospectra.jobs.spec import CrawlSpec
+    from zoospectra.run.crawl import run_crawl
+
+    _tiny_zoo(fake_hub)
+    options = options_for(fake_hub, hub_options)
+
+    def crawl(out: Path, threshold: int) -> None:
+        spec = CrawlSpec.from_dict({"name": "t", "base_models": [TINY], "out": str(out),
+                                    "compact_after_files": threshold})
+        (report,) = run_crawl(spec, options=options, executor="local").bases
+        assert report.error_rows == 0 and report.units_failed == 0
+
+    plain, compacted = tmp_path / "plain", tmp_path / "compacted"
+    crawl(plain, 0)
+    crawl(compacted, 1)
+    assert not (plain / "compacted").exists()
+    assert len(list((compacted / "compacted").iterdir())) == 1
+    assert_same_answers(results(compacted), results(plain))
+    fake_hub.add_repo("u/good-2", _tiny_adapter(7), base_model=TINY, relation="adapter")
+    crawl(plain, 0)
+    crawl(compacted, 1)
+    assert len(list((compacted / "compacted").iterdir())) == 2
+    assert_same_answers(results(compacted), results(plain))
+    assert duplicates_everywhere(compacted) == 0 and verify_cli(compacted)[0] == 0
+    with pytest.raises(Exception, match="compact_after_files"):
+        CrawlSpec.from_dict({"name": "t", "base_models": [TINY], "out": "x", "compact_after_files": -1})
+
+
+def results(root: Path) -> dict:
+    """The analysis answers (catalog, models and errors carry discovery times: not compared)."""
+    return {k: v for k, v in answers(root).items() if k not in ("catalog", "models", "errors")}

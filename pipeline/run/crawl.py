@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import HubError, ZoospectraError, error_row
 from ..io.hub import HubFileSource, HubOptions, discover, pin, pinned_ref, weights_file
 from ..io.refs import ModelRef, hub_ref
+from .compact import maybe_compact
 from .execute import Executor, new_run_id, run_plan
 from .plan import build_plan
 from .store import ResultsStore
@@ -58,6 +59,7 @@ def run_crawl(spec: CrawlSpec, *, options: HubOptions | None = None, executor: E
     summary = CrawlSummary(spec.name)
     for base in spec.base_models:
         summary.bases.append(_crawl_base(spec, base, options or spec.hub, executor, command, on_progress))
+    maybe_compact(spec.out, spec.compact_after_files)  # many small unit files -> a few large ones
     return summary
 
 
