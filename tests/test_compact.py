@@ -306,3 +306,18 @@ def test_a_crawl_compacts_past_its_threshold(fake_hub, hub_options, tmp_path: Pa
 def results(root: Path) -> dict:
     """The analysis answers (catalog, models and errors carry discovery times: not compared)."""
     return {k: v for k, v in answers(root).items() if k not in ("catalog", "models", "errors")}
+
+
+def test_one_compaction_at_a_time(root: Path) -> None:
+    import fcntl
+
+    from zoospectra.errors import ResultsError
+
+    fd = os.open(root / "_index" / ".compact.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another compaction holds it
+        with pytest.raises(ResultsError, match="another compaction"):
+            compact(root)
+    finally:
+        os.close(fd)
+    assert compact(root).units == 6

@@ -34,6 +34,8 @@ import shutil
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +47,7 @@ from ..errors import ResultsError
 from ..schemas.tables import SCHEMA_VERSION, schema_for
 from .index import (
     COMPACTED,
+    INDEX,
     GEN_MANIFEST,
     UNITS_FILE,
     Generation,
@@ -88,6 +91,37 @@ def compact(root: Any, *, partition_by_base: bool = False, grace_s: float = 0.0,
     if not fs.exists("units") and not fs.exists(COMPACTED):
         raise ResultsError(f"no results root at {store.uri}: give the --out folder of an analyze or "
                            "crawl run", root=store.uri)
+    with _compaction_lock(store):
+        out = _compact_locked(store, partition_by_base, grace_s, min_units)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+@contextmanager
+def _compaction_lock(store: Any) -> Iterator[None]:
+    """One compaction at a time per root (two would merge the same units twice): an flock on
+    _index/.compact.lock for local roots. Object stores have no lock: run one compaction at a time
+    there (crawls of one root run one after another); `verify` names overlapping generations."""
+    if not store._fs.local:
+        yield
+        return
+    import fcntl
+
+    path = store._fs.path / INDEX / ".compact.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResultsError(f"another compaction of {store.uri} is running; try again when it has "
+                               "finished", root=store.uri) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compact_locked(store: Any, partition_by_base: bool, grace_s: float, min_units: int) -> CompactResult:
     out = CompactResult()
     _remove_leftovers(store, grace_s, out)   # what an earlier (killed, or graced) compaction left
     candidates = [c for c in store.committed().values()
@@ -98,7 +132,6 @@ def compact(root: Any, *, partition_by_base: bool = False, grace_s: float = 0.0,
         _failpoint("compact:folded")
         if grace_s <= 0:
             _remove_units(store, gen, out)
-    out.seconds = time.perf_counter() - t0
     return out
 
 

@@ -291,6 +291,7 @@ class DoneIndex:
         compacted = {u for g in gens.values() for u in g.units}
         out = {p for p in pairs if any(p in g.pair_set for g in gens.values())}
         live: dict[tuple[str, str], bool] = {}
+        gone: set[Pair] = set()
         for pair in pairs:
             for unit_id, fp in self._claims.get(pair, ()):
                 if pair in out:
@@ -303,6 +304,10 @@ class DoneIndex:
                 if live[key]:
                     out.add(pair)
                     break
+                gone.add(pair)
+        if gone - out:  # a compaction publishes before it removes a folder: look at generations again
+            gens = self._generations_unlocked()
+            out |= {p for p in gone if any(p in g.pair_set for g in gens.values())}
         return out
 
     def _record_unlocked(self, entry: dict) -> str:

@@ -523,6 +523,13 @@ class ResultsStore:
         moved = quarantine(self._fs, result.findings) if repair else []
         gens = self._index.generations()
         damaged = {g: p for g, gen in gens.items() if (p := check_generation(self._fs, gen, full=True))}
+        seen: dict[str, str] = {}
+        for g, gen in gens.items():  # two compactions at once on an object store: a unit twice
+            twice = sorted(u for u in gen.units if u in seen)
+            if twice:
+                damaged.setdefault(g, []).append(f"holds {len(twice)} units that compacted/{seen[twice[0]]} "
+                                                 f"holds too (e.g. {twice[0]})")
+            seen.update({u: g for u in gen.units if u not in seen})
         if repair and damaged:  # its units are then not done: the next plan recomputes them
             moved += quarantine_generations(self._fs, sorted(damaged))
         ok = {n: c for n, c in result.ok.items() if n not in {m["unit"] for m in moved}}
