@@ -26,9 +26,9 @@ import zoospectra.run.compact as compact_mod
 from zoospectra.cli import VERIFY_DAMAGED, app
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
+from zoospectra.run.compact import FAILPOINT_ENV, compact, maybe_compact
 from zoospectra.run.execute import run_plan
 from zoospectra.run.plan import build_plan
-from zoospectra.run.compact import FAILPOINT_ENV, compact, maybe_compact
 from zoospectra.run.store import ResultsStore
 from zoospectra.study.sql import connect
 

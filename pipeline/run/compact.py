@@ -47,10 +47,11 @@ from ..errors import ResultsError
 from ..schemas.tables import SCHEMA_VERSION, schema_for
 from .index import (
     COMPACTED,
-    INDEX,
     GEN_MANIFEST,
+    INDEX,
     UNITS_FILE,
     Generation,
+    check_generation,
     generation_marker,
 )
 from .integrity import DONE, SUCCESS, UnitCheck
@@ -311,59 +312,6 @@ def _write_generation(store: Any, units: list[UnitCheck], partition_by_base: boo
         raise ResultsError(f"generation {gen_id} did not appear in {store.uri}/{COMPACTED} after "
                            "publishing; run `zoospectra verify`", root=store.uri)
     return gen
-
-
-# --- checking a generation -------------------------------------------------------------------
-def check_generation(fs: Any, gen: Generation, *, full: bool) -> list[str]:
-    """What is wrong with a committed generation: files missing or of another size (cheap);
-    with `full`, checksums and row counts too (per file, and per unit against the manifest)."""
-    rel = f"{COMPACTED}/{gen.gen_id}"
-    problems = []
-    listing = _listing(fs, rel)
-    files = gen.manifest.get("files", {})
-    for name, rec in sorted(files.items()):
-        if listing.get(name) != rec.get("size"):
-            problems.append(f"{name} is {'missing' if name not in listing else f'{listing[name]} bytes'}, "
-                            f"{rec.get('size')} bytes recorded")
-    if problems or not full:
-        return problems
-    counted = _rows_per_unit(fs, rel, files, problems)
-    if problems:
-        return problems
-    for unit_id, info in sorted(gen.manifest.get("units", {}).items()):
-        for table, n in info.get("rows", {}).items():
-            if counted.get((unit_id, table), 0) != n:
-                problems.append(f"unit {unit_id}: {counted.get((unit_id, table), 0)} {table} rows, "
-                                f"{n} recorded")
-    return problems
-
-
-def _listing(fs: Any, rel: str) -> dict[str, int | None]:
-    """Relative path -> size of every file under `rel` (partition folders included)."""
-    out: dict[str, int | None] = {}
-    for name, size in fs.entries(rel).items():
-        if size is None:
-            out.update({f"{name}/{k}": v for k, v in _listing(fs, f"{rel}/{name}").items()})
-        else:
-            out[name] = size
-    return out
-
-
-def _rows_per_unit(fs: Any, rel: str, files: dict, problems: list[str]) -> dict[tuple[str, str], int]:
-    """(unit_id, table) -> rows in the generation's files, each file's sha256 checked first."""
-    counted: dict[tuple[str, str], int] = defaultdict(int)
-    for name, rec in sorted(files.items()):
-        data = fs.read(f"{rel}/{name}")
-        if data is None or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
-            problems.append(f"{name} checksum differs from the one recorded in {GEN_MANIFEST}")
-            continue
-        ids = pq.read_table(pa.BufferReader(data), columns=["unit_id"]).column("unit_id")
-        if len(ids) != rec.get("rows"):
-            problems.append(f"{name} has {len(ids)} rows, {rec.get('rows')} recorded")
-            continue
-        for d in ids.value_counts().to_pylist():
-            counted[(d["values"], rec["table"])] += d["counts"]
-    return counted
 
 
 # --- removing compacted unit folders ---------------------------------------------------------

@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,13 +235,13 @@ class DoneIndex:
                 out.pairs.update(gen.pairs.get(u, []))
         self._refresh_entries()
         by_unit: dict[str, list[dict]] = {}
-        for entry in self._entries.values():
-            by_unit.setdefault(str(entry["unit_id"]), []).append(entry)
+        for e in self._entries.values():
+            by_unit.setdefault(str(e["unit_id"]), []).append(e)
         flagged = flagged_units(self._fs)
         for unit_id, listing in self._unit_listings().items():
             if unit_id in out.compacted or listing is None:
                 continue  # a compacted unit's leftover folder, or a plain file in units/
-            entry = self._match(unit_id, listing, by_unit.get(unit_id, []))
+            entry: dict | None = self._match(unit_id, listing, by_unit.get(unit_id, []))
             if entry is None and SUCCESS in listing:  # no entry fits: unindexed, or damaged
                 entry = self.heal(unit_id)
                 if entry is not None:
@@ -379,6 +380,59 @@ class DoneIndex:
                 self.forget(f"{INDEX}/{name}")
                 n += 1
         return n
+
+
+# --- checking a generation -------------------------------------------------------------------
+def check_generation(fs: Any, gen: Generation, *, full: bool) -> list[str]:
+    """What is wrong with a committed generation: files missing or of another size (cheap);
+    with `full`, checksums and row counts too (per file, and per unit against the manifest)."""
+    rel = f"{COMPACTED}/{gen.gen_id}"
+    problems = []
+    listing = _listing(fs, rel)
+    files = gen.manifest.get("files", {})
+    for name, rec in sorted(files.items()):
+        if listing.get(name) != rec.get("size"):
+            problems.append(f"{name} is {'missing' if name not in listing else f'{listing[name]} bytes'}, "
+                            f"{rec.get('size')} bytes recorded")
+    if problems or not full:
+        return problems
+    counted = _rows_per_unit(fs, rel, files, problems)
+    if problems:
+        return problems
+    for unit_id, info in sorted(gen.manifest.get("units", {}).items()):
+        for table, n in info.get("rows", {}).items():
+            if counted.get((unit_id, table), 0) != n:
+                problems.append(f"unit {unit_id}: {counted.get((unit_id, table), 0)} {table} rows, "
+                                f"{n} recorded")
+    return problems
+
+
+def _listing(fs: Any, rel: str) -> dict[str, int | None]:
+    """Relative path -> size of every file under `rel` (partition folders included)."""
+    out: dict[str, int | None] = {}
+    for name, size in fs.entries(rel).items():
+        if size is None:
+            out.update({f"{name}/{k}": v for k, v in _listing(fs, f"{rel}/{name}").items()})
+        else:
+            out[name] = size
+    return out
+
+
+def _rows_per_unit(fs: Any, rel: str, files: dict, problems: list[str]) -> dict[tuple[str, str], int]:
+    """(unit_id, table) -> rows in the generation's files, each file's sha256 checked first."""
+    counted: dict[tuple[str, str], int] = defaultdict(int)
+    for name, rec in sorted(files.items()):
+        data = fs.read(f"{rel}/{name}")
+        if data is None or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+            problems.append(f"{name} checksum differs from the one recorded in {GEN_MANIFEST}")
+            continue
+        ids = pq.read_table(pa.BufferReader(data), columns=["unit_id"]).column("unit_id")
+        if len(ids) != rec.get("rows"):
+            problems.append(f"{name} has {len(ids)} rows, {rec.get('rows')} recorded")
+            continue
+        for d in ids.value_counts().to_pylist():
+            counted[(d["values"], rec["table"])] += d["counts"]
+    return counted
 
 
 def _sizes_match(entry: dict, listing: dict[str, int | None]) -> bool:

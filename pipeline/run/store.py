@@ -517,7 +517,7 @@ class ResultsStore:
         if self._fs.local and not self._fs.path.is_dir():  # never create a root by checking it
             raise ResultsError(f"no results root at {self.uri}: give the --out folder of an analyze "
                                "or crawl run", root=self.uri)
-        from .compact import check_generation
+        from .index import check_generation
 
         result = scan(self._fs, full=True, compacted=self._index.compacted_units())
         moved = quarantine(self._fs, result.findings) if repair else []

@@ -95,7 +95,7 @@ def _unit_files(store: ResultsStore, quoted_root: str) -> tuple[dict[str, str], 
     ids (None: no unit). Stray, temp, copied, half-written and damaged folders are not in them
     (integrity.py), so they never reach or break a query; nor is a generation whose files are
     not the recorded sizes (compact.check_generation; `verify` checks them in full)."""
-    from ..run.compact import check_generation
+    from ..run.index import check_generation
 
     units = store.committed()
     lists: dict[str, list[str]] = {t: [] for t in UNIT_TABLES}
