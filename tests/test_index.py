@@ -194,3 +194,27 @@ def test_concurrent_overlapping_commits_keep_each_pair_once(where: str, tmp_path
     if where == "local":  # the commit lock: exactly once
         assert n == 12
     assert ResultsStore(root).done_pairs() == {(ModelRef(f"m{i}", "r0", f"/m{i}").uid, "t") for i in range(12)}
+
+
+def test_the_snapshot_is_only_a_shortcut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that read many entry files writes them into one file for the next process; an
+    entry of the snapshot whose file is gone is not used, and a rebuild drops the snapshot."""
+    import zoospectra.run.index as index_mod
+
+    monkeypatch.setattr(index_mod, "SNAPSHOT_AFTER", 5)
+    store = ResultsStore(tmp_path)
+    fill(store, 8)
+    want = scanned_pairs(tmp_path)
+    assert ResultsStore(tmp_path).done_pairs() == want
+    snapshot = tmp_path / "_index" / index_mod.SNAPSHOT
+    assert len(json.loads(snapshot.read_text())) == 8
+    victim = sorted((tmp_path / "units").iterdir())[0]
+    for entry in (tmp_path / "_index").glob(f"{victim.name}.*.json"):
+        entry.unlink()  # its snapshot copy must not stand in for it: the load rebuilds it
+    shutil.rmtree(victim)
+    fresh = ResultsStore(tmp_path)
+    assert fresh.done_pairs() == scanned_pairs(tmp_path) and len(fresh.done_units()) == 7
+    assert fresh.claimed_pairs([("m0", "t0")]) == set()
+    fresh.verify(rebuild_index=True)
+    ResultsStore(tmp_path)._index.rebuild(sorted(ResultsStore(tmp_path).committed()))
+    assert not snapshot.exists() and ResultsStore(tmp_path).done_pairs() == scanned_pairs(tmp_path)

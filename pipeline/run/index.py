@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from collections import defaultdict
@@ -42,6 +43,8 @@ from .integrity import DONE, SUCCESS, RootFS, check_unit, flagged_units
 INDEX = "_index"
 COMPACTED = "compacted"
 UNITS_FILE = "_units.parquet"   # per generation: unit_id, fingerprint, model_uid, tensor
+SNAPSHOT = "_snapshot.json"     # entries a load read, in one file (rewritten, never trusted blindly)
+SNAPSHOT_AFTER = 500            # a load that read this many entry files writes a snapshot
 _ENTRY = re.compile(r"(?P<unit>[A-Za-z0-9_-][A-Za-z0-9._-]{0,199})\.(?P<fp>[0-9a-f]{16})\.json")
 
 Pair = tuple[str, str]
@@ -164,6 +167,8 @@ class DoneIndex:
         self._gens: dict[str, Generation] = {}
         self._dead_gens: set[str] = set()
         self._lock = threading.RLock()   # one store may serve several threads of a process
+        self._compacted: dict[str, str] = {}
+        self._compacted_key: tuple[str, ...] | None = None
 
     # every public method holds the lock (an RLock: they call each other)
     def load(self) -> Loaded:
@@ -193,11 +198,17 @@ class DoneIndex:
         for m, t in entry.get("done", []):
             self._claims.setdefault((str(m), str(t)), set()).add(key)
 
-    def _refresh_entries(self) -> None:
-        """Read the entries written since the last look (a listing of names, then only new files)."""
-        for name in self._fs.entries(INDEX):
+    def _refresh_entries(self) -> int:
+        """Read the entries written since the last look (a listing of names, then only new files;
+        a fresh process first takes what the snapshot holds). Returns entry files read."""
+        names = self._fs.list_names(INDEX)  # names only: no stat per entry
+        if not self._entries and SNAPSHOT in names:
+            self._read_snapshot(set(names))
+        n = 0
+        for name in names:
             if name in self._entries or not _ENTRY.fullmatch(name):
                 continue
+            n += 1
             raw = self._fs.read(f"{INDEX}/{name}")
             try:
                 entry = json.loads(raw) if raw else None
@@ -205,16 +216,32 @@ class DoneIndex:
                 entry = None  # unreadable: verify reports it, a rebuild rewrites it
             if isinstance(entry, dict) and "unit_id" in entry and "fingerprint" in entry:
                 self._add(name, entry)
+        return n
+
+    def _read_snapshot(self, names: set[str]) -> None:
+        """Entries as a load found them, in one file: their names are content-addressed, so an
+        entry of the snapshot is the file of that name as long as the name is still listed."""
+        try:
+            snap = json.loads(self._fs.read(f"{INDEX}/{SNAPSHOT}") or b"{}")
+        except ValueError:
+            return  # unreadable: the entry files are read instead
+        if isinstance(snap, dict):
+            for name, entry in snap.items():
+                if name in names and isinstance(entry, dict) and "unit_id" in entry and "fingerprint" in entry:
+                    self._add(name, entry)
+
+    def _write_snapshot(self) -> None:
+        self._fs.put(f"{INDEX}/{SNAPSHOT}", json.dumps(self._entries, separators=(",", ":")).encode())
 
     def _generations_unlocked(self) -> dict[str, Generation]:
         """Committed generations not replaced by a later one (a killed re-compaction leaves both:
         the replacing one wins, so no unit is read twice)."""
-        for gen_id, size in self._fs.entries(COMPACTED).items():
-            if size is None and gen_id not in self._gens and gen_id not in self._dead_gens:
+        present = set(self._fs.list_names(COMPACTED))  # one listing, names only
+        for gen_id in sorted(present):
+            if gen_id not in self._gens and gen_id not in self._dead_gens and not gen_id.startswith("."):
                 gen = read_generation(self._fs, gen_id)
                 if gen is not None:
                     self._gens[gen_id] = gen
-        present = set(self._fs.entries(COMPACTED))
         for gone in [g for g in self._gens if g not in present]:  # removed by a later compaction
             self._dead_gens.add(gone)
             del self._gens[gone]
@@ -223,7 +250,12 @@ class DoneIndex:
 
     def compacted_units(self) -> dict[str, str]:
         """unit_id -> generation id of every unit whose rows a live generation holds."""
-        return {u: g.gen_id for g in self.generations().values() for u in g.units}
+        gens = self.generations()
+        key = tuple(gens)
+        if self._compacted_key != key:  # rebuilt only when the live generations change
+            self._compacted = {u: g.gen_id for g in gens.values() for u in g.units}
+            self._compacted_key = key
+        return self._compacted
 
     def _load_unlocked(self) -> Loaded:
         """Every unit that counts as done (and its pairs): compacted ones, and loose folders whose
@@ -233,7 +265,8 @@ class DoneIndex:
             for u, fp in gen.units.items():
                 out.units[u], out.compacted[u] = fp, gen.gen_id
                 out.pairs.update(gen.pairs.get(u, []))
-        self._refresh_entries()
+        if self._refresh_entries() >= SNAPSHOT_AFTER:  # the next fresh process reads one file
+            self._write_snapshot()
         by_unit: dict[str, list[dict]] = {}
         for e in self._entries.values():
             by_unit.setdefault(str(e["unit_id"]), []).append(e)
@@ -258,10 +291,25 @@ class DoneIndex:
     def _unit_listings(self) -> dict[str, dict[str, int | None] | None]:
         """units/<name> -> {file: size} of its folder (None for a plain file): one listing per
         folder locally, one recursive listing on object stores."""
-        if self._fs.local:
-            return {n: (self._fs.entries(f"units/{n}") if size is None else None)
-                    for n, size in self._fs.entries("units").items()}
-        return self._fs.tree("units")
+        if not self._fs.local:
+            return self._fs.tree("units")
+        out: dict[str, dict[str, int | None] | None] = {}
+        try:
+            top = os.scandir(os.path.join(str(self._fs.path), "units"))
+        except FileNotFoundError:
+            return out
+        with top:
+            for d in top:
+                if not d.is_dir(follow_symlinks=False):
+                    out[d.name] = None
+                    continue
+                try:
+                    with os.scandir(d.path) as it:
+                        out[d.name] = {e.name: (None if e.is_dir(follow_symlinks=False)
+                                                else e.stat(follow_symlinks=False).st_size) for e in it}
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # moved away while listing (quarantine, compaction)
+        return out
 
     def _match(self, unit_id: str, listing: dict[str, int | None], cands: list[dict]) -> dict | None:
         """The entry describing the folder as it is (sizes of every file, nothing more); with
@@ -289,7 +337,7 @@ class DoneIndex:
         entries new since the last look, and one marker per unit that claims one of `pairs`."""
         self._refresh_entries()
         gens = self.generations()
-        compacted = {u for g in gens.values() for u in g.units}
+        compacted = self.compacted_units()
         out = {p for p in pairs if any(p in g.pair_set for g in gens.values())}
         live: dict[tuple[str, str], bool] = {}
         gone: set[Pair] = set()
@@ -368,6 +416,7 @@ class DoneIndex:
         for name, entry in list(self._entries.items()):
             if name not in keep and entry["unit_id"] not in compacted:
                 self.forget(f"{INDEX}/{name}")
+        self._fs.delete(f"{INDEX}/{SNAPSHOT}")  # it may hold the content just rewritten
         return n
 
     def fold(self, units: dict[str, str]) -> int:
@@ -438,4 +487,4 @@ def _rows_per_unit(fs: Any, rel: str, files: dict, problems: list[str]) -> dict[
 def _sizes_match(entry: dict, listing: dict[str, int | None]) -> bool:
     """The folder holds exactly the files the entry recorded, each of its recorded size."""
     sizes = entry.get("sizes") or {}
-    return bool(sizes) and {k: v for k, v in listing.items()} == sizes
+    return bool(sizes) and listing == sizes
