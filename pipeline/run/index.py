@@ -201,7 +201,7 @@ class DoneIndex:
     def _refresh_entries(self) -> int:
         """Read the entries written since the last look (a listing of names, then only new files;
         a fresh process first takes what the snapshot holds). Returns entry files read."""
-        names = self._fs.list_names(INDEX)  # names only: no stat per entry
+        names = self._fs.names(INDEX)  # names only: no stat per entry, no sort
         if not self._entries and SNAPSHOT in names:
             self._read_snapshot(set(names))
         n = 0
@@ -236,7 +236,7 @@ class DoneIndex:
     def _generations_unlocked(self) -> dict[str, Generation]:
         """Committed generations not replaced by a later one (a killed re-compaction leaves both:
         the replacing one wins, so no unit is read twice)."""
-        present = set(self._fs.list_names(COMPACTED))  # one listing, names only
+        present = set(self._fs.names(COMPACTED))  # one listing, names only
         for gen_id in sorted(present):
             if gen_id not in self._gens and gen_id not in self._dead_gens and not gen_id.startswith("."):
                 gen = read_generation(self._fs, gen_id)
