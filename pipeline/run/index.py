@@ -428,6 +428,8 @@ class DoneIndex:
             if entry["unit_id"] in units:
                 self.forget(f"{INDEX}/{name}")
                 n += 1
+        if n:
+            self._fs.delete(f"{INDEX}/{SNAPSHOT}")  # mostly folded entries now: a later load rewrites it
         return n
 
 
