@@ -54,6 +54,8 @@ class CrawlSpec:
     schedule: str | None = None
     hub: HubOptions = field(default_factory=HubOptions)
     base_cache: str | None = None   # where base SVDs are stored and reused (default OUT/bases)
+    # compact (run/compact.py) once loose unit folders hold this many files; 0 or None: never
+    compact_after_files: int | None = 2000
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or len(self.name) > 52:
@@ -82,6 +84,10 @@ class CrawlSpec:
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}",
                               option="batch_size")
+        if self.compact_after_files is not None and (not _is_int(self.compact_after_files)
+                                                     or self.compact_after_files < 0):
+            raise ConfigError(f"compact_after_files must be an integer >= 0 (0: never compact), got "
+                              f"{self.compact_after_files!r}", option="compact_after_files")
         if not isinstance(self.include_full, bool):
             raise ConfigError(f"include_full must be true or false, got {self.include_full!r}",
                               option="include_full")

@@ -205,8 +205,11 @@ VERIFY_DAMAGED = 4  # `verify` found damage (distinct from 1 runtime failure, 2 
 def verify(
     results: str = typer.Argument(..., help="Results root."),
     as_json: bool = typer.Option(False, "--json", help="Print the full record (as kept in _verify.json)."),
+    rebuild_index: bool = typer.Option(False, "--rebuild-index",
+                                       help="Rewrite done-index entries that disagree with their units."),
 ) -> None:
-    """Check every committed unit: files present, sizes, sha256 checksums, row counts, unit ids.
+    """Check every committed unit: files present, sizes, sha256 checksums, row counts, unit ids;
+    every compacted file (checksums, rows per unit) and the done index against the units.
 
     Exit 0: healthy. Exit 4: damage found (each unit is named with what is wrong).
     """
@@ -214,7 +217,7 @@ def verify(
 
     from .run.store import ResultsStore
 
-    record = ResultsStore(results).verify()
+    record = ResultsStore(results).verify(rebuild_index=rebuild_index)
     if as_json:
         typer.echo(json.dumps(record, indent=1))
     else:
@@ -234,8 +237,35 @@ def _verify_text(record: dict) -> str:
             lines.append(f"{what.upper()} units/{d['unit']}: " + "; ".join(d["problems"]))
     for name in record["in_flight"]:
         lines.append(f"IN FLIGHT units/{name}: no _SUCCESS yet; not read by the views")
+    if record.get("generations"):
+        lines.append(f"compacted: {record.get('units_compacted', 0)} units in "
+                     f"{len(record['generations'])} generations ok")
+    for gen, problems in record.get("generations_damaged", {}).items():
+        lines.append(f"DAMAGED compacted/{gen}: " + "; ".join(problems))
+    for problem in record.get("index_problems", []):
+        lines.append(f"INDEX {problem} (fix: zoospectra verify --rebuild-index)")
     lines.append(f"-> {REMEDY}" if not record["healthy"] else "healthy")
     return "\n".join(lines)
+
+
+@app.command()
+def compact(
+    results: str = typer.Argument(..., help="Results root."),
+    by_base: bool = typer.Option(False, "--by-base", help="One file per table and base model."),
+    keep_units_for: float = typer.Option(0.0, "--keep-units-for", min=0.0,
+                                         help="Seconds to keep compacted unit folders for readers "
+                                              "that listed them (a later compact removes them)."),
+) -> None:
+    """Merge committed unit folders into large Parquet files per table (readers keep working)."""
+    import json
+    from dataclasses import asdict
+
+    from .outputs import require_results_root
+    from .run.compact import compact as run_compact
+
+    require_results_root(results)
+    result = run_compact(results, partition_by_base=by_base, grace_s=keep_units_for)
+    typer.echo(json.dumps(asdict(result), indent=2))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -31,7 +31,7 @@ from .errors import OutputError, ResultsNotFoundError
 
 MARKER = ".zoospectra-output.json"
 # Folders of a results root (run/store.py's layout): any one makes a directory a results root.
-ROOT_FOLDERS = ("units", "runs", "models", "errors", "catalog", "_staging")
+ROOT_FOLDERS = ("units", "runs", "models", "errors", "catalog", "_staging", "compacted", "_index")
 FIGURE_TAG = "zoospectra plot"
 
 

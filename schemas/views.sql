@@ -29,8 +29,13 @@
 --   WHERE parse_dirpath(filename) IN (SELECT parse_dirpath(file) FROM glob('RESULTS/units/*/_SUCCESS'))
 -- union_by_name = true lets files of older schema versions (fewer columns) be read together.
 --
+-- After `zoospectra compact RESULTS`, committed units' rows live in RESULTS/compacted/<gen>/
+-- (<table>.parquet, or bases/<key>/<table>.parquet); a generation counts once its _SUCCESS exists,
+-- and a unit folder still in units/ whose unit a generation holds is a leftover: read one or
+-- the other, never both (the views below do). `units.path` is the unit folder or the generation.
+--
 -- The unit views read an explicit list of files, {files:<table>}, that zoospectra computes when it
--- connects: the units that pass the cheap checks of pipeline/run/integrity.py (marker present and
+-- connects: the files of the compacted generations, and of the units that pass the cheap checks of pipeline/run/integrity.py (marker present and
 -- matching _done.json, unit id == folder name, recorded files present with recorded sizes) and that
 -- the last `verify` did not find damaged. No file is hashed at query time. The list is a snapshot:
 -- units committed after connect() appear on the next connect(). {union_by_name} is false when every
@@ -39,7 +44,7 @@
 
 -- view: units
 CREATE OR REPLACE VIEW units AS
-SELECT unit_id, '{root}/units/' || unit_id AS path FROM (VALUES {units}) AS u(unit_id);
+SELECT unit_id, path FROM (VALUES {units}) AS u(unit_id, path);
 
 -- view: matrices
 CREATE OR REPLACE VIEW matrices AS

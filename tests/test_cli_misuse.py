@@ -176,6 +176,9 @@ CASES = [
     Case("status-missing-results", ("status", "nope"), 2, "no results at nope"),
     Case("status-file-as-results", ("status", "notes.txt"), 2, "no results at notes.txt"),
     Case("shell-missing-results", ("shell", "nope"), 2, "no results at nope"),
+    Case("compact-missing-results", ("compact", "nope"), 2, "no results at nope"),
+    Case("compact-file-as-results", ("compact", "notes.txt"), 2, "no results at notes.txt"),
+    Case("compact-negative-keep", ("compact", "{R}", "--keep-units-for", "-1"), 2, "--keep-units-for"),
     # analyze: options checked before anything runs
     Case("analyze-batch-size-zero", (*ANALYZE, "--out", "r", "--batch-size", "0"), 2, "--batch-size must be >= 1"),
     Case("analyze-batch-size-negative", (*ANALYZE, "--out", "r", "--batch-size", "-3"), 2,

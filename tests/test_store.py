@@ -130,7 +130,11 @@ def test_killed_commit_leaves_only_staging_junk_that_is_ignored_and_cleaned(tmp_
     junk = list((tmp_path / "_staging").iterdir())
     assert len(junk) == 1 and (junk[0] / "vectors.parquet").is_file()  # fully written, unpublished
     store = ResultsStore(tmp_path)
-    assert store.done_units() == set() and _visible_files(tmp_path) == []
+    # the done-index entry is written before the publish: the killed writer's counts for nothing
+    orphan = [f for f in _visible_files(tmp_path) if f.startswith("_index/")]
+    assert len(orphan) == 1 and store.claimed_pairs([("a1", "t")]) == set()
+    assert store.done_units() == set() and store.done_pairs() == set()
+    assert [f for f in _visible_files(tmp_path) if f not in orphan] == []
 
     assert store.clean_staging(max_age_hours=1) == 0  # young junk may be a live writer: kept
     old = time.time() - 7200

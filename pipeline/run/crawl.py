@@ -28,6 +28,7 @@ from ..io.hub import (
     weights_file,
 )
 from ..io.refs import hub_ref
+from .compact import maybe_compact
 from .execute import Executor, new_run_id, run_plan
 from .plan import Plan, build_plan
 from .store import ResultsStore
@@ -74,6 +75,7 @@ def run_crawl(spec: CrawlSpec, *, options: HubOptions | None = None, executor: E
         summary.bases.append(_crawl_base(spec, base, opts, executor, command, on_progress))
     if spec.author or spec.search or spec.repos:
         summary.bases.append(_crawl_sources(spec, opts, executor, command, on_progress))
+    maybe_compact(spec.out, spec.compact_after_files)  # many small unit files -> a few large ones
     return summary
 
 

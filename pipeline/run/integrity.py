@@ -10,6 +10,10 @@ read those records:
   and agree, the recorded unit id is the folder's name, every recorded file is there with its
   recorded size and nothing else is. No Parquet data is read and nothing is hashed, so a query does
   not pay for checksums (1,000 units: see bench/verify_bench.py).
+Folders of units whose rows a compaction generation holds (compact.py) are neither: they are
+leftovers the next compaction removes. `verify` also checks every generation (sizes, checksums,
+rows per unit) and the done index (index.py) against the units.
+
 - full (`full=True`), run by `zoospectra verify` and at the start of `analyze` / `crawl`: the
   cheap checks, then the sha256 of every file against its record and the Parquet footer's row
   count against `_done.json`. This is what finds flipped bytes that kept a file's size.
@@ -235,13 +239,20 @@ def flagged_units(fs: RootFS) -> dict[str, dict]:
         return {}  # an unreadable record is as good as none: the next verify rewrites it
 
 
-def scan(fs: RootFS, *, full: bool, known: dict[str, UnitCheck] | None = None) -> RootScan:
+def scan(fs: RootFS, *, full: bool, known: dict[str, UnitCheck] | None = None,
+         compacted: dict[str, str] | None = None) -> RootScan:
     """Check every entry of `units/`. `known`: units already found ok by a cheap check in this
-    process (committed units never change in place), re-checked only for their marker."""
+    process (committed units never change in place), re-checked only for their marker.
+    `compacted`: unit id -> generation of units whose rows a compacted file holds: their folders
+    are leftovers a compaction removes (state "compacted": not read, not damage)."""
     t0 = time.perf_counter()
     flagged = {} if full else flagged_units(fs)
     checks = []
     for name, size in sorted(fs.entries("units").items()):
+        if compacted and name in compacted and size is None:
+            checks.append(UnitCheck(name, "compacted", [f"its rows are in compacted/{compacted[name]}; "
+                                                        "`zoospectra compact` removes this folder"]))
+            continue
         if known and name in known and not full and name not in flagged and fs.exists(f"units/{name}/{SUCCESS}"):
             checks.append(known[name])
             continue
@@ -268,8 +279,25 @@ def quarantine(fs: RootFS, checks: list[UnitCheck]) -> list[dict[str, str]]:
     return moved
 
 
-def record_verification(fs: RootFS, result: RootScan, moved: list[dict[str, str]]) -> dict:
-    """Write _verify.json (the last full verification) and return it."""
+def quarantine_generations(fs: RootFS, gen_ids: list[str]) -> list[dict[str, str]]:
+    """Move damaged compaction generations to quarantine/ (never delete): their units no longer
+    count as done, so the next run recomputes them."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    moved = []
+    for gen in gen_ids:
+        dest = f"{QUARANTINE}/compacted-{gen}-{stamp}"
+        try:
+            fs.move(f"compacted/{gen}", dest)
+        except FileNotFoundError:
+            continue
+        moved.append({"unit": f"compacted/{gen}", "to": dest})
+    return moved
+
+
+def record_verification(fs: RootFS, result: RootScan, moved: list[dict[str, str]],
+                        extra: dict[str, Any] | None = None) -> dict:
+    """Write _verify.json (the last full verification) and return it. `extra`: findings about
+    compacted generations and the done index (healthy only when they are empty)."""
     gone = {m["unit"] for m in moved}  # moved to quarantine/: no longer part of the root
     left = [c for c in result.findings if c.name not in gone]
     record = {
@@ -280,6 +308,9 @@ def record_verification(fs: RootFS, result: RootScan, moved: list[dict[str, str]
         "in_flight": [c.name for c in result.of("in_flight")],
         "quarantined": [dict(m, problems=c.problems) for m in moved for c in result.findings
                         if c.name == m["unit"]],
+        **(extra or {}),
     }
+    record["healthy"] = not left and not any(
+        (extra or {}).get(k) for k in ("generations_damaged", "index_problems"))
     fs.put(VERIFY_FILE, json.dumps(record, indent=1).encode())
     return record

@@ -40,12 +40,14 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidNameError, ResultsError, SchemaMismatchError
 from ..schemas.tables import SCHEMA_VERSION, TABLES, schema_for, to_table
+from .index import DoneIndex, Generation, make_entry
 from .integrity import (
     VERIFY_FILE,
     RootScan,
     UnitCheck,
     file_record,
     quarantine,
+    quarantine_generations,
     record_verification,
     scan,
     success_marker,
@@ -150,6 +152,14 @@ class _Local:
         except FileNotFoundError:
             return []
 
+    def names(self, rel: str) -> list[str]:
+        """Names in folder `rel`, unsorted (one scandir, no stat): the index's hot path."""
+        try:
+            with os.scandir(os.path.join(self.uri, rel)) as it:
+                return [e.name for e in it]
+        except FileNotFoundError:
+            return []
+
     def has_match(self, pattern: str) -> bool:
         return next(self.path.glob(pattern), None) is not None
 
@@ -174,6 +184,10 @@ class _Local:
             raise ResultsError(f"{target} exists; not replacing it", path=str(target))
         os.rename(self._abs(rel), target)
         _fsync_dir(target.parent)
+
+    def delete(self, rel: str) -> None:
+        """Remove one file (missing: nothing to do)."""
+        self._abs(rel).unlink(missing_ok=True)
 
     def _staging_dir(self) -> Path:
         d = self.path / STAGING
@@ -282,6 +296,9 @@ class _Remote:
         sel = pafs.FileSelector(self._abs(rel), allow_not_found=True)
         return sorted(i.base_name for i in self.fs.get_file_info(sel))
 
+    def names(self, rel: str) -> list[str]:
+        return self.list_names(rel)
+
     def has_match(self, pattern: str) -> bool:
         top, _, rest = pattern.partition("/")
         sel = pafs.FileSelector(self._abs(top), allow_not_found=True, recursive=True)
@@ -315,6 +332,36 @@ class _Remote:
         for name in self.entries(rel):
             self.move(f"{rel}/{name}", f"{dest}/{name}")
         self.fs.delete_dir(self._abs(rel))  # empty by now: only the folder itself goes
+
+    def delete(self, rel: str) -> None:
+        """Remove one file (missing: nothing to do)."""
+        try:
+            self.fs.delete_file(self._abs(rel))
+        except FileNotFoundError:
+            pass
+
+    def tree(self, rel: str) -> dict[str, dict[str, int | None] | None]:
+        """Each entry of folder `rel` -> {file: size} of its files (None for a plain file), from
+        one recursive listing (object stores: a few LIST requests, not one per folder)."""
+        sel = pafs.FileSelector(self._abs(rel), allow_not_found=True, recursive=True)
+        prefix = self._abs(rel) + "/"
+        out: dict[str, dict[str, int | None] | None] = {}
+        for info in self.fs.get_file_info(sel):
+            parts = info.path.removeprefix(prefix).split("/")
+            if len(parts) == 1:
+                if info.type == pafs.FileType.Directory:
+                    out.setdefault(parts[0], {})
+                else:
+                    out[parts[0]] = None
+            elif len(parts) == 2 and isinstance(out.setdefault(parts[0], {}), dict):
+                folder = out[parts[0]]
+                assert folder is not None
+                folder[parts[1]] = None if info.type == pafs.FileType.Directory else info.size
+            elif isinstance(out.setdefault(parts[0], {}), dict):
+                folder = out[parts[0]]
+                assert folder is not None
+                folder.setdefault(parts[1], None)  # a nested folder
+        return out
 
     def put(self, rel: str, data: bytes) -> None:
         tmp = self._abs(f"{STAGING}/tmp-{uuid.uuid4().hex}")
@@ -378,6 +425,7 @@ class ResultsStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self._fs = open_root(root)
         self._ok_cache: dict[str, UnitCheck] = {}
+        self._index = DoneIndex(self._fs)   # index.py: done pairs without reading every unit
 
     @property
     def uri(self) -> str:
@@ -422,51 +470,95 @@ class ResultsStore:
             "files": {name: file_record(data) for name, data in sorted(files.items())},
         }
         files[DONE] = json.dumps(manifest, indent=1).encode()
-        return self._fs.publish_dir(f"units/{unit_id}", files, stem=unit_id,
-                                    success=success_marker(files[DONE]))
+        success = success_marker(files[DONE])
+        if unit_id in self._index.compacted_units():
+            return False  # committed before, and its rows now live in a compacted file
+        # the entry first: a committed unit always has one; one whose unit never lands names a
+        # fingerprint no unit has and counts for nothing (index.py)
+        entry = self._index.record(make_entry(unit_id, files[DONE], success, files, pairs))
+        try:
+            landed = self._fs.publish_dir(f"units/{unit_id}", files, stem=unit_id, success=success)
+        except BaseException:
+            self._index.forget(entry)  # nothing landed (a killed process leaves it: harmless)
+            raise
+        if not landed:
+            self._index.forget(entry)  # another writer's commit of this unit won
+        return landed
 
     def is_done(self, unit_id: str) -> bool:
         """Whether units/<unit_id> holds a commit marker (damaged or not: a commit there is refused
-        until a rerun's repair() has moved a damaged unit aside)."""
-        return self._fs.exists(f"units/{check_name(unit_id, 'unit id')}/{SUCCESS}")
+        until a rerun's repair() has moved a damaged unit aside), or a compacted file its rows."""
+        return (self._fs.exists(f"units/{check_name(unit_id, 'unit id')}/{SUCCESS}")
+                or unit_id in self._index.compacted_units())
+
+    def claimed_pairs(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of `pairs`, those a committed unit holds now: the commit path's duplicate check, at the
+        cost of these pairs and of the entries written since this store last looked (index.py)."""
+        return self._index.claimed(list(pairs))
+
+    def generations(self) -> dict[str, Generation]:
+        """The live compaction generations (compact.py): id -> its manifest and units."""
+        return self._index.generations()
 
     def scan(self, full: bool = False) -> RootScan:
-        """Check every entry of units/ (integrity.py): cheap by default, checksums with full."""
-        result = scan(self._fs, full=full, known=self._ok_cache)
+        """Check every entry of units/ (integrity.py): cheap by default, checksums with full.
+        Folders of compacted units are leftovers (state "compacted"), never read."""
+        result = scan(self._fs, full=full, known=self._ok_cache, compacted=self._index.compacted_units())
         self._ok_cache = result.ok  # committed units never change in place: skip them next time
         return result
 
     def committed(self) -> dict[str, UnitCheck]:
-        """The units that pass the cheap checks (and that the last verify did not find damaged):
-        exactly what the SQL views read and what counts as done."""
+        """The loose units that pass the cheap checks (and that the last verify did not find
+        damaged): with the generations' files, exactly what the SQL views read."""
         return self.scan().ok
 
     def done_units(self) -> set[str]:
-        return set(self.committed())
+        """Ids of every committed, undamaged unit, loose or compacted (from the done index)."""
+        return set(self._index.load().units)
 
     def done_pairs(self) -> set[tuple[str, str]]:
-        """(model_uid, tensor) pairs of every committed, undamaged unit, across runs."""
-        out: set[tuple[str, str]] = set()
-        for check in self.committed().values():
-            out.update((str(m), str(t)) for m, t in (check.manifest or {}).get("done", []))
-        return out
+        """(model_uid, tensor) pairs of every committed, undamaged unit, across runs: read from
+        the done index, each loose unit checked by its folder's listing (index.py)."""
+        return self._index.load().pairs
 
-    def verify(self, *, repair: bool = False) -> dict:
+    def verify(self, *, repair: bool = False, rebuild_index: bool = False) -> dict:
         """Full check of every unit (sizes, checksums, row counts, ids); with `repair`, move each
         damaged unit and stray entry to quarantine/ so the next plan recomputes it. Records the
         result in _verify.json and returns it."""
         if self._fs.local and not self._fs.path.is_dir():  # never create a root by checking it
             raise ResultsError(f"no results root at {self.uri}: give the --out folder of an analyze "
                                "or crawl run", root=self.uri)
-        result = scan(self._fs, full=True)
+        from .index import check_generation
+
+        result = scan(self._fs, full=True, compacted=self._index.compacted_units())
         moved = quarantine(self._fs, result.findings) if repair else []
+        gens = self._index.generations()
+        damaged = {g: p for g, gen in gens.items() if (p := check_generation(self._fs, gen, full=True))}
+        seen: dict[str, str] = {}
+        for g, gen in gens.items():  # two compactions at once on an object store: a unit twice
+            twice = sorted(u for u in gen.units if u in seen)
+            if twice:
+                damaged.setdefault(g, []).append(f"holds {len(twice)} units that compacted/{seen[twice[0]]} "
+                                                 f"holds too (e.g. {twice[0]})")
+            seen.update({u: g for u in gen.units if u not in seen})
+        if repair and damaged:  # its units are then not done: the next plan recomputes them
+            moved += quarantine_generations(self._fs, sorted(damaged))
+        ok = {n: c for n, c in result.ok.items() if n not in {m["unit"] for m in moved}}
+        index_problems = self._index.check(ok)
+        if index_problems and (repair or rebuild_index):
+            self._index.rebuild(sorted(ok))
+            index_problems = self._index.check(ok)
         self._ok_cache = {}
-        return record_verification(self._fs, result, moved)
+        extra = {"generations": {g: len(gen.units) for g, gen in gens.items() if g not in damaged},
+                 "generations_damaged": {g: p for g, p in damaged.items() if not repair},
+                 "units_compacted": sum(len(gen.units) for g, gen in gens.items() if g not in damaged),
+                 "index_problems": index_problems}
+        return record_verification(self._fs, result, moved, extra)
 
     def repair(self) -> list[dict]:
         """What a rerun does first: verify in full and move damage to quarantine/ (never delete).
         Returns the moves (none, and nothing written, for a root that does not exist yet)."""
-        if not self._fs.exists("units"):
+        if not self._fs.exists("units") and not self._fs.exists("compacted"):
             return []
         return self.verify(repair=True)["quarantined"]
 
@@ -573,7 +665,8 @@ class ResultsStore:
     def status(self) -> dict:
         """Summary for `zoospectra status`: runs, committed units and pairs, models, errors."""
         checked = self.scan()
-        units, pairs, runs = set(checked.ok), self.done_pairs(), self.runs()
+        units = set(checked.ok) | set(self._index.compacted_units())
+        pairs, runs = self.done_pairs(), self.runs()
         errors = self._error_keys()
         last = {k: v for k, v in runs[-1].items() if k not in ("config", "config_json")} if runs else None
         return {
@@ -581,9 +674,11 @@ class ResultsStore:
             "runs": len(runs),
             "last_run": last,
             "units_done": len(units),
+            "units_compacted": len(self._index.compacted_units()),
             # cheap checks (no checksums); `zoospectra verify` does the full pass
             "units_damaged": {c.name: c.problems for c in checked.of("damaged")},
             "units_stray": sorted(c.name for c in checked.of("stray")),
+            "compaction_leftovers": len(checked.of("compacted")),
             "last_verify": self._last_verify(),
             "pairs_done": len(pairs),
             "models": sum(n.endswith(".parquet") for n in self._fs.list_names("models")),

@@ -167,7 +167,8 @@ def _commit_new_pairs(results_root: str, unit: WorkUnit, tables: dict[str, pa.Ta
     """
     store = _store(results_root)
     with _commit_lock(store):
-        done = store.done_pairs()
+        # the done index: this unit's pairs and the commits since the last look, not every unit
+        done = store.claimed_pairs([(m.uid, unit.tensor) for m in members])
         dup = {m.uid for m in members if (m.uid, unit.tensor) in done}
         if dup:
             tables = {name: _without_models(t, dup) for name, t in tables.items()}

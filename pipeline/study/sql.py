@@ -2,8 +2,9 @@
 (schemas/macros.sql) such as intruders(eps, k), so that each paper figure is one SELECT.
 
 The unit views (matrices, vectors, spectra, similarity, pairs, units) read the explicit list of
-committed, undamaged units found at connect() (run/integrity.py says why and how cheaply): units
-committed later appear on the next connect(). models, runs, errors and catalog follow their globs.
+files found at connect(): those of compaction generations (run/compact.py) and of committed,
+undamaged loose units (run/integrity.py says why and how cheaply): units committed later appear
+on the next connect(). models, runs, errors and catalog follow their globs.
 A table that had no file at connect() is an empty typed view until the next connect().
 """
 from __future__ import annotations
@@ -88,18 +89,29 @@ def _literal(text: str) -> str:
 
 
 def _unit_files(store: ResultsStore, quoted_root: str) -> tuple[dict[str, str], str | None]:
-    """Per unit table, the SQL list of its files in committed, undamaged units (None: no file);
-    and the VALUES rows of those units' ids (None: no unit). Stray, temp, copied, half-written
-    and damaged folders are not in them (integrity.py), so they never reach or break a query."""
+    """Per unit table, the SQL list of its files (None: no file): the files of every live
+    compaction generation, then those of the committed, undamaged loose units (a unit whose rows a
+    generation holds is never loose: no double count); and the VALUES rows of all those units'
+    ids (None: no unit). Stray, temp, copied, half-written and damaged folders are not in them
+    (integrity.py), so they never reach or break a query; nor is a generation whose files are
+    not the recorded sizes (compact.check_generation; `verify` checks them in full)."""
+    from ..run.index import check_generation
+
     units = store.committed()
-    lists: dict[str, str] = {}
+    lists: dict[str, list[str]] = {t: [] for t in UNIT_TABLES}
+    where = {u: f"{store.uri}/units/{u}" for u in units}
+    for gen_id, gen in store.generations().items():
+        if check_generation(store._fs, gen, full=False):
+            continue
+        where |= {u: f"{store.uri}/compacted/{gen_id}" for u in gen.units}
+        for rel, rec in sorted(gen.manifest.get("files", {}).items()):
+            lists[rec["table"]].append(f"'{quoted_root}/compacted/{gen_id}/{rel}'")
     for table in UNIT_TABLES:
-        files = [f"'{quoted_root}/units/{u}/{f}'" for u, c in sorted(units.items())
-                 if (f := c.table_file(table))]
-        if files:
-            lists[table] = "[" + ", ".join(files) + "]"
-    values = ", ".join(f"({_literal(u)})" for u in sorted(units)) or None
-    return lists, values
+        lists[table] += [f"'{quoted_root}/units/{u}/{f}'" for u, c in sorted(units.items())
+                         if (f := c.table_file(table))]
+    files = {t: "[" + ", ".join(fs) + "]" for t, fs in lists.items() if fs}
+    values = ", ".join(f"({_literal(u)}, {_literal(p)})" for u, p in sorted(where.items())) or None
+    return files, values
 
 
 def _union_by_name(store: ResultsStore) -> str:
