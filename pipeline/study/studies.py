@@ -577,10 +577,11 @@ def plot_null(table: pa.Table, params: Params) -> Figure:
     for xi, r in zip(x, rows, strict=True):
         ax.annotate(f"p={r['p_tail']:.2g}", (xi, max(r["n_intruders"], r["null_hi"] or 0)),
                     textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xticks(x, [f"{r['model_id']}\n({r['kind']})" for r in rows], rotation=45, ha="right", fontsize=7)
+    # one line each, upright: two-line labels at 45 degrees overlapped their neighbours
+    ax.set_xticks(x, [f"{r['model_id']} ({r['kind']})" for r in rows], rotation=90, fontsize=8)
     ax.set_ylabel(f"intruders (k = {params.get('k')}, eps = {params.get('eps')}),\nsum over matrices")
     ax.set_title(f"Observed intruders vs a random-direction null ({rows[0]['n_draws']} draws)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
