@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.verify_bench import timed
+
 REPO = Path(__file__).resolve().parents[1]
 MEMBERS = 3
 
@@ -77,16 +79,6 @@ def build_root(root: Path, n_units: int) -> None:
 
 def files_under(root: Path) -> int:
     return sum(1 for p in root.rglob("*") if p.is_file() and "_staging" not in p.parts)
-
-
-def timed(fn, repeat: int = 3) -> tuple[float, object]:
-    """Best of `repeat` wall times (the machine is shared) and the last result."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def plan(root: Path) -> tuple[set, set]:

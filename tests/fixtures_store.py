@@ -6,6 +6,9 @@ max |cos| values are rounded to 2 decimals on purpose: many land exactly on the 
 """
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,3 +91,23 @@ def one_unit(unit_id: str = "u1", model_uid: str = "a1", n_vectors: int = 4) -> 
     vec = [dict(ident, side="U", j=j, sigma=1.0, max_cos=0.2 * j, argmax_i=j, base_sigma=1.0)
            for j in range(1, n_vectors + 1)]
     return {"matrices": to_table("matrices", mat), "vectors": to_table("vectors", vec)}
+
+
+@contextmanager
+def memory_zoo_root() -> Iterator[tuple[str, str, object, Zoo]]:
+    """(uri, name, fsspec memory filesystem, zoo): build_zoo's units committed under a fresh
+    memory:// results root, removed afterwards."""
+    import fsspec
+
+    from zoospectra.run.store import ResultsStore
+
+    name = f"zs-{uuid.uuid4().hex[:8]}"
+    uri, mem = f"memory://{name}", fsspec.filesystem("memory")
+    zoo = build_zoo()
+    try:
+        store = ResultsStore(uri)
+        for unit_id, tables, done in zoo.units:
+            store.commit_unit(unit_id, tables, done)
+        yield uri, name, mem, zoo
+    finally:
+        mem.rm(f"/{name}", recursive=True)

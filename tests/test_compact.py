@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from fixtures_store import build_zoo
+from fixtures_store import build_zoo, memory_zoo_root
 from test_damage import IDS, answers, assert_same_answers, verify_cli
 from typer.testing import CliRunner
 
@@ -213,16 +213,8 @@ class Killed(BaseException):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_memory_root_compaction_interrupted_at_each_step(step: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    fsspec = pytest.importorskip("fsspec")
-    import uuid
-
-    name = f"zs-{uuid.uuid4().hex[:8]}"
-    uri, mem = f"memory://{name}", fsspec.filesystem("memory")
-    zoo = build_zoo()
-    try:
-        store = ResultsStore(uri)
-        for unit_id, tables, done in zoo.units:
-            store.commit_unit(unit_id, tables, done)
+    pytest.importorskip("fsspec")
+    with memory_zoo_root() as (uri, name, mem, zoo):
         want = vectors_of(uri)
 
         def die(at: str) -> None:
@@ -241,8 +233,6 @@ def test_memory_root_compaction_interrupted_at_each_step(step: str, monkeypatch:
         assert record["healthy"] and record["units_compacted"] == 3
         # a commit of a compacted unit is refused: its rows are there already
         assert ResultsStore(uri).commit_unit(*zoo.units[0]) is False
-    finally:
-        mem.rm(f"/{name}", recursive=True)
 
 
 def vectors_of(uri: str) -> list[tuple]:

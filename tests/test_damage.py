@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from fixtures_store import build_zoo
+from fixtures_store import build_zoo, memory_zoo_root
 from rows import VOLATILE
 from typer.testing import CliRunner
 
@@ -356,16 +356,8 @@ def test_units_written_before_checksums_still_count(tmp_path: Path) -> None:
 
 
 def test_memory_root_verify_and_quarantine() -> None:
-    fsspec = pytest.importorskip("fsspec")
-    import uuid
-
-    name = f"zs-{uuid.uuid4().hex[:8]}"
-    uri, mem = f"memory://{name}", fsspec.filesystem("memory")
-    zoo = build_zoo()
-    try:
-        store = ResultsStore(uri)
-        for unit_id, tables, done in zoo.units:
-            store.commit_unit(unit_id, tables, done)
+    pytest.importorskip("fsspec")
+    with memory_zoo_root() as (uri, name, mem, zoo):
         victim = zoo.units[1][0]
         path = f"/{name}/units/{victim}/vectors.parquet"
         data = bytearray(mem.cat_file(path))
@@ -385,8 +377,6 @@ def test_memory_root_verify_and_quarantine() -> None:
         assert not mem.exists(f"/{name}/units/{victim}")
         assert mem.exists(f"/{name}/units/u-inflight/vectors.parquet")  # in flight: left alone
         assert ResultsStore(uri).done_units() == {u for u, _, _ in zoo.units} - {victim}
-    finally:
-        mem.rm(f"/{name}", recursive=True)
 
 
 def test_verify_of_a_missing_root_is_one_line_exit_2(tmp_path: Path) -> None:
