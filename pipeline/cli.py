@@ -510,6 +510,7 @@ def _run(args: list[str] | None = None) -> int:
 
     usage_errors = (click.ClickException, _click.exceptions.ClickException)
     debug = os.environ.get("ZOOSPECTRA_DEBUG") == "1"
+    sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
     try:
         rv = app(args=args, standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -536,6 +537,25 @@ def _run(args: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail_other(err)
+
+
+def _redeliver_interrupts(default):
+    """An unraisable-exception hook that keeps a Ctrl-C which landed where Python cannot raise
+    (a fork handler run while Ray spawns a process, a finaliser): instead of printing "Exception
+    ignored in ... KeyboardInterrupt" and losing it, deliver it to the main thread again a moment
+    later, where it ends the command with one line. Everything else goes to `default`."""
+    import _thread
+    import threading
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(0.05, _thread.interrupt_main)
+            timer.daemon = True
+            timer.start()
+            return
+        default(unraisable)
+
+    return hook
 
 
 def _fail_other(err: Exception) -> int:

@@ -384,3 +384,30 @@ def test_sigint_twice_during_a_ray_run_exits_130_with_one_line(scratch: Path, mi
     assert code == 130 and "Traceback" not in text, text
     assert [ln.strip() for ln in text.splitlines() if ln.strip()][-1] == "interrupted", text
     assert text.count("interrupted") == 1, text
+
+
+def test_an_interrupt_swallowed_by_a_fork_handler_is_delivered_again(tmp_path: Path) -> None:
+    # CI once sent Ctrl-C just as Ray forked: it landed in filelock's at-fork handler, Python
+    # printed "Exception ignored ... KeyboardInterrupt" with a traceback and dropped it
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from zoospectra.cli import _redeliver_interrupts\n"
+        "if sys.argv[1] == 'hook':\n"
+        "    sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)\n"
+        "def before():\n"
+        "    raise KeyboardInterrupt  # the Ctrl-C, arriving inside a fork handler\n"
+        "os.register_at_fork(before=before)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "try:\n"
+        "    time.sleep(3)\n"
+        "    print('lost')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('delivered')\n")
+    plain = subprocess.run([sys.executable, str(script), "plain"], capture_output=True, text=True, timeout=60)
+    assert plain.stdout.strip() == "lost" and "KeyboardInterrupt" in plain.stderr  # the mechanism is real
+    hooked = subprocess.run([sys.executable, str(script), "hook"], capture_output=True, text=True, timeout=60)
+    assert hooked.stdout.strip() == "delivered" and hooked.stderr == "", hooked.stderr
