@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -45,6 +46,7 @@ from .integrity import (
     VERIFY_FILE,
     RootScan,
     UnitCheck,
+    check_unit,
     file_record,
     quarantine,
     quarantine_generations,
@@ -266,6 +268,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_PUBLISH_ATTEMPTS = 8  # rewrites of a unit whose racing writers interleaved (see _Remote.publish_dir)
+
+
 class _Remote:
     """A root on a pyarrow filesystem (s3://, gs://, hdfs://) or any fsspec one (memory://).
 
@@ -373,14 +378,39 @@ class _Remote:
         self.fs.move(tmp, dest)
 
     def publish_dir(self, rel: str, files: Mapping[str, bytes], stem: str, success: bytes = b"") -> bool:
-        if self.exists(f"{rel}/{SUCCESS}"):
+        """Files one by one, `_SUCCESS` last. False if the unit was committed before we began,
+        or by another writer whose whole copy stands once we are done.
+
+        Writers racing on one unit write the same names, so there are never two copies, but
+        their files can interleave (A's matrices.parquet beside B's _done.json): a unit that
+        `verify` and the views would call damaged. So a writer reads the unit back after its
+        marker, and while the unit is neither its own files nor another writer's whole copy, it
+        waits a random moment and writes its whole copy again. Each writer finishes its files
+        before its marker, so the last one to write whole leaves a whole unit. True: our copy
+        stood when we looked (a slower racer may still replace it with its own whole copy of
+        the same rows, and then also returns True: one copy, never a mixed one).
+        """
+        marker = f"{rel}/{SUCCESS}"
+        if self.exists(marker):
             return False
-        for name, data in files.items():
-            self.put(f"{rel}/{name}", data)
-        if self.exists(f"{rel}/{SUCCESS}"):  # another writer finished first; same names, no dupes
-            return False
-        self.put(f"{rel}/{SUCCESS}", success)
-        return True
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            for name, data in files.items():
+                self.put(f"{rel}/{name}", data)
+            if attempt == 0 and self.exists(marker) and self._whole(rel):
+                return False  # another writer finished first, and our writes did not spoil it
+            self.put(marker, success)
+            if all(self.read(f"{rel}/{name}") == data for name, data in [*files.items(), (SUCCESS, success)]):
+                return True
+            if self._whole(rel):
+                return False  # another writer's whole copy replaced ours
+            time.sleep(random.uniform(0.05, 0.5) * (attempt + 1))
+        raise ResultsError(f"{self._abs(rel)}: writers kept interleaving their files for "
+                           f"{_PUBLISH_ATTEMPTS} attempts; rerun to commit it", path=self._abs(rel))
+
+    def _whole(self, rel: str) -> bool:
+        """Whether units/<unit> is one writer's complete copy: marker, manifest and every file's
+        checksum agree (integrity.check_unit in full)."""
+        return check_unit(self, rel.rsplit("/", 1)[-1], None, full=True).ok
 
     def clean_staging(self, max_age_s: float) -> int:
         sel = pafs.FileSelector(self._abs(STAGING), allow_not_found=True)

@@ -6,6 +6,8 @@ files found at connect(): those of compaction generations (run/compact.py) and o
 undamaged loose units (run/integrity.py says why and how cheaply): units committed later appear
 on the next connect(). models, runs, errors and catalog follow their globs.
 A table that had no file at connect() is an empty typed view until the next connect().
+A remote root (s3://, gs://, memory://, ...) is read through the store's own filesystem as Arrow
+datasets registered in the connection, never through a DuckDB extension (see _session).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -26,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from ..errors import ConfigError, ResultsError
-from ..run.store import UNIT_TABLES, ResultsStore
+from ..run.store import TABLE_GLOBS, UNIT_TABLES, ResultsStore
 from ..schemas.tables import SCHEMA_VERSION, TABLES
 
 if TYPE_CHECKING:
@@ -36,9 +39,8 @@ Format = Literal["table", "csv", "json", "parquet"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 # Loaded after the views, in this order: later files may use earlier macros.
 MACRO_FILES: tuple[str, ...] = ("macros.sql", "studies.sql")
+GLOB_TABLES: tuple[str, ...] = ("models", "runs", "errors", "catalog")  # read by glob on local roots
 _VIEW_MARK = re.compile(r"^-- view: ([a-z_]+)\s*$", re.MULTILINE)
-# Protocols DuckDB reads itself (httpfs / azure extensions; credentials via CREATE SECRET).
-_DUCKDB_NATIVE = {"s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https", "hf", "az", "azure", "abfss"}
 
 
 def _sql_file(name: str) -> str:
@@ -88,8 +90,8 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _unit_files(store: ResultsStore, quoted_root: str) -> tuple[dict[str, str], str | None]:
-    """Per unit table, the SQL list of its files (None: no file): the files of every live
+def _unit_files(store: ResultsStore) -> tuple[dict[str, list[str]], str | None]:
+    """Per unit table, its files relative to the root (no entry: no file): the files of every live
     compaction generation, then those of the committed, undamaged loose units (a unit whose rows a
     generation holds is never loose: no double count); and the VALUES rows of all those units'
     ids (None: no unit). Stray, temp, copied, half-written and damaged folders are not in them
@@ -105,13 +107,27 @@ def _unit_files(store: ResultsStore, quoted_root: str) -> tuple[dict[str, str], 
             continue
         where |= {u: f"{store.uri}/compacted/{gen_id}" for u in gen.units}
         for rel, rec in sorted(gen.manifest.get("files", {}).items()):
-            lists[rec["table"]].append(f"'{quoted_root}/compacted/{gen_id}/{rel}'")
+            lists[rec["table"]].append(f"compacted/{gen_id}/{rel}")
     for table in UNIT_TABLES:
-        lists[table] += [f"'{quoted_root}/units/{u}/{f}'" for u, c in sorted(units.items())
-                         if (f := c.table_file(table))]
-    files = {t: "[" + ", ".join(fs) + "]" for t, fs in lists.items() if fs}
+        lists[table] += [f"units/{u}/{f}" for u, c in sorted(units.items()) if (f := c.table_file(table))]
     values = ", ".join(f"({_literal(u)}, {_literal(p)})" for u, p in sorted(where.items())) or None
-    return files, values
+    return {t: fs for t, fs in lists.items() if fs}, values
+
+
+def _glob_files(store: ResultsStore, table: str) -> list[str]:
+    """The files of a glob table (models, runs, errors, catalog) relative to the root, from one
+    listing of its folder."""
+    fs = store._fs
+    assert not fs.local  # local roots: DuckDB's own glob
+    top, _, rest = TABLE_GLOBS[table].partition("/")
+    out = []
+    for name, entry in sorted(fs.tree(top).items()):
+        if rest.count("/") == 0 and entry is None and name.endswith(".parquet"):
+            out.append(f"{top}/{name}")                                   # models/<file>.parquet
+        elif rest.count("/") == 1 and isinstance(entry, dict):
+            out += [f"{top}/{name}/{f}" for f, size in sorted(entry.items())
+                    if size is not None and f.endswith(".parquet")]        # errors/<run>/<file>.parquet
+    return out
 
 
 def _union_by_name(store: ResultsStore) -> str:
@@ -122,16 +138,44 @@ def _union_by_name(store: ResultsStore) -> str:
     return "false" if versions <= {SCHEMA_VERSION} else "true"
 
 
-def render(root: str | os.PathLike) -> str:
-    """The SQL script that sets up a session: views over `root`, then the macros."""
+def _arrow_name(table: str) -> str:
+    return f"_zs_{table}"
+
+
+@dataclass
+class _Session:
+    """What a DuckDB session over a root needs: the SQL script, and for a remote root the Arrow
+    datasets its views read (registered under _arrow_name(table) before the script runs)."""
+
+    script: str
+    datasets: dict[str, Any]
+
+
+def _session(root: str | os.PathLike) -> _Session:
+    """Views over `root`, then the macros.
+
+    A local root's views read its files by path. A remote root's views (s3://, gs://, memory://,
+    any fsspec root) read Arrow datasets over the same files through the store's own filesystem,
+    that is the same client and credentials (AWS_* variables, AWS_ENDPOINT_URL, ...) that wrote
+    them: DuckDB would otherwise need its httpfs extension, which it downloads on first use and
+    which an offline cluster cannot fetch, and credentials of its own (CREATE SECRET)."""
     store = ResultsStore(root)
     quoted = _quoted_root(store.uri)
-    files, units = _unit_files(store, quoted)
+    files, units = _unit_files(store)
+    remote = not store.is_local
     union = _union_by_name(store)
+    datasets: dict[str, Any] = {}
+    if remote:
+        files |= {t: fs for t in GLOB_TABLES if (fs := _glob_files(store, t))}
+        datasets = {_arrow_name(t): _dataset(store, t, fs) for t, fs in files.items()}
     out = []
     for name, block in _view_blocks(_sql_file("views.sql")):
-        if name in UNIT_TABLES and name in files:
-            block = block.replace(f"{{files:{name}}}", files[name]).replace("{union_by_name}", union)
+        if name in TABLES and remote:
+            block = (f"\nCREATE OR REPLACE VIEW {name} AS SELECT * FROM {_arrow_name(name)};\n\n"
+                     if name in files else f"\n{empty_view_sql(name)}\n\n")
+        elif name in UNIT_TABLES and name in files:
+            listed = "[" + ", ".join(f"'{quoted}/{rel}'" for rel in files[name]) + "]"
+            block = block.replace(f"{{files:{name}}}", listed).replace("{union_by_name}", union)
         elif name == "units" and units:
             block = block.replace("{units}", units)
         elif name == "units":
@@ -140,28 +184,45 @@ def render(root: str | os.PathLike) -> str:
         elif name in TABLES and (name in UNIT_TABLES or not store.has_files(name)):
             block = f"\n{empty_view_sql(name)}\n\n"
         out.append(block if name is None else f"-- view: {name}{block.replace('{root}', quoted)}")
-    return "".join(out) + "".join("\n" + _sql_file(name) for name in MACRO_FILES)
+    script = "".join(out) + "".join("\n" + _sql_file(name) for name in MACRO_FILES)
+    return _Session(script, datasets)
 
 
-def _register_filesystem(con: duckdb.DuckDBPyConnection, uri: str) -> None:
-    """Let DuckDB read fsspec-only roots (memory://, ...); s3/gs/http it reads natively."""
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if not scheme or scheme in _DUCKDB_NATIVE:
-        return
-    import fsspec
+def _dataset(store: ResultsStore, table: str, files: list[str]) -> Any:
+    """An Arrow dataset over `files` (relative to the root) with the table's declared schema:
+    a column that older files lack reads as null (what union_by_name does for local roots).
+    Built without I/O; DuckDB scans it lazily, pushing columns and filters down."""
+    import pyarrow.dataset as pads
 
-    con.register_filesystem(fsspec.filesystem(scheme))
+    fs = store._fs
+    assert not fs.local
+    return pads.FileSystemDataset.from_paths(
+        [fs._abs(rel) for rel in files], schema=TABLES[table], format=pads.ParquetFileFormat(),
+        filesystem=fs.fs)
+
+
+def render(root: str | os.PathLike) -> str:
+    """The SQL script that sets up a session over a local root: views, then the macros. It runs
+    in any DuckDB (the `duckdb` CLI included). A remote root's views read Arrow datasets that only
+    connect() provides: use connect() (or `zoospectra sql`) for those."""
+    session = _session(root)
+    if session.datasets:
+        raise ConfigError(f"{ResultsStore(root).uri} is a remote root: its views read Arrow datasets "
+                          "that only zoospectra's own connection provides; use `zoospectra sql` or "
+                          "zoospectra.connect()")
+    return session.script
 
 
 def connect(root: str | os.PathLike, *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the results views and macros of `root` loaded."""
     import duckdb
 
-    script = render(root)
+    session = _session(root)
     con = duckdb.connect(database)
     try:
-        _register_filesystem(con, ResultsStore(root).uri)
-        con.execute(script)
+        for name, dataset in session.datasets.items():
+            con.register(name, dataset)
+        con.execute(session.script)
     except Exception:
         con.close()
         raise
@@ -283,11 +344,10 @@ def shell(root: str | os.PathLike, *, stdin: IO[str] | None = None, stdout: IO[s
     Python loop: statements end with ';', `.tables` lists views and macros, `.mode table|csv|json`
     picks the output, `.quit` leaves.
     """
-    uri = ResultsStore(root).uri
-    fsspec_only = "://" in uri and uri.split("://", 1)[0].lower() not in _DUCKDB_NATIVE
+    remote = not ResultsStore(root).is_local
     cli = shutil.which("duckdb")
     if use_cli is None:
-        use_cli = cli is not None and stdin is None and not fsspec_only
+        use_cli = cli is not None and stdin is None and not remote
     if use_cli:
         if not cli:
             raise ConfigError("the duckdb CLI is not on PATH; install it or use the built-in shell")
