@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                       "pairs_per_s": round(info["pairs"] / seconds, 2)}
         print(f"{n} node(s): {results[n]}", file=sys.stderr)
     one = results.get(1)
-    for n, r in results.items():
+    for r in results.values():
         r["speedup_vs_1"] = round(one["seconds"] / r["seconds"], 2) if one else None
     print(json.dumps({"adapters": args.adapters, "batch_size": args.batch_size, "cpus": os.cpu_count(),
                       "nodes": results}))

@@ -5,8 +5,9 @@
 Starts moto's S3 server on a loopback port (a separate process, as tests/test_s3.py does) and
 the loopback Hub (tests/hub_server.py) with `repos` adapter repos of MiniLM (bench/load_crawl.py
 builds and publishes them), crawls them into s3://<bucket>/results, then crawls again with
-nothing new on the Hub. Requests are counted where they arrive: the S3 server's access log (by
-method) and the Hub's request log. Prints one JSON object.
+nothing new on the Hub (with --compact, after compacting the root). Requests are counted where
+they arrive: the S3 server's access log (by method) and the Hub's request log.
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repos", type=int, default=60)
     parser.add_argument("--distinct", type=int, default=3)
     parser.add_argument("--executor", default="ray", choices=("ray", "local"))
+    parser.add_argument("--compact", action="store_true", help="compact the root before the no-op crawl")
     parser.add_argument("--keep", default=None, help="work directory to keep (default: a temp dir)")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="zs-s3-"))
@@ -111,19 +113,25 @@ def main(argv: list[str] | None = None) -> int:
             marks = [s3.requests()]
             first = _crawl(out, hub, args.executor)
             marks.append(s3.requests())
+            if args.compact:
+                from zoospectra.run.compact import compact
+
+                compact(out, grace_s=0)
             hub.reset_counters()
+            marks.append(s3.requests())
             noop = _crawl(out, hub, args.executor)
             marks.append(s3.requests())
             hub_noop = len(hub.requests())
         from zoospectra.run.store import ResultsStore
 
-        units = len(ResultsStore(out).committed())
+        units = len(ResultsStore(out).done_units())
     finally:
         s3.stop()
     print(json.dumps({
-        "repos": args.repos, "executor": args.executor, "units_in_root": units,
+        "repos": args.repos, "executor": args.executor, "units_in_root": units, "compacted": args.compact,
         "first_crawl": first | {"s3_requests": _delta(marks[1], marks[0])},
-        "noop_crawl": noop | {"s3_requests": _delta(marks[2], marks[1]), "hub_requests": hub_noop},
+        **({"compaction_s3_requests": _delta(marks[2], marks[1])} if args.compact else {}),
+        "noop_crawl": noop | {"s3_requests": _delta(marks[-1], marks[-2]), "hub_requests": hub_noop},
     }))
     return 0
 

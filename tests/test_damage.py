@@ -430,3 +430,42 @@ def test_an_edited_manifest_is_damage(tmp_path: Path) -> None:
     assert "_done.json differs from the checksum recorded in _SUCCESS" in text
     assert ("zz", "never.analysed") not in ResultsStore(tmp_path).done_pairs()
     assert victim not in ResultsStore(tmp_path).done_units()
+
+
+def test_a_rerun_hashes_only_what_is_new_and_verify_hashes_everything(
+        root: Path, minilm_dir: Path, tiny_loras: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's repair costs what is new, not the size of the root (a nightly no-op crawl of a
+    census would otherwise read every byte of it): units hashed before keep only the cheap checks,
+    which still catch a changed size; a same-size change is `verify`'s (or an old hash's) to find."""
+    def last() -> dict:
+        return json.loads((root / "_verify.json").read_text())
+
+    analyze(minilm_dir, tiny_loras, root)
+    assert last()["incremental"] and last()["units_hashed"] == 6 and last()["units_ok"] == 6
+    analyze(minilm_dir, tiny_loras, root)
+    assert last()["units_hashed"] == 0 and last()["units_ok"] == 6 and last()["healthy"]
+
+    truncated, flipped, later = units_of(root)[:3]
+
+    def flip(unit: str) -> None:
+        path = root / "units" / unit / "vectors.parquet"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    path = root / "units" / truncated / "matrices.parquet"
+    path.write_bytes(path.read_bytes()[:-7])
+    flip(flipped)
+    analyze(minilm_dir, tiny_loras, root)  # the cheap checks see the size; the flip is trusted
+    assert [q["unit"] for q in last()["quarantined"]] == [truncated] and last()["units_hashed"] == 0
+
+    # a run re-hashes what was hashed longer ago than ZOOSPECTRA_REHASH_AFTER_DAYS
+    with monkeypatch.context() as m:
+        m.setattr("zoospectra.run.integrity.REHASH_AFTER_S", 0.0)
+        analyze(minilm_dir, tiny_loras, root)
+    assert [q["unit"] for q in last()["quarantined"]] == [flipped] and last()["units_hashed"] == 6
+
+    flip(later)  # and `verify` hashes everything, whenever it was hashed before
+    code, text, record = verify_cli(root)
+    assert code != 0 and [d["unit"] for d in record["damaged"]] == [later], text
+    assert record["incremental"] is False and record["units_hashed"] == 6

@@ -203,8 +203,9 @@ def run_plan(
 
     # A damaged unit is not done (done_pairs() left its pairs in the plan), but its folder would
     # block the recommit: move it to quarantine/ first. Full checksums: repair(), before planning.
-    store.quarantine_known_damage()
-    done = store.done_units()
+    if plan.units:  # nothing to commit (a no-op crawl): no unit folder needs reading
+        store.quarantine_known_damage()
+    done = store.done_units() if plan.units else set()
     todo = [u for u in plan.units if u.unit_id not in done]
     summary = RunSummary(run_id, n_units=len(plan.units), n_skipped=len(plan.units) - len(todo),
                          n_plan_errors=len(plan.errors))

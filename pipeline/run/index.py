@@ -434,6 +434,11 @@ class DoneIndex:
 
 
 # --- checking a generation -------------------------------------------------------------------
+def generation_fingerprint(gen: Generation) -> str:
+    """sha256 of a generation's manifest (its files' sizes and checksums, its units)."""
+    return hashlib.sha256(json.dumps(gen.manifest, sort_keys=True).encode()).hexdigest()
+
+
 def check_generation(fs: Any, gen: Generation, *, full: bool) -> list[str]:
     """What is wrong with a committed generation: files missing or of another size (cheap);
     with `full`, checksums and row counts too (per file, and per unit against the manifest)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class UnitCheck:
     manifest: dict | None = None
     fingerprint: str | None = None     # sha256 of _done.json: which version of the unit this is
     files: dict[str, int | None] = field(default_factory=dict)   # recorded file -> size (None: legacy)
+    hashed: bool = False               # its files' checksums were checked by this check
 
     @property
     def ok(self) -> bool:
@@ -103,8 +105,10 @@ class UnitCheck:
                 "fingerprint": self.fingerprint}
 
 
-def check_unit(fs: RootFS, name: str, size: int | None, *, full: bool) -> UnitCheck:
-    """Check one entry `units/<name>` (size: None for a folder, bytes for a plain file)."""
+def check_unit(fs: RootFS, name: str, size: int | None, *, full: bool, trusted: str | None = None) -> UnitCheck:
+    """Check one entry `units/<name>` (size: None for a folder, bytes for a plain file).
+    `trusted`: the fingerprint with which an earlier full check found this unit whole; a unit
+    that still has it (and passes the cheap checks) is not hashed again."""
     check = UnitCheck(name)
     if size is not None or not _UNIT_NAME.fullmatch(name):
         check.state = "stray"
@@ -138,8 +142,9 @@ def check_unit(fs: RootFS, name: str, size: int | None, *, full: bool) -> UnitCh
                             "(a copy or a renamed folder): the views count it under neither name")
     check.files = {f: r.get("size") for f, r in recorded.items()}
     _check_listing(check, entries, recorded)
-    if full and check.ok:
+    if full and check.ok and (trusted is None or trusted != check.fingerprint):
         _check_contents(check, fs, rel, recorded)
+        check.hashed = True
     return check
 
 
@@ -229,6 +234,28 @@ class RootScan:
         return [c for c in self.checks if c.state in ("damaged", "stray")]
 
 
+REHASH_AFTER_S = float(os.environ.get("ZOOSPECTRA_REHASH_AFTER_DAYS", "7")) * 86400
+
+
+def verified_before(fs: RootFS, max_age_s: float | None = None
+                    ) -> tuple[dict[str, tuple[str, float]], dict[str, tuple[str, float]]]:
+    """What earlier verifications found whole by checksum less than `max_age_s` ago:
+    (unit -> (fingerprint, when hashed), generation -> (fingerprint, when hashed)), from
+    _verify.json (empty when there is none or it is unreadable)."""
+    raw = fs.read(VERIFY_FILE)
+    now, max_age_s = time.time(), REHASH_AFTER_S if max_age_s is None else max_age_s
+    try:
+        record = json.loads(raw) if raw else {}
+        out: list[dict[str, tuple[str, float]]] = []
+        for key in ("verified_units", "verified_generations"):
+            found = record.get(key) or {}
+            out.append({str(k): (str(v[0]), float(v[1])) for k, v in found.items()
+                        if isinstance(v, list) and len(v) == 2 and now - float(v[1]) < max_age_s})
+        return out[0], out[1]
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return {}, {}
+
+
 def flagged_units(fs: RootFS) -> dict[str, dict]:
     """Units the last full verification found damaged: name -> its entry in _verify.json."""
     raw = fs.read(VERIFY_FILE)
@@ -240,11 +267,13 @@ def flagged_units(fs: RootFS) -> dict[str, dict]:
 
 
 def scan(fs: RootFS, *, full: bool, known: dict[str, UnitCheck] | None = None,
-         compacted: dict[str, str] | None = None) -> RootScan:
+         compacted: dict[str, str] | None = None, trusted: dict[str, str] | None = None) -> RootScan:
     """Check every entry of `units/`. `known`: units already found ok by a cheap check in this
     process (committed units never change in place), re-checked only for their marker.
     `compacted`: unit id -> generation of units whose rows a compacted file holds: their folders
-    are leftovers a compaction removes (state "compacted": not read, not damage)."""
+    are leftovers a compaction removes (state "compacted": not read, not damage).
+    `trusted` (with `full`): unit -> fingerprint an earlier full check found whole (see
+    verified_before): those units get the cheap checks only."""
     t0 = time.perf_counter()
     flagged = {} if full else flagged_units(fs)
     checks = []
@@ -256,7 +285,7 @@ def scan(fs: RootFS, *, full: bool, known: dict[str, UnitCheck] | None = None,
         if known and name in known and not full and name not in flagged and fs.exists(f"units/{name}/{SUCCESS}"):
             checks.append(known[name])
             continue
-        check = check_unit(fs, name, size, full=full)
+        check = check_unit(fs, name, size, full=full, trusted=(trusted or {}).get(name))
         hit = flagged.get(name)
         if check.ok and hit and hit.get("fingerprint") == check.fingerprint:
             check.damage("found damaged by the last `zoospectra verify`: " + "; ".join(hit.get("problems", [])))

@@ -53,6 +53,7 @@ from .integrity import (
     record_verification,
     scan,
     success_marker,
+    verified_before,
 )
 
 UNIT_TABLES = ("matrices", "vectors", "spectra", "similarity", "pairs", "null_vectors")
@@ -551,19 +552,32 @@ class ResultsStore:
         the done index, each loose unit checked by its folder's listing (index.py)."""
         return self._index.load().pairs
 
-    def verify(self, *, repair: bool = False, rebuild_index: bool = False) -> dict:
+    def verify(self, *, repair: bool = False, rebuild_index: bool = False, incremental: bool = False) -> dict:
         """Full check of every unit (sizes, checksums, row counts, ids); with `repair`, move each
         damaged unit and stray entry to quarantine/ so the next plan recomputes it. Records the
-        result in _verify.json and returns it."""
+        result in _verify.json and returns it.
+
+        `incremental`: units and compacted generations that the last verification found whole by
+        checksum, and that still have the same fingerprint (their `_done.json`, their manifest),
+        get the cheap checks only (marker, manifest, every file present at its recorded size)
+        unless they were last hashed more than ZOOSPECTRA_REHASH_AFTER_DAYS (default 7) ago:
+        what a run does before planning, so that its cost follows what is new, not the size of
+        the root. A same-size change to a file already verified is then found by the next
+        `zoospectra verify` (always in full) or the first run after that age, not by every run."""
         if self._fs.local and not self._fs.path.is_dir():  # never create a root by checking it
             raise ResultsError(f"no results root at {self.uri}: give the --out folder of an analyze "
                                "or crawl run", root=self.uri)
-        from .index import check_generation
+        from .index import check_generation, generation_fingerprint
 
-        result = scan(self._fs, full=True, compacted=self._index.compacted_units())
+        trusted_units, trusted_gens = verified_before(self._fs) if incremental else ({}, {})
+        now = time.time()
+        result = scan(self._fs, full=True, compacted=self._index.compacted_units(),
+                      trusted={n: fp for n, (fp, _) in trusted_units.items()})
         moved = quarantine(self._fs, result.findings) if repair else []
         gens = self._index.generations()
-        damaged = {g: p for g, gen in gens.items() if (p := check_generation(self._fs, gen, full=True))}
+        prints = {g: generation_fingerprint(gen) for g, gen in gens.items()}
+        rehash = {g for g in gens if trusted_gens.get(g, ("", 0.0))[0] != prints[g]}
+        damaged = {g: p for g, gen in gens.items() if (p := check_generation(self._fs, gen, full=g in rehash))}
         seen: dict[str, str] = {}
         for g, gen in gens.items():  # two compactions at once on an object store: a unit twice
             twice = sorted(u for u in gen.units if u in seen)
@@ -579,18 +593,28 @@ class ResultsStore:
             self._index.rebuild(sorted(ok))
             index_problems = self._index.check(ok)
         self._ok_cache = {}
+        # what is known whole by checksum, and since when (the time of the last hashing)
+        whole_units = {n: [c.fingerprint, now if c.hashed else trusted_units[n][1]]
+                       for n, c in sorted(ok.items()) if c.fingerprint}
+        whole_gens = {g: [prints[g], now if g in rehash else trusted_gens[g][1]] for g in gens if g not in damaged}
         extra = {"generations": {g: len(gen.units) for g, gen in gens.items() if g not in damaged},
                  "generations_damaged": {g: p for g, p in damaged.items() if not repair},
                  "units_compacted": sum(len(gen.units) for g, gen in gens.items() if g not in damaged),
-                 "index_problems": index_problems}
+                 "index_problems": index_problems,
+                 "incremental": incremental,
+                 "units_hashed": sum(c.hashed for c in result.checks),
+                 "generations_hashed": len(rehash),
+                 "verified_units": whole_units,
+                 "verified_generations": whole_gens}
         return record_verification(self._fs, result, moved, extra)
 
     def repair(self) -> list[dict]:
-        """What a rerun does first: verify in full and move damage to quarantine/ (never delete).
-        Returns the moves (none, and nothing written, for a root that does not exist yet)."""
+        """What a rerun does first: verify (incrementally: checksums of what is new since the last
+        verification) and move damage to quarantine/ (never delete). Returns the moves (none, and
+        nothing written, for a root that does not exist yet)."""
         if not self._fs.exists("units") and not self._fs.exists("compacted"):
             return []
-        return self.verify(repair=True)["quarantined"]
+        return self.verify(repair=True, incremental=True)["quarantined"]
 
     def quarantine_known_damage(self) -> list[dict]:
         """Move units that fail the cheap checks (or that the last verify found damaged) to
@@ -727,7 +751,7 @@ class ResultsStore:
             return None
         return {"at": v.get("at"), "healthy": v.get("healthy"), "units_checked": v.get("units_checked"),
                 "damaged": len(v.get("damaged", [])), "stray": len(v.get("stray", [])),
-                "quarantined": len(v.get("quarantined", []))}
+                "quarantined": len(v.get("quarantined", [])), "incremental": bool(v.get("incremental"))}
 
     def _error_keys(self) -> list[tuple[str, str | None, str | None]]:
         """(unit_id, model_uid, tensor) of every error row."""
