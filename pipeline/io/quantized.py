@@ -79,14 +79,14 @@ def open_base(source: FileSource) -> Checkpoint:
 
 
 def _gguf_file(source: FileSource) -> str | None:
-    """The one .gguf file of a local base folder without safetensors weights (None otherwise)."""
-    if any(source.exists(f) for f in ("model.safetensors", "model.safetensors.index.json")):
-        return None
+    """The one .gguf file of a local base folder without safetensors weights (None otherwise: Hub
+    sources are never asked, so a Hub base costs no extra request)."""
     if isinstance(source, SingleFileSource):
         return source.filename
-    root = getattr(source, "root", None)
-    if not isinstance(source, LocalFileSource) or root is None:
+    if not isinstance(source, LocalFileSource) or any(
+            source.exists(f) for f in ("model.safetensors", "model.safetensors.index.json")):
         return None
+    root = source.root
     found = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(".gguf"))
     if len(found) > 1:
         raise QuantizedBaseError(f"{len(found)} GGUF files {found} in one base folder: pass the one to analyse "
