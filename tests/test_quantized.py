@@ -96,6 +96,23 @@ def test_bnb_reads_only_the_tensors_byte_ranges(quant_zoo):
     assert base.bytes_read - before < os.path.getsize(quant_zoo["nf4"] / "model.safetensors") / 20
 
 
+def test_bnb_base_on_the_loopback_hub_is_read_by_byte_ranges(quant_zoo, fake_hub, hub_options):
+    """A QLoRA base repo (the real huggingface_hub client, loopback Hub): one weight costs its own
+    ranges, and equals bitsandbytes' dequantisation."""
+    from fixtures_hub import publish_dir
+
+    from zoospectra.io.resolve import resolve_ref
+
+    publish_dir(fake_hub, "org/tiny-llama-bnb-4bit", quant_zoo["nf4"])
+    base = open_base(resolve_ref("org/tiny-llama-bnb-4bit", options=hub_options).open_source())
+    assert isinstance(base, BnbCheckpoint)
+    key = "model.layers.1.mlp.down_proj.weight"
+    before = base.bytes_read
+    assert torch.equal(base.get(key), bnb_reference(quant_zoo["nf4"])[key])
+    raw = Checkpoint.open(quant_zoo["nf4"])
+    assert base.bytes_read - before == sum(raw.info(k).nbytes for k in raw.keys() if k.startswith(key))
+
+
 def _edit_base(src: Path, dst: Path, edit) -> Path:
     from safetensors.torch import load_file, save_file
 
