@@ -296,3 +296,22 @@ def test_lora_on_gguf_file_end_to_end(quant_zoo, tmp_path):
     assert (quant, base_id) == ("gguf Q4_1; gguf Q4_K; gguf Q6_K; gguf Q8_0", "tiny-llama")
     w0 = gguf_reference(quant_zoo["gguf"])
     _check_against_peft(out, peft_delta(tmp_path / "lora", quant_zoo["fp32"], w0), w0)
+
+
+def test_cli_damaged_quantised_base_is_an_error_row_and_exit_3(quant_zoo, tmp_path):
+    """A base whose quant state names an unknown type: no traceback, the artifact's `errors` row
+    names the tensor and file, exit status 3 (run completed with error rows)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quant_zoo["fp32"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    bad = _edit_base(quant_zoo["nf4"], tmp_path / "bad", BAD_STATES["unknown quant type"][0])
+    out = tmp_path / "results"
+    proc = cli("analyze", "--base", str(bad), f"lora={tmp_path / 'lora'}", "--out", str(out), "--local")
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    [(stage, kind, message, context)] = duckdb.sql(
+        f"SELECT stage, error_type, message, context_json FROM read_parquet('{out}/errors/*/*.parquet')").fetchall()
+    assert (stage, kind) == ("plan", "QuantizedBaseError") and "unknown quant type 'int4'" in message
+    assert json.loads(context)["tensor"] == Q_PROJ and str(bad) in json.loads(context)["file"]
