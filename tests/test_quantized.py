@@ -84,6 +84,21 @@ def test_bnb_tensors_equal_bitsandbytes_dequantisation(quant_zoo, kind):
             assert torch.equal(w, fp[key].to(stored).float()), key
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8", "gguf"])
+def test_chunked_dequantisation_gives_the_same_bits(quant_zoo, monkeypatch, kind):
+    """Large weights are dequantised a chunk at a time (bounded memory): tiny chunks, same result."""
+    from zoospectra.io import quantized
+
+    whole = open_base(LocalFileSource(quant_zoo[kind]))
+    monkeypatch.setattr(quantized, "CHUNK", 300)   # not a multiple of any block: steps round to blocks / rows
+    chunked = open_base(LocalFileSource(quant_zoo[kind]))
+    for key in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        a = chunked.get(key)
+        monkeypatch.setattr(quantized, "CHUNK", 1 << 22)
+        assert torch.equal(a, whole.get(key)), key
+        monkeypatch.setattr(quantized, "CHUNK", 300)
+
+
 def test_bnb_reads_only_the_tensors_byte_ranges(quant_zoo):
     """One dequantised weight costs its packed bytes plus its own state tensors, nothing else."""
     base = open_base(LocalFileSource(quant_zoo["nf4"]))

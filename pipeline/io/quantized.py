@@ -338,7 +338,7 @@ class BnbCheckpoint(Checkpoint):
         for d in st.shape:
             n *= d
         out = torch.empty(n, dtype=st.dtype)
-        step = CHUNK - CHUNK % (2 * st.blocksize)   # whole blocks and whole bytes per step
+        step = max(2 * st.blocksize, CHUNK - CHUNK % (2 * st.blocksize))   # whole blocks and bytes per step
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             b = packed[lo // 2: (hi + 1) // 2].to(torch.int64)
@@ -464,12 +464,16 @@ class GgufCheckpoint(Checkpoint):
         from gguf.quants import dequantize
 
         t, info = self._tensor(key), self.info(key)
-        try:
-            arr: np.ndarray = dequantize(t.data, t.tensor_type)
+        data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
+        out = np.empty((data.shape[0], info.numel // max(1, data.shape[0])), dtype=np.float32)
+        step = max(1, CHUNK // max(1, out.shape[1]))   # whole rows (ggml blocks never span rows) per step:
+        try:                                           # gguf's numpy temporaries stay a few chunks large
+            for i in range(0, data.shape[0], step):
+                out[i:i + step] = dequantize(data[i:i + step], t.tensor_type).reshape(-1, out.shape[1])
         except NotImplementedError as err:
             raise QuantizedBaseError(f"gguf cannot dequantise {t.tensor_type.name} ({err})", file=self.where,
                                      tensor=key) from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(info.shape)
+        w = torch.from_numpy(out).reshape(info.shape)
         self.bytes_read += info.nbytes
         if GGUF_ARCHS[self.arch] and w.dim() == 2:
             stem = t.name.rsplit(".", 2)[-2]
