@@ -51,7 +51,7 @@ from .checkpoint import (
 if TYPE_CHECKING:
     import numpy as np
 
-CHUNK = 1 << 22   # codes dequantised per step: bounds the int64 index and float temporaries (~48 MB)
+CHUNK = 1 << 20   # values dequantised per step: bounds the int64 index and float temporaries (~40 MB)
 
 # bitsandbytes' 4-bit code tables (functional.get_4bit_type), normalised to [-1, 1] as it does.
 _NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
