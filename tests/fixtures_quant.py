@@ -146,6 +146,54 @@ def gguf_base(fp_dir: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
+_HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_qwen2_base(out: Path, seed: int = 0) -> Path:
+    """A random tiny Qwen2 (q/k/v biases, no q/k permutation in llama.cpp) as GGUF: matrices Q8_0,
+    biases and norms F32, embeddings F16."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(Qwen2Config(**LLAMA)).save_pretrained(out / "hf")
+    sd = {k: v.numpy() for k, v in load_file(str(out / "hf" / "model.safetensors")).items()}
+    w = gguf.GGUFWriter(str(out / "tiny-llama.gguf"), "qwen2")
+    c = LLAMA
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_vocab_size(c["vocab_size"])
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+    for k, v in sd.items():
+        if k in top:
+            name = top[k]
+        else:
+            block, rest = k[len("model.layers."):].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{block}.{_HF_TO_GGUF[module]}.{kind}"
+        if k == "model.embed_tokens.weight":
+            w.add_tensor(name, v.astype(np.float16))
+        elif v.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(v, Q8), raw_dtype=Q8)
+        else:
+            w.add_tensor(name, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def gguf_reference(gguf_dir: Path) -> dict[str, torch.Tensor]:
     """transformers' own GGUF loader (gguf.quants.dequantize + its llama q/k un-permutation):
     the model's float32 state dict as `from_pretrained(gguf_file=...)` builds it."""

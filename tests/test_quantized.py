@@ -24,6 +24,7 @@ from fixtures_quant import (
     bnb_base,
     bnb_reference,
     gguf_base,
+    gguf_qwen2_base,
     gguf_reference,
     peft_delta,
     qlora_adapter,
@@ -203,6 +204,17 @@ def test_gguf_tensors_equal_transformers_gguf_loading(quant_zoo):
     for name, (module, qtype) in GGUF_BLOCK.items():
         assert base.quantization_of(f"model.layers.1.{module}.weight") == f"gguf {qtype}", name
     assert base.quantization_of("model.embed_tokens.weight") == "gguf F16"
+
+
+def test_gguf_qwen2_with_biases_equals_transformers_gguf_loading(tmp_path):
+    """qwen2: the same name map with q/k/v biases, and no q/k permutation (llama.cpp does none)."""
+    out = gguf_qwen2_base(tmp_path)
+    base = open_base(LocalFileSource(out))
+    assert isinstance(base, GgufCheckpoint) and base.arch == "qwen2"
+    ref = gguf_reference(out)
+    assert set(base.keys()) == set(ref) and "model.layers.1.self_attn.k_proj.bias" in ref
+    for key in base.keys():
+        assert torch.equal(base.get(key), ref[key]), key
 
 
 def test_gguf_q_k_rows_are_unpermuted(quant_zoo):

@@ -33,7 +33,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -47,9 +47,6 @@ from .checkpoint import (
     TensorInfo,
     _check_finite,
 )
-
-if TYPE_CHECKING:
-    import numpy as np
 
 CHUNK = 1 << 20   # values dequantised per step: bounds the int64 index and float temporaries (~40 MB)
 
