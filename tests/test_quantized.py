@@ -342,3 +342,36 @@ def test_cli_damaged_quantised_base_is_an_error_row_and_exit_3(quant_zoo, tmp_pa
         f"SELECT stage, error_type, message, context_json FROM read_parquet('{out}/errors/*/*.parquet')").fetchall()
     assert (stage, kind) == ("plan", "QuantizedBaseError") and "unknown quant type 'int4'" in message
     assert json.loads(context)["tensor"] == Q_PROJ and str(bad) in json.loads(context)["file"]
+
+
+def test_base_svd_cache_key_includes_the_dequantisation(quant_zoo):
+    """Two dequantisations of one base tensor never share a stored SVD; a float base's key (and so
+    every entry stored before quantised bases existed) is unchanged."""
+    from zoospectra.io.refs import local_ref
+    from zoospectra.run.basecache import BaseKey
+
+    ref = local_ref(quant_zoo["nf4"])
+    plain = BaseKey.of(ref, Q_PROJ, False, (256, 256), "float32")
+    nf4 = BaseKey.of(ref, Q_PROJ, False, (256, 256), "float32", DESCRIBED["nf4"])
+    other = BaseKey.of(ref, Q_PROJ, False, (256, 256), "float32", "gguf Q4_K")
+    assert "dequant" not in plain.fields() and nf4.fields()["dequant"] == DESCRIBED["nf4"]
+    assert len({plain.file_name, nf4.file_name, other.file_name}) == 3
+
+
+def test_gguf_file_as_base_is_pinned_by_content(quant_zoo, tmp_path):
+    """`--base FILE.gguf`: a local ref to the file itself, whose revision changes with its bytes."""
+    import shutil
+
+    from zoospectra.io.refs import local_ref
+
+    copy = tmp_path / "m.gguf"
+    shutil.copy(quant_zoo["gguf"] / "tiny-llama.gguf", copy)
+    ref = local_ref(copy)
+    assert (ref.model_id, ref.location) == ("m", str(copy))
+    assert isinstance(open_base(ref.open_source()), GgufCheckpoint)
+    with open(copy, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)[0]
+        f.seek(-1, 2)
+        f.write(bytes([last ^ 0xFF]))
+    assert local_ref(copy).revision != ref.revision

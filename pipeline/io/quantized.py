@@ -112,7 +112,7 @@ class BnbState:
     key: str                          # the logical weight key, "<module>.weight"
     method: str                       # nf4 | fp4 | int8
     shape: tuple[int, ...]
-    dtype: torch.dtype                # what bitsandbytes dequantises to (the state's compute dtype)
+    dtype: torch.dtype                # the weight's dtype before quantisation: bitsandbytes dequantises to it
     blocksize: int = 0
     nested: bool = False
     nested_blocksize: int = 0
