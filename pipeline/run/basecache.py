@@ -1,4 +1,5 @@
-"""Durable, shared base SVDs: each (base model, revision, tensor, dtype) is decomposed once, ever.
+"""Durable, shared base SVDs: each (base model, revision, tensor, dtype) is decomposed once, ever;
+for a quantised base the key also records how the tensor was dequantised (io/quantized.py).
 
 A run's driver schedules one `prepare_base` per touched base tensor ahead of that tensor's units
 (execute.py); it loads the stored decomposition, or computes and stores it. Units then load it
