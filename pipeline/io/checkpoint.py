@@ -327,6 +327,10 @@ class Checkpoint:
                            f"{self.source.name}/{shard}", key)
         return info
 
+    def quantization_of(self, key: str) -> str:
+        """How tensor `key` was dequantised on read ("" here: stored as is; io/quantized.py)."""
+        return ""
+
     def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Read only this tensor's bytes. `dtype=None` returns the stored (native) dtype; a float
         dtype upcasts F16/BF16/F32/F64 and refuses integer, fp8 or packed weights."""

@@ -13,7 +13,7 @@ from .identity import Source, artifact_uid
 if TYPE_CHECKING:
     from .hub import HubOptions
 
-_WEIGHT_SUFFIXES = (".safetensors", ".json")
+_WEIGHT_SUFFIXES = (".safetensors", ".json", ".gguf")
 _FULL_HASH_LIMIT = 256 << 20  # files up to this size are hashed whole; larger ones by header
 
 
@@ -42,6 +42,10 @@ class ModelRef:
             return HubFileSource(self.location, self.revision, self.hub_options)
         from .checkpoint import LocalFileSource
 
+        if self.location.endswith(".gguf") and os.path.isfile(self.location):  # a GGUF base given as a file
+            from .quantized import SingleFileSource
+
+            return SingleFileSource(self.location)
         return LocalFileSource(self.location)
 
 
@@ -59,12 +63,13 @@ def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
     header plus size, which identifies a checkpoint without reading gigabytes.
     """
     p = Path(path).expanduser().resolve()
-    if not p.is_dir():
+    single = p.is_file() and p.name.endswith(".gguf")  # a GGUF base is one file, pinned alone
+    if not p.is_dir() and not single:
         raise CheckpointNotFoundError(
-            "not a directory: pass a checkpoint or adapter directory", file=str(path)
+            "not a directory: pass a checkpoint or adapter directory (or a .gguf base file)", file=str(path)
         )
     h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
+    for f in [p] if single else sorted(p.iterdir()):
         if not f.is_file() or not f.name.endswith(_WEIGHT_SUFFIXES):
             continue
         h.update(f.name.encode())
@@ -75,8 +80,11 @@ def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
             else:  # header + tail: changes whenever the layout or the last tensor changes
-                n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else 0
+                # safetensors: its header; GGUF: the first 16 MB, where its metadata and tensor table are
+                n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else (
+                    16 << 20 if f.suffix == ".gguf" else 0)
                 h.update(fh.read(min(n, 100 << 20)))
                 fh.seek(max(0, size - (1 << 20)))
                 h.update(fh.read())
-    return ModelRef(model_id=name or p.name, revision=h.hexdigest()[:16], location=str(p))
+    model_id = name or (p.name.removesuffix(".gguf") if single else p.name)
+    return ModelRef(model_id=model_id, revision=h.hexdigest()[:16], location=str(p))

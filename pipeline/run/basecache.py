@@ -1,4 +1,5 @@
-"""Durable, shared base SVDs: each (base model, revision, tensor, dtype) is decomposed once, ever.
+"""Durable, shared base SVDs: each (base model, revision, tensor, dtype) is decomposed once, ever;
+for a quantised base the key also records how the tensor was dequantised (io/quantized.py).
 
 A run's driver schedules one `prepare_base` per touched base tensor ahead of that tensor's units
 (execute.py); it loads the stored decomposition, or computes and stores it. Units then load it
@@ -61,16 +62,21 @@ class BaseKey:
     transpose: bool
     dtype: str                       # analysis dtype of the stored factors
     shape: tuple[int, int]           # [out, in] after any transpose
+    dequant: str = ""                # how a quantised base tensor was dequantised ("" if stored as float)
 
     @staticmethod
-    def of(base: ModelRef, tensor: str, transpose: bool, shape: tuple[int, int], dtype: str) -> BaseKey:
+    def of(base: ModelRef, tensor: str, transpose: bool, shape: tuple[int, int], dtype: str,
+           dequant: str = "") -> BaseKey:
         return BaseKey(base.uid, base.model_id, base.revision, tensor, bool(transpose), dtype,
-                       (int(shape[0]), int(shape[1])))
+                       (int(shape[0]), int(shape[1])), dequant)
 
     def fields(self) -> dict:
-        return {"format": FORMAT, "base_uid": self.base_uid, "base_id": self.base_id,
-                "revision": self.revision, "tensor": self.tensor, "transpose": self.transpose,
-                "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"format": FORMAT, "base_uid": self.base_uid, "base_id": self.base_id,
+               "revision": self.revision, "tensor": self.tensor, "transpose": self.transpose,
+               "dtype": self.dtype, "shape": list(self.shape)}
+        if self.dequant:  # only quantised bases carry it: keys (and entries) of float bases are unchanged
+            out["dequant"] = self.dequant
+        return out
 
     @property
     def digest(self) -> str:
@@ -229,10 +235,11 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
     hit = _MEMORY.get(mem_key)
     if hit is not None:
         return Obtained(hit.w0, hit.svd, "memory")
-    w0 = open_checkpoint(base).get(tensor)
+    ckpt = open_checkpoint(base)
+    w0 = ckpt.get(tensor)
     if transpose:
         w0 = w0.T.contiguous()
-    key = BaseKey.of(base, tensor, transpose, tuple(w0.shape), cfg.dtype)
+    key = BaseKey.of(base, tensor, transpose, tuple(w0.shape), cfg.dtype, ckpt.quantization_of(tensor))
     w0_sha = tensor_digest(w0)
     cache = BaseCache(cache_uri)
     svd = cache.load(key, w0_sha, resolve_device(device))
@@ -256,10 +263,11 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
 
 @lru_cache(maxsize=8)
 def open_checkpoint(ref: ModelRef):
-    """The opened base checkpoint of `ref`, kept per process (headers parsed once per worker)."""
-    from ..io.checkpoint import Checkpoint
+    """The opened base checkpoint of `ref`, kept per process (headers parsed once per worker);
+    a bitsandbytes or GGUF base is read dequantised (io/quantized.py)."""
+    from ..io.quantized import open_base
 
-    return Checkpoint.open(ref.open_source())
+    return open_base(ref.open_source())
 
 
 @dataclass

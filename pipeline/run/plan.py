@@ -81,11 +81,11 @@ def build_plan(
     row and the rest of the plan goes on. Pairs in `done_pairs` are already in the results.
     """
     from ..adapters import open_artifact
-    from ..io.checkpoint import Checkpoint
+    from ..io.quantized import open_base
 
     if not isinstance(batch_size, int) or batch_size < 1:  # range(0, n, 0) raises, negatives plan nothing
         raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}", option="batch_size")
-    base_ckpt = Checkpoint.open(base.open_source())
+    base_ckpt = open_base(base.open_source())  # bitsandbytes / GGUF bases read dequantised
     by_tensor: dict[str, list[ModelRef]] = defaultdict(list)
     target_of: dict[str, Target] = {}
     # (hub helper fix) the pair counter had the same name as the per-model `skipped` list below
@@ -100,6 +100,7 @@ def build_plan(
                             for t in targets if t.role != "linear"]
                 targets = [t for t in targets if t.role == "linear"]
             row = _model_row(ref, base, art, len(targets), run_id, skipped)
+            row["base_quant"] = base_quantization(base_ckpt, targets)
         except Exception as err:  # noqa: BLE001 - any failure of one artifact is its own row
             errors.append(error_row("plan", err, model=ref))
             continue
@@ -129,6 +130,13 @@ def build_plan(
                 )
             )
     return Plan(bases=[base], config=cfg, units=units, models=models, errors=errors, skipped_pairs=n_done_pairs)
+
+
+def base_quantization(base_ckpt, targets: Sequence[Target]) -> str | None:
+    """How the base matrices these targets update were dequantised ("gguf Q4_K; gguf Q6_K"), None
+    when the base is stored in a float dtype: the numbers are then against the dequantised base."""
+    found = sorted({q for t in targets if (q := base_ckpt.quantization_of(t.tensor))})
+    return "; ".join(found) or None
 
 
 def plan_by_base(
