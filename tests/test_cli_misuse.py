@@ -336,6 +336,13 @@ def test_a_config_naming_the_base_directory_by_another_path_is_not_warned(minilm
     assert len(warned) == 1 and "other-base" in warned[0] and "minilm" in warned[0]
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """In the child: SIGINT handled by default. A suite started in the background by a
+    non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler at all: the user's Ctrl-C these tests send would be a no-op."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str, after: float,
                second: float | None = None) -> tuple[int, str]:
     """Start an analyze, send SIGINT `after` seconds past the first stderr line starting with
@@ -343,7 +350,8 @@ def _interrupt(scratch: Path, minilm_dir: Path, extra: list[str], wait_for: str,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
     args = [sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(minilm_dir), "inputs/adapter",
             "inputs/sibling", "--out", "r", "--k-store", "all", "--k-spec", "all", "--batch-size", "1", *extra]
-    proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_a_terminal_gives_it)
     lines: list[str] = []
     started = threading.Event()
 
@@ -407,7 +415,9 @@ def test_an_interrupt_swallowed_by_a_fork_handler_is_delivered_again(tmp_path: P
         "    print('lost')\n"
         "except KeyboardInterrupt:\n"
         "    print('delivered')\n")
-    plain = subprocess.run([sys.executable, str(script), "plain"], capture_output=True, text=True, timeout=60)
+    plain = subprocess.run([sys.executable, str(script), "plain"], capture_output=True, text=True, timeout=60,
+                           preexec_fn=_sigint_as_a_terminal_gives_it)
     assert plain.stdout.strip() == "lost" and "KeyboardInterrupt" in plain.stderr  # the mechanism is real
-    hooked = subprocess.run([sys.executable, str(script), "hook"], capture_output=True, text=True, timeout=60)
+    hooked = subprocess.run([sys.executable, str(script), "hook"], capture_output=True, text=True, timeout=60,
+                            preexec_fn=_sigint_as_a_terminal_gives_it)
     assert hooked.stdout.strip() == "delivered" and hooked.stderr == "", hooked.stderr
