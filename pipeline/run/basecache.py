@@ -229,7 +229,9 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
     hit = _MEMORY.get(mem_key)
     if hit is not None:
         return Obtained(hit.w0, hit.svd, "memory")
-    w0 = open_checkpoint(base).get(tensor)
+    from ..io.components import as_matrix
+
+    w0 = as_matrix(open_checkpoint(base).get(tensor))   # Conv2d kernels: [out, in*kh*kw]
     if transpose:
         w0 = w0.T.contiguous()
     key = BaseKey.of(base, tensor, transpose, tuple(w0.shape), cfg.dtype)
