@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,8 +107,9 @@ def _root_files(files: Files) -> list[str]:
     listing = getattr(files.source, "files", None)
     if callable(listing):                        # HubFileSource: the repo's listing at this sha
         return [n for n in listing() if "/" not in n]
-    if files.dir is not None:
-        return [p.name for p in files.dir.iterdir() if p.is_file()]
+    root = files.dir if files.dir is not None else getattr(files.source, "root", None)  # LocalFileSource
+    if isinstance(root, Path) and root.is_dir():
+        return [p.name for p in root.iterdir() if p.is_file()]
     return []
 
 
@@ -227,7 +229,7 @@ class ImageLora(Artifact):
             raise BaseMismatchError(
                 f"module {mod.name!r} implies a weight of {implied} ([out, in*kh*kw]) but base tensor {base_key!r} "
                 f"is {stored}; is this LoRA for another base?", file=self._location, base=ckpt_name(base),
-                tensor=next(iter(mod.keys.values())), base_tensor=base_key)
+                tensor=next(k for p, k in mod.keys.items() if p != "alpha"), base_tensor=base_key)
         inner = strip_component(base, base_key)
         return Target(tensor=base_key, shape=(m, n), role=role_of(inner), kind=mod.kind,  # type: ignore[arg-type]
                       transpose=False, source=mod.name)
