@@ -99,7 +99,8 @@ MATRICES = pa.schema(
         _f("device", _str, False),
         _f("seconds", _f64, False),
         _f("warnings", pa.list_(_str), doc="caveats of this matrix's numbers (modified base, bias also updated, ...)"),
-        _f("component", _str, doc="image-model component: unet|transformer|text_encoder|text_encoder_2 (null: one model)"),
+        _f("component", _str,
+           doc="image-model component: unet|transformer|text_encoder|text_encoder_2 (null: one model)"),
         _f("kernel_shape", pa.list_(_i32),
            doc="stored [out, in, kh, kw] of a convolution analysed as [out, in*kh*kw]; null for 2-D weights"),
     ]

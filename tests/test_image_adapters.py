@@ -136,7 +136,8 @@ def test_kohya_sdxl_lora_equals_diffusers_fuse(image_zoo):
     from diffusers import StableDiffusionXLPipeline
 
     ours, art, base = tool_deltas(image_zoo["sdxl"], image_zoo["kohya_sdxl"])
-    ref = diffusers_deltas(StableDiffusionXLPipeline, image_zoo["sdxl"], image_zoo["kohya_sdxl"] / "xl_style.safetensors",
+    ref = diffusers_deltas(StableDiffusionXLPipeline, image_zoo["sdxl"],
+                           image_zoo["kohya_sdxl"] / "xl_style.safetensors",
                            _encoders("text_encoder", "text_encoder_2"))
     assert_same_deltas(ours, ref, base)
     assert {component_of(base, k) for k in ours} == {"unet", "text_encoder", "text_encoder_2"}

@@ -6,9 +6,9 @@
         upd = art.load_update(t, base, w0=w0)         # reads just this module's tensors
 
 open_artifact dispatch: adapter_config.json -> PeftAdapter; model.safetensors(.index.json) ->
-FullFinetune; else pytorch_lora_weights.safetensors or the one root *.safetensors -> ImageLora
-(kohya / LyCORIS / diffusers formats, image_lora.py); only pickles (adapter_model.bin, pytorch_model.bin) -> UnsafeCheckpointError (never
-unpickled); nothing -> CheckpointNotFoundError.
+FullFinetune; else pytorch_lora_weights.safetensors or the one root *.safetensors ->
+ImageLora (kohya / LyCORIS / diffusers formats, image_lora.py); only pickles (adapter_model.bin,
+pytorch_model.bin) -> UnsafeCheckpointError (never unpickled); nothing -> CheckpointNotFoundError.
 """
 from __future__ import annotations
 

@@ -276,7 +276,7 @@ class Checkpoint:
             from .components import is_pipeline, open_components
 
             if is_pipeline(source):
-                return open_components(source)  # type: ignore[return-value]  # same reading interface
+                return open_components(source, cls.open)  # type: ignore[return-value]  # same reading interface
         if name is None or name.endswith(PICKLE_SUFFIXES):
             _refuse_pickles(source, name)
         if not source.exists(name):

@@ -17,14 +17,17 @@ the matrix [out, in*kh*kw] (`as_matrix`), the layout every LoRA format factors i
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointNotFoundError, TensorNotFoundError
 
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint, FileSource, TensorInfo
+# checkpoint.py opens pipelines through this module, so its types stay unnamed here (no import cycle):
+Checkpoint = Any      # pipeline.io.checkpoint.Checkpoint
+FileSource = Any      # pipeline.io.checkpoint.FileSource
+TensorInfo = Any      # pipeline.io.checkpoint.TensorInfo
 
 PIPELINE_INDEX = "model_index.json"
 # components an adapter can target, in the order rows list them
@@ -87,7 +90,7 @@ def _is_flux_single_file(ckpt: Checkpoint) -> bool:
     cached = getattr(ckpt, "_zs_flux", None)
     if cached is None:
         cached = any(k.startswith(FLUX_MARKERS) for k in ckpt.keys())
-        ckpt._zs_flux = cached  # type: ignore[attr-defined]  # headers are immutable: compute once
+        ckpt._zs_flux = cached  # headers are immutable: compute once
     return bool(cached)
 
 
@@ -144,16 +147,15 @@ def is_pipeline(source: FileSource) -> bool:
     return bool(source.exists(PIPELINE_INDEX))
 
 
-def open_components(source: FileSource) -> ComponentCheckpoint:
-    """Every adapter-targetable component of the diffusers pipeline at `source` (headers only)."""
-    from .checkpoint import Checkpoint
-
+def open_components(source: FileSource, open_file: Callable[[FileSource, str], Checkpoint]) -> ComponentCheckpoint:
+    """Every adapter-targetable component of the diffusers pipeline at `source` (headers only);
+    `open_file(source, name)` opens one component's weight file (Checkpoint.open)."""
     parts: dict[str, Checkpoint] = {}
     pickled: list[str] = []
     for comp in COMPONENTS:
         name = next((f"{comp}/{w}" for w in COMPONENT_WEIGHTS if source.exists(f"{comp}/{w}")), None)
         if name is not None:
-            parts[comp] = Checkpoint.open(source, name)
+            parts[comp] = open_file(source, name)
         elif any(source.exists(f"{comp}/{p}") for p in ("diffusion_pytorch_model.bin", "pytorch_model.bin")):
             pickled.append(comp)
     if not parts:

@@ -234,7 +234,7 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
     w0 = as_matrix(open_checkpoint(base).get(tensor))   # Conv2d kernels: [out, in*kh*kw]
     if transpose:
         w0 = w0.T.contiguous()
-    key = BaseKey.of(base, tensor, transpose, tuple(w0.shape), cfg.dtype)
+    key = BaseKey.of(base, tensor, transpose, (int(w0.shape[0]), int(w0.shape[1])), cfg.dtype)
     w0_sha = tensor_digest(w0)
     cache = BaseCache(cache_uri)
     svd = cache.load(key, w0_sha, resolve_device(device))
