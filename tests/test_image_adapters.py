@@ -250,3 +250,50 @@ def test_analyze_kohya_lora_end_to_end(image_zoo, tmp_path):
     assert conv["norm_dw"] == pytest.approx(float(dw.norm()), rel=1e-5)
     models = duckdb.read_parquet(str(out / "models" / "*.parquet")).to_arrow_table().to_pylist()
     assert any("weird_suffix" in s for s in models[0]["skipped"])
+
+
+# --- crawls -----------------------------------------------------------------------------------
+@pytest.mark.slow   # two crawls, each analysing two 89-matrix LoRAs
+def test_crawl_finds_image_loras_of_an_image_base(image_zoo, fake_hub, tmp_path):
+    """`--base-model` over the loopback Hub: kohya and diffusers-format LoRAs, tagged `lora` and
+    `base_model:adapter:<id>` but not `peft` (library diffusers), are found and analysed against the
+    diffusers-layout base repo; a single-file LoRA's base is its model card's base_model. A LoRA whose
+    card names another base is an errors row; `--repos` finds the base from the card alone."""
+    import pyarrow.parquet as pq
+    from fixtures_hub import publish_dir
+    from huggingface_hub import constants
+
+    import zoospectra
+    from zoospectra.io.hub import HubOptions
+
+    base = "org/tiny-sd15"
+    publish_dir(fake_hub, base, image_zoo["sd15"])
+    tags = ["lora", "diffusers", f"base_model:{base}", f"base_model:adapter:{base}"]
+    publish_dir(fake_hub, "painter/kohya-style", image_zoo["kohya_sd15"], tags=tags, card_data={"base_model": base},
+                library_name="diffusers")
+    publish_dir(fake_hub, "painter/diffusers-style", image_zoo["diffusers_sd15"], tags=tags,
+                card_data={"base_model": base}, library_name="diffusers")
+    publish_dir(fake_hub, "painter/mislabelled", image_zoo["kohya_sd15"], tags=tags,
+                card_data={"base_model": "org/some-other-base"}, library_name="diffusers")
+    opts = HubOptions(endpoint=fake_hub.url, cache_dir=constants.HF_HUB_CACHE, timeout=5.0, max_retries=1,
+                      backoff=0.01, backoff_max=0.02)
+    out = tmp_path / "r"
+    (report,) = zoospectra.crawl({"name": "img", "out": str(out), "base_models": [base]}, options=opts,
+                                 executor="local").bases
+    errs = [r for p in (out / "errors").glob("*/*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert (report.discovered, report.discovery_errors) == (2, 1), (report, [e["message"] for e in errs])
+    errs = [r for p in (out / "errors").glob("*/*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert (out / "models").exists(), (report, [e["message"] for e in errs])
+    models = {m["model_id"]: m for m in pq.read_table(out / "models").to_pylist()}
+    assert set(models) == {"painter/kohya-style", "painter/diffusers-style"}
+    assert {m["base_id"] for m in models.values()} == {base}
+    assert models["painter/kohya-style"]["peft_type"] == "KOHYA_LORA"
+    rows = dict_rows(out, "matrices")
+    assert len(rows) == 2 * 89 and {r["component"] for r in rows} == {"unet", "text_encoder"}
+    assert any(r["kernel_shape"] == [8, 8, 3, 3] for r in rows)
+
+    (by_repo,) = zoospectra.crawl({"name": "img2", "out": str(tmp_path / "r2"), "repos": ["painter/kohya-style"]},
+                                  options=opts, executor="local").bases
+    assert by_repo.discovered == 1
+    assert {m["model_id"]: m["base_id"] for m in pq.read_table(tmp_path / "r2" / "models").to_pylist()} == {
+        "painter/kohya-style": base}
