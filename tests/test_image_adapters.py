@@ -228,14 +228,21 @@ def dict_rows(root: Path, table: str) -> list[dict]:
 
 
 # --- end to end -------------------------------------------------------------------------------
-def test_analyze_kohya_lora_end_to_end(image_zoo, tmp_path):
-    """`zoospectra analyze` on a kohya LoRA + the tiny SD1.5 pipeline: rows name their component,
-    convolutions carry their kernel shape and are analysed as [out, in*kh*kw]."""
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def kohya_run(image_zoo, tmp_path_factory) -> Path:
+    """`zoospectra analyze` of the kohya SD1.5 LoRA on the tiny SD1.5 pipeline (in-process)."""
+    out = tmp_path_factory.mktemp("kohya_run") / "results"
     proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(image_zoo["sd15"]),
                            f"style={image_zoo['kohya_sd15']}", "--out", str(out), "--local"],
                           capture_output=True, text=True, env=dict(os.environ), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_analyze_kohya_lora_end_to_end(image_zoo, kohya_run):
+    """Rows name their component; convolutions carry their kernel shape and are analysed as
+    [out, in*kh*kw]."""
+    out = kohya_run
     rows = dict_rows(out, "matrices")
     assert len(rows) == 89
     by_tensor = {r["tensor"]: r for r in rows}
@@ -250,6 +257,64 @@ def test_analyze_kohya_lora_end_to_end(image_zoo, tmp_path):
     assert conv["norm_dw"] == pytest.approx(float(dw.norm()), rel=1e-5)
     models = duckdb.read_parquet(str(out / "models" / "*.parquet")).to_arrow_table().to_pylist()
     assert any("weird_suffix" in s for s in models[0]["skipped"])
+
+
+# --- studies ------------------------------------------------------------------------------------
+# layer kinds by hand, per module leaf of the tiny SD1.5 pipeline (the macro's rule, written out)
+_KIND = {"to_q": "attention", "to_k": "attention", "to_v": "attention", "to_out.0": "attention",
+         "proj_out": "attention", "ff.net.0.proj": "feed-forward", "ff.net.2": "feed-forward",
+         "q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "out_proj": "attention",
+         "fc1": "feed-forward", "fc2": "feed-forward", "time_emb_proj": "other"}
+
+
+def _expected_kind(tensor: str, kernel_shape: list | None) -> str:
+    if kernel_shape is not None:
+        return "convolution"   # resnet conv1/conv2/conv_shortcut (3x3, 1x1) and SD1.5's 1x1 proj_in
+    path = tensor[: -len(".weight")]
+    return next(kind for leaf, kind in _KIND.items() if path.endswith("." + leaf))
+
+
+def test_components_study_groups_rows_by_component_and_layer_kind(kohya_run):
+    """study_components against the same grouping done by hand over the matrices and vectors rows."""
+    from zoospectra.study.studies import STUDIES, connect_scoped, run_study
+
+    eps, k = 0.5, 10
+    matrices = dict_rows(kohya_run, "matrices")
+    vectors = dict_rows(kohya_run, "vectors")
+    intr: dict[str, int] = {}
+    for v in vectors:
+        if v["side"] == "U" and v["j"] <= k and v["max_cos"] < eps:
+            intr[v["tensor"]] = intr.get(v["tensor"], 0) + 1
+    want: dict[tuple[str, str], list] = {}
+    for r in matrices:
+        cell = want.setdefault((r["component"], _expected_kind(r["tensor"], r["kernel_shape"])), [0, 0, []])
+        cell[0] += 1
+        cell[1] += intr.get(r["tensor"], 0)
+        cell[2].append(r["eff_rank"])
+    with connect_scoped(kohya_run) as con:
+        got = run_study(con, STUDIES["components"], {"eps": eps, "k": k}).to_pylist()
+        kinds = con.execute("SELECT layer_kind('encoder.layer.0.attention.output.dense.weight', NULL), "
+                        "layer_kind('encoder.layer.0.output.dense.weight', NULL), "
+                        "layer_kind('transformer.h.0.mlp.c_proj.weight', NULL), "
+                        "layer_kind('model.layers.0.self_attn.o_proj.weight', NULL)").fetchone()
+    assert kinds == ("attention", "feed-forward", "feed-forward", "attention")
+    assert {(r["component"], r["layer_kind"]) for r in got} == set(want)
+    assert {kind for _, kind in want} == {"attention", "convolution", "feed-forward", "other"}
+    for r in got:
+        n, n_intr, ranks = want[(r["component"], r["layer_kind"])]
+        assert (r["n_matrices"], r["n_intruders"]) == (n, n_intr)
+        assert r["intruders_per_matrix"] == pytest.approx(n_intr / n)
+        assert r["eff_rank_mean"] == pytest.approx(sum(ranks) / len(ranks))
+        assert r["model_id"] == "style" and r["kind"] == "lora"
+    fig = STUDIES["components"].plot(run_study_table(kohya_run), {"eps": eps, "k": k})
+    assert len(fig.axes) == 2
+
+
+def run_study_table(root: Path):
+    from zoospectra.study.studies import STUDIES, connect_scoped, run_study
+
+    with connect_scoped(root) as con:
+        return run_study(con, STUDIES["components"], {})
 
 
 # --- crawls -----------------------------------------------------------------------------------
