@@ -157,6 +157,7 @@ def image_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 sd[f"{kohya_name(prefix, mod)}.{k}"] = v
             sd[f"{kohya_name(prefix, mod)}.alpha"] = torch.tensor(1.0)
     out["kohya_sdxl"] = write_file(root / "kohya-sdxl", "xl_style.safetensors", sd)
+    add_flux(root, out, gen)
     return out
 
 
@@ -215,3 +216,61 @@ def fused_delta(load: Callable[[object], None], model) -> dict[str, torch.Tensor
     after = {k.replace(".base_layer", ""): v.detach().double() for k, v in model.state_dict().items()
              if "lora_" not in k and "hada_" not in k and "lokr_" not in k}
     return {k: after[k] - before[k] for k in before if k in after and not torch.equal(after[k], before[k])}
+
+
+# --- Flux ----------------------------------------------------------------------------------------
+FLUX_DIFFUSERS_LEAVES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "add_q_proj", "add_k_proj",
+                         "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                         "ff_context.net.2", "proj_mlp", "single_transformer_blocks.0.proj_out")
+# BFL (original Flux) weight -> the diffusers weights it fuses, in order (rows concatenated)
+FLUX_BFL = {
+    "double_blocks.0.img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "double_blocks.0.img_attn.proj": ("attn.to_out.0",),
+    "double_blocks.0.img_mlp.0": ("ff.net.0.proj",),
+    "double_blocks.0.img_mlp.2": ("ff.net.2",),
+    "double_blocks.0.txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "double_blocks.0.txt_attn.proj": ("attn.to_add_out",),
+    "double_blocks.0.txt_mlp.0": ("ff_context.net.0.proj",),
+    "double_blocks.0.txt_mlp.2": ("ff_context.net.2",),
+}
+
+
+def flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def bfl_single_file(transformer) -> dict[str, torch.Tensor]:
+    """The double block's weights under BFL names (qkv fused by row concatenation), as a
+    single-file Flux checkpoint holds them."""
+    sd = transformer.state_dict()
+    return {f"{bfl}.weight": torch.cat([sd[f"transformer_blocks.0.{p}.weight"] for p in parts])
+            for bfl, parts in FLUX_BFL.items()}
+
+
+def add_flux(root: Path, out: dict[str, Path], gen: torch.Generator) -> None:
+    """tiny-flux (diffusers layout: transformer/ only), its BFL single file, a diffusers-format
+    LoRA on the transformer and a kohya Flux LoRA (BFL names, alpha) on the double block."""
+    model = flux_transformer()
+    flux = root / "tiny-flux"
+    model.save_pretrained(flux / "transformer")
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                        "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    out["flux"] = flux
+    out["flux_bfl"] = write_file(root / "tiny-flux-bfl", "flux1-tiny.safetensors", bfl_single_file(model))
+    sd = {}
+    for mod, shape in targeted(model, FLUX_DIFFUSERS_LEAVES).items():
+        f = lora_tensors(shape, 4, gen)
+        sd[f"transformer.{mod}.lora_A.weight"] = f["lora_down.weight"]
+        sd[f"transformer.{mod}.lora_B.weight"] = f["lora_up.weight"]
+    out["diffusers_flux"] = write_file(root / "diffusers-flux", "pytorch_lora_weights.safetensors", sd)
+    bfl = bfl_single_file(model)
+    sd = {}
+    for name in FLUX_BFL:
+        for k, v in lora_tensors(bfl[f"{name}.weight"].shape, 3, gen).items():
+            sd[f"{kohya_name('lora_unet_', name)}.{k}"] = v
+        sd[f"{kohya_name('lora_unet_', name)}.alpha"] = torch.tensor(6.0)
+    out["kohya_flux"] = write_file(root / "kohya-flux", "flux_style.safetensors", sd)
