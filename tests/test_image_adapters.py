@@ -22,7 +22,7 @@ from rows import unit_files
 from safetensors.torch import load_file, save_file
 
 from zoospectra.adapters import ImageLora, open_artifact
-from zoospectra.errors import BaseMismatchError, CheckpointNotFoundError
+from zoospectra.errors import AdapterWeightsError, BaseMismatchError, CheckpointNotFoundError
 from zoospectra.io.checkpoint import Checkpoint
 from zoospectra.io.components import ComponentCheckpoint, component_of
 
@@ -251,6 +251,11 @@ def test_lora_for_another_base_and_ambiguous_folders_are_typed_errors(image_zoo,
     art = open_artifact(image_zoo["kohya_sdxl"])
     with pytest.raises(BaseMismatchError, match="for another base"):
         art.targets(Checkpoint.open(image_zoo["sd15"]))   # SDXL LoRA on an SD1.5 base
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(lone / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(AdapterWeightsError, match="not an adapter file"):
+        open_artifact(lone)
     for name in ("a.safetensors", "b.safetensors"):
         save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(tmp_path / name))
     with pytest.raises(CheckpointNotFoundError, match="several .safetensors"):

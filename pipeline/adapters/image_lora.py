@@ -158,8 +158,11 @@ class ImageLora(Artifact):
                 mod.unsupported.append("only an alpha, no factors")
             elif not any(need <= set(mod.keys) for need in _NEEDS[mod.kind]):
                 mod.unsupported.append(f"incomplete {mod.kind} module (has {sorted(mod.keys)})")
-        if not modules:
-            raise AdapterWeightsError("no LoRA, LoHa or LoKr tensors in this file", file=self._location)
+        if not any(m.kind for m in modules.values()):  # e.g. a lone diffusion_pytorch_model.safetensors
+            first = sorted(self.ckpt.keys())[:3]
+            raise AdapterWeightsError(
+                f"no LoRA, LoHa or LoKr tensors in {self.filename} (first keys {first}): not an adapter file; "
+                "a full model needs its model.safetensors or diffusers pipeline layout", file=self._location)
         return modules, unknown
 
     def describe(self) -> dict:
