@@ -188,6 +188,20 @@ def test_kohya_flux_lora_on_a_bfl_single_file_equals_diffusers_fuse(image_zoo):
     assert art.describe()["r"] == 3 and art.describe()["alpha"] == 6.0
 
 
+def test_kohya_text_encoder_names_with_the_text_model_wrapper(image_zoo, tmp_path):
+    """Real SD1.5 kohya files say `lora_te_text_model_encoder_...` (transformers 4's CLIP wrapper);
+    transformers 5 saves CLIP without `text_model.`. Renamed so, the file must give the same dW as
+    the diffusers-checked original."""
+    sd = load_file(str(image_zoo["kohya_sd15"] / "my_style_v1.safetensors"))
+    renamed = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in sd.items()}
+    assert renamed != sd
+    save_file(renamed, str(tmp_path / "wrapped.safetensors"))
+    ours, _, _ = tool_deltas(image_zoo["sd15"], tmp_path)
+    original, _, _ = tool_deltas(image_zoo["sd15"], image_zoo["kohya_sd15"])
+    assert set(ours) == set(original)
+    assert all(torch.equal(ours[k], original[k]) for k in ours)
+
+
 # --- LyCORIS against PEFT ----------------------------------------------------------------------
 def _peft_lycoris_deltas(image_zoo, file: Path, kind: str) -> dict[str, torch.Tensor]:
     """PEFT's LoHa / LoKr layers wrapped around the saved UNet, their parameters replaced by the
