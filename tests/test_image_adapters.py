@@ -202,6 +202,15 @@ def test_kohya_text_encoder_names_with_the_text_model_wrapper(image_zoo, tmp_pat
     assert all(torch.equal(ours[k], original[k]) for k in ours)
 
 
+def test_kohya_flux_lora_on_the_diffusers_transformer_equals_diffusers_fuse(image_zoo):
+    """The same kohya Flux file on the diffusers-layout transformer: each fused qkv module covers
+    to_q / to_k / to_v (add_*_proj for txt), each taking its rows of B, as diffusers' converter does."""
+    ours, art, base = tool_deltas(image_zoo["flux"], image_zoo["kohya_flux"])
+    ref = _flux_fused(image_zoo, image_zoo["kohya_flux"] / "flux_style.safetensors")
+    assert_same_deltas(ours, {f"transformer.{k}": v for k, v in ref.items()}, base, convs=False)
+    assert len(ours) == 12 and art.skipped == []
+
+
 # --- LyCORIS against PEFT ----------------------------------------------------------------------
 def _peft_lycoris_deltas(image_zoo, file: Path, kind: str) -> dict[str, torch.Tensor]:
     """PEFT's LoHa / LoKr layers wrapped around the saved UNet, their parameters replaced by the

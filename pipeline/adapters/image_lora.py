@@ -190,11 +190,19 @@ class ImageLora(Artifact):
         self._skipped = list(self._unknown)
         self._plan: dict[str, tuple[_Module, Target]] = {}
         kohya = _kohya_index(base) if self.format == "kohya" else {}
+        flux_split = _flux_split_index(base) if self.format == "kohya" else {}
+        self._rows: dict[str, tuple[int, int]] = {}    # base key -> rows of the fused update it takes
         base_keys = set(base.keys())
         for name in sorted(self.modules):
             mod = self.modules[name]
             if mod.unsupported:
                 self._skipped += [(key, "; ".join(dict.fromkeys(mod.unsupported))) for key in mod.keys.values()]
+                continue
+            split = flux_split.get(name) if self.format == "kohya" and name not in kohya else None
+            if split:  # a fused BFL weight (qkv, linear1) onto the diffusers transformer's parts
+                for key in mod.keys.values():
+                    check_dtype(self.ckpt, key, self._location)
+                self._plan_split(mod, base, split)
                 continue
             base_key = self._base_key(name, kohya, base_keys)
             if base_key is None:
@@ -210,6 +218,23 @@ class ImageLora(Artifact):
                 f"base keys: {sorted(base_keys)[:3]}); is it for this base? A single-file SD base must be "
                 "converted to the diffusers layout", file=self._location, base=ckpt_name(base))
         return [t for _, t in self._plan.values()]
+
+    def _plan_split(self, mod: _Module, base: Checkpoint, parts: list[str]) -> None:
+        """One kohya module over several base weights stacked by rows (Flux's fused qkv / linear1):
+        each part takes its rows of the fused dW (diffusers' kohya Flux conversion does the same)."""
+        shapes = [tuple(base.info(k).shape) for k in parts]
+        out, n = self._implied(mod, (sum(s[0] for s in shapes), *shapes[0][1:]))
+        if len({s[1:] for s in shapes}) != 1 or out != sum(s[0] for s in shapes) or n != matrix_shape(shapes[0])[1]:
+            raise BaseMismatchError(
+                f"module {mod.name!r} implies a fused weight of ({out}, {n}) but its base parts {parts} have shapes "
+                f"{shapes}; is this LoRA for another base?", file=self._location, base=ckpt_name(base),
+                tensor=next(k for p, k in mod.keys.items() if p != "alpha"), base_tensor=parts[0])
+        lo = 0
+        for key, shape in zip(parts, shapes, strict=True):
+            self._rows[key] = (lo, lo + shape[0])
+            lo += shape[0]
+            self._plan[key] = (mod, Target(tensor=key, shape=matrix_shape(shape), role=role_of(key),
+                                           kind=mod.kind, transpose=False, source=mod.name))  # type: ignore[arg-type]
 
     def _base_key(self, name: str, kohya: dict[str, list[str]], base_keys: set[str]) -> str | None:
         if self.format == "kohya":
@@ -277,12 +302,17 @@ class ImageLora(Artifact):
             self.targets(base)
         mod, target = self._plan[target.tensor]
         stored = tuple(base.info(target.tensor).shape)
+        rows = self._rows.get(target.tensor)           # a part of a fused BFL weight: its rows
+        if rows is not None:
+            fused = sum(hi - lo for lo, hi in {r for k, r in self._rows.items() if self._plan[k][0] is mod})
+            stored = (fused, *stored[1:])
         t = {p: read(self.ckpt, key, self._location, dtype) for p, key in mod.keys.items() if p != "alpha"}
         rank = self._rank(mod)
         alpha = self._alpha(mod) if "alpha" in mod.keys else None
         if mod.kind == "lora":
             scale = 1.0 if alpha is None else alpha / int(rank or 1)
-            B = (t["up"].reshape(t["up"].shape[0], -1) * scale).contiguous()
+            B = (t["up"].reshape(t["up"].shape[0], -1) * scale)
+            B = (B[rows[0]:rows[1]] if rows is not None else B).contiguous()
             A = t["down"].reshape(t["down"].shape[0], -1).contiguous()
             return MatrixUpdate(tensor=target.tensor, kind="lora", shape=target.shape, B=B, A=A, role=target.role,
                                 rank=rank, alpha=alpha, scale=scale, norm_a=frobenius(t["down"]),
@@ -290,16 +320,19 @@ class ImageLora(Artifact):
         if mod.kind == "loha":
             scale = 1.0 if alpha is None else alpha / int(rank or 1)
             dw = (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"]) * scale
-            return self._dense(target, dw, "loha", dtype, rank, alpha, scale)
+            return self._dense(target, dw, rows, "loha", dtype, rank, alpha, scale)
         w1 = t["w1"] if "w1" in t else t["w1a"] @ t["w1b"]
         w2 = t["w2"] if "w2" in t else t["w2a"] @ t["w2b"]
         decomposed = "w2b" in t or "w1b" in t
         scale = alpha / int(rank or 1) if (alpha is not None and decomposed) else 1.0
-        return self._dense(target, lokr_conv_dense(w1, w2, stored) * scale, "lokr", dtype,
+        return self._dense(target, lokr_conv_dense(w1, w2, stored) * scale, rows, "lokr", dtype,
                            rank if decomposed else None, alpha, scale)
 
-    def _dense(self, target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype, rank: int | None,
-               alpha: float | None, scale: float) -> MatrixUpdate:
+    def _dense(self, target: Target, dw: torch.Tensor, rows: tuple[int, int] | None, kind: UpdateKind,
+               dtype: torch.dtype, rank: int | None, alpha: float | None, scale: float) -> MatrixUpdate:
+        dw = dw.reshape(dw.shape[0], -1)
+        if rows is not None:
+            dw = dw[rows[0]:rows[1]]
         return dense_update(target, dw.reshape(target.shape), kind, dtype, rank=rank, alpha=alpha, scale=scale)
 
 
@@ -342,6 +375,37 @@ def _kohya_index(base: Checkpoint) -> dict[str, list[str]]:
         for name in names:
             for prefix in KOHYA_PREFIXES[comp]:
                 index[prefix + name.replace(".", "_")].append(key)
+    return index
+
+
+# Flux: kohya names follow BFL's original model; a diffusers-layout transformer splits or renames
+# its weights. BFL module (per block) -> the diffusers weights it stacks by rows, in order.
+_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+                "modulation_lin": ("norm.linear",)}
+
+
+def _flux_split_index(base: Checkpoint) -> dict[str, list[str]]:
+    """kohya Flux module name -> the diffusers-layout transformer weights it covers (rows stacked)."""
+    if not isinstance(base, ComponentCheckpoint) or "transformer" not in base.parts:
+        return {}
+    keys = set(base.keys())
+    index: dict[str, list[str]] = {}
+    for blocks, bfl, table in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE),
+                               ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE)):
+        n = {int(k.split(".")[2]) for k in keys if k.startswith(f"transformer.{blocks}.")}
+        for i in sorted(n):
+            for name, parts in table.items():
+                found = [f"transformer.{blocks}.{i}.{p}.weight" for p in parts]
+                if all(k in keys for k in found):
+                    for prefix in KOHYA_PREFIXES["transformer"]:
+                        index[f"{prefix}{bfl}_{i}_{name}"] = found
     return index
 
 
