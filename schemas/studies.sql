@@ -16,6 +16,7 @@
 --   SELECT * FROM study_intruder_norms(eps := 0.5, k := 10);      -- intruders' share of the norms
 --   SELECT * FROM study_groups(eps := 0.5, k := 10);              -- per artifact, for group comparisons
 --   SELECT * FROM study_layer_map(eps := 0.5, k := 10);           -- layer x module maps
+--   SELECT * FROM study_components(eps := 0.5, k := 10);          -- by component and layer kind
 
 -- One row per model: what it is (from `models`, else from its `matrices` rows), for grouping.
 CREATE OR REPLACE MACRO _study_models() AS TABLE
@@ -256,3 +257,40 @@ JOIN _study_models() AS sm ON sm.model_uid = x.model_uid
 WHERE NOT regexp_matches(sm.model_id, '@(step|checkpoint-)[0-9]+$')
 GROUP BY sm.kind, sm.r, x.model_uid, sm.model_id, x.layer, x.module
 ORDER BY sm.kind, sm.model_id, x.model_uid, x.module, x.layer;
+
+-- What kind of layer a matrix is, from its key and stored shape: 'convolution' (a Conv2d kernel,
+-- kernel_shape set), 'feed-forward' (ff / mlp blocks, fc1/fc2, gate/up/down_proj, BERT's
+-- intermediate and output dense), 'attention' (attn / attention paths, q/k/v/out projections,
+-- including a transformer block's proj_in/proj_out), else 'other' (time embeddings, heads, ...).
+CREATE OR REPLACE MACRO layer_kind(tensor, kernel_shape) AS
+CASE WHEN kernel_shape IS NOT NULL THEN 'convolution'
+     WHEN regexp_matches(tensor, '(^|\.)(ff|mlp|ffn|feed_forward|ff_context)\.')
+          OR regexp_matches(tensor, '(^|\.)(fc1|fc2|c_fc|gate_proj|up_proj|down_proj|proj_mlp|w1|w2|w3)\.weight$')
+          OR regexp_matches(tensor, '(^|\.)intermediate\.dense\.') THEN 'feed-forward'
+     WHEN regexp_matches(tensor, 'attn|attention')
+          OR regexp_matches(tensor, '(^|\.)(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|qkv)(\.|$)')
+          THEN 'attention'
+     WHEN regexp_matches(tensor, '(^|\.)output\.dense\.') THEN 'feed-forward'
+     ELSE 'other' END;
+
+-- Per model, component (unet, transformer, text_encoder, text_encoder_2; 'model' for one-model
+-- checkpoints) and layer kind: matrices, intruders (U side) per matrix, mean effective rank and
+-- mean relative update. Needs schema >= 1.3 rows (matrices.component, kernel_shape).
+CREATE OR REPLACE MACRO study_components(eps := 0.5, k := 10) AS TABLE
+WITH x AS (
+  SELECT model_uid, tensor, any_value(component) AS component, any_value(kernel_shape) AS kernel_shape,
+         avg(eff_rank) AS eff_rank, avg(rel_update) AS rel_update
+  FROM matrices GROUP BY model_uid, tensor
+)
+SELECT sm.kind, sm.r, x.model_uid, sm.model_id, coalesce(x.component, 'model') AS component,
+       layer_kind(x.tensor, x.kernel_shape) AS layer_kind,
+       CAST(count(*) AS INTEGER) AS n_matrices, CAST(sum(i.n_intruders) AS INTEGER) AS n_intruders,
+       sum(i.n_intruders) / count(*) AS intruders_per_matrix,
+       avg(x.eff_rank) AS eff_rank_mean, avg(x.rel_update) AS rel_update_mean,
+       CAST(eps AS DOUBLE) AS eps, CAST(k AS INTEGER) AS k
+FROM x
+JOIN intruders(eps := eps, k := k) AS i ON i.model_uid = x.model_uid AND i.tensor = x.tensor
+JOIN _study_models() AS sm ON sm.model_uid = x.model_uid
+GROUP BY sm.kind, sm.r, x.model_uid, sm.model_id, coalesce(x.component, 'model'),
+         layer_kind(x.tensor, x.kernel_shape)
+ORDER BY sm.kind, sm.model_id, x.model_uid, component, layer_kind;

@@ -10,7 +10,10 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1.3"  # 1.1: models.warnings, matrices.warnings, runs.n_solver_fallbacks, mode, base_svd_*
 # 1.2: null_vectors (random-direction null draws, written only with null_draws > 0), runs.n_nodes, runs.cluster
-# 1.3 (quantised bases): models.base_quant, how the base matrices were dequantised (null: float base)
+# 1.3: models.base_quant, how the base matrices were dequantised (null: float base);
+#      matrices.component (unet|transformer|text_encoder|text_encoder_2 of an image-model base, null
+#      for one-model checkpoints), matrices.kernel_shape (stored [out, in, kh, kw] of a convolution
+#      analysed as the matrix [out, in*kh*kw]; null for 2-D weights)
 META_VERSION = b"zoospectra.schema_version"
 META_TABLE = b"zoospectra.table"
 
@@ -99,6 +102,10 @@ MATRICES = pa.schema(
         _f("device", _str, False),
         _f("seconds", _f64, False),
         _f("warnings", pa.list_(_str), doc="caveats of this matrix's numbers (modified base, bias also updated, ...)"),
+        _f("component", _str,
+           doc="image-model component: unet|transformer|text_encoder|text_encoder_2 (null: one model)"),
+        _f("kernel_shape", pa.list_(_i32),
+           doc="stored [out, in, kh, kw] of a convolution analysed as [out, in*kh*kw]; null for 2-D weights"),
     ]
 )
 

@@ -8,7 +8,7 @@ import pytest
 
 # Fixture modules, registered once here: test modules use their fixtures by argument name and
 # import only the helpers and constants they call.
-pytest_plugins = ["fixtures_zoo", "fixtures_hub", "fixtures_faults", "fixtures_studies"]
+pytest_plugins = ["fixtures_zoo", "fixtures_hub", "fixtures_faults", "fixtures_studies", "fixtures_image"]
 
 # One BLAS thread per process: the suite runs Ray workers and CLI subprocesses beside pytest on
 # 2 cores, and oversubscribed LAPACK SVDs run 10-50x slower (subprocesses inherit this; torch

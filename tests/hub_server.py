@@ -449,7 +449,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             etag = _etag(data, lfs)
             headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
             if lfs:  # like the Hub: redirect to a signed CDN URL on another origin
-                loc = f"{hub.cdn_url}/cdn/{quote(repo_id)}/{commit.sha}/{quote(filename)}?X-Signature=fixture"
+                # the file name escaped whole: a nested file (unet/...) stays one path segment
+                loc = f"{hub.cdn_url}/cdn/{quote(repo_id)}/{commit.sha}/{quote(filename, safe='')}?X-Signature=fixture"
                 headers.update({"Location": loc, "X-Linked-Size": str(len(data)),
                                 "X-Linked-Etag": f'"{etag}"'})
                 self._send(302, b"", headers, method=method)

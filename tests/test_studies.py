@@ -189,7 +189,7 @@ EXPECTED_TEXT = {
     "effective-rank": "attention.self.query", "similarity": "pre-trained singular vector",
     "checkpoints": "lora_ckpt", "alpha": "alpha = 2r", "ab-balance": "lora_r8_a8",
     "pairs": "phi(i, j)", "null": "random-direction null", "intruder-norms": "||W0||_F^2",
-    "groups": "bootstrap intervals", "layer-map": "effective rank",
+    "groups": "bootstrap intervals", "layer-map": "effective rank", "components": "attention",
 }
 
 

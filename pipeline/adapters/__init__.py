@@ -6,8 +6,9 @@
         upd = art.load_update(t, base, w0=w0)         # reads just this module's tensors
 
 open_artifact dispatch: adapter_config.json -> PeftAdapter; model.safetensors(.index.json) ->
-FullFinetune; only pickles (adapter_model.bin, pytorch_model.bin) -> UnsafeCheckpointError (never
-unpickled); nothing -> CheckpointNotFoundError.
+FullFinetune; else pytorch_lora_weights.safetensors or the one root *.safetensors ->
+ImageLora (kohya / LyCORIS / diffusers formats, image_lora.py); only pickles (adapter_model.bin,
+pytorch_model.bin) -> UnsafeCheckpointError (never unpickled); nothing -> CheckpointNotFoundError.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .common import Artifact, Files, Target, match_base_key, read_base, role_of
 from .full import FullFinetune
+from .image_lora import ImageLora, image_lora_file
 from .peft_adapter import BASE_REWRITING_INITS, PEFT_TYPES, PeftAdapter, PeftType, get_pattern_key
 
 if TYPE_CHECKING:
     from ..io.checkpoint import FileSource
 
-__all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "open_artifact", "read_base",
+__all__ = ["Artifact", "Target", "PeftAdapter", "FullFinetune", "ImageLora", "open_artifact", "read_base",
            "match_base_key", "role_of", "get_pattern_key", "BASE_REWRITING_INITS", "PEFT_TYPES", "PeftType"]
 
 _PICKLES = ("adapter_model.bin", "pytorch_model.bin", "pytorch_model.bin.index.json", "training_args.bin")
@@ -39,6 +41,9 @@ def open_artifact(location: str | os.PathLike | FileSource, *, model_id: str | N
                                       file=files.path("adapter_model.safetensors"))
     if files.exists("model.safetensors") or files.exists("model.safetensors.index.json"):
         return FullFinetune(files, model_id=model_id)
+    lora_file = image_lora_file(files)  # kohya / LyCORIS / diffusers-format image-model LoRA
+    if lora_file is not None:
+        return ImageLora(files, lora_file, model_id=model_id)
     _refuse_pickles(files)
     raise CheckpointNotFoundError(
         "no adapter_config.json + adapter_model.safetensors and no model.safetensors(.index.json) here",

@@ -186,8 +186,11 @@ def read(ckpt: Checkpoint, key: str, location: str, dtype: torch.dtype = torch.f
 
 
 def read_base(base: Checkpoint, target: Target, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The base matrix W0 of a target in [out, in] layout (Conv1D weights transposed)."""
-    w0 = read(base, target.tensor, ckpt_name(base), dtype)
+    """The base matrix W0 of a target in [out, in] layout (Conv1D weights transposed, Conv2d
+    kernels flattened to [out, in*kh*kw])."""
+    from ..io.components import as_matrix
+
+    w0 = as_matrix(read(base, target.tensor, ckpt_name(base), dtype))  # Conv [out, in, kh, kw] -> [out, in*kh*kw]
     return w0.T.contiguous() if target.transpose else w0
 
 

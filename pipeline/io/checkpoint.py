@@ -272,6 +272,11 @@ class Checkpoint:
     def _from_source(cls, source: FileSource, filename: str | None) -> Checkpoint:
         name = filename or next((f for f in (SINGLE_FILES[0], INDEX_FILE, SINGLE_FILES[1])
                                  if source.exists(f)), None)
+        if name is None and filename is None:  # a diffusers pipeline: one checkpoint per component
+            from .components import is_pipeline, open_components
+
+            if is_pipeline(source):
+                return open_components(source, cls.open)  # type: ignore[return-value]  # same reading interface
         if name is None or name.endswith(PICKLE_SUFFIXES):
             _refuse_pickles(source, name)
         if not source.exists(name):

@@ -57,7 +57,7 @@ WHOLE_FILES = ("adapter_model.safetensors",)
 WHOLE_SUFFIXES = (".json", ".txt", ".md")
 # Expanded listing properties: enough to pin, filter and catalog without one call per repo.
 LIST_EXPAND: list[ExpandModelProperty_T] = ["sha", "siblings", "gated", "lastModified", "private",
-                                            "cardData"]
+                                            "cardData", "tags"]   # tags: "lora" marks image-model LoRAs
 
 
 @dataclass(frozen=True)
@@ -594,7 +594,8 @@ def discover(base_models: list[str], *, include_full: bool = False, limit: int |
     api = api or HfApi(endpoint=opts.resolved_endpoint(), token=opts.token)
     found, seen = Discovery(), set()
     for base in base_models:
-        kinds: list[tuple[Kind, list[str]]] = [("adapter", ["peft", f"base_model:adapter:{base}"])]
+        # the Hub's adapter tag alone: image-model LoRAs (kohya, LyCORIS, diffusers) carry it without "peft"
+        kinds: list[tuple[Kind, list[str]]] = [("adapter", [f"base_model:adapter:{base}"])]
         if include_full:
             kinds.append(("full", [f"base_model:finetune:{base}"]))
         for kind, filters in kinds:
@@ -716,6 +717,9 @@ def _admit_any(info: ModelInfo, include_full: bool, opts: HubOptions) -> Catalog
             base, revision = named.strip(), (rev if isinstance(rev, str) and rev else None)
         else:
             base, revision = card, None
+    elif _is_image_lora(info, names):  # kohya / LyCORIS / diffusers file: the card names the base
+        kind, base, revision = "adapter", card, None
+        _image_lora_file(source, names)
     elif include_full and any(n.endswith(".safetensors") for n in names):
         kind, base, revision = "full", card, None
         source.check_access(_full_weights(source, names))
@@ -756,7 +760,9 @@ def _admit(info: ModelInfo, kind: Kind, base: str, opts: HubOptions) -> CatalogE
         raise HubError("the listing gave no commit sha; cannot pin this repo", repo=info.id)
     names = {s.rfilename for s in info.siblings or []}
     source = HubFileSource(info.id, info.sha, opts)
-    if kind == "adapter":
+    if kind == "adapter" and "adapter_config.json" not in names and _is_image_lora(info, names):
+        _check_image_lora(source, names, base, _card_base(info))
+    elif kind == "adapter":
         _check_adapter(source, names, base)
     else:
         source.check_access(_full_weights(source, names))
@@ -772,6 +778,44 @@ def _check_adapter(source: HubFileSource, names: set[str], base: str) -> None:
         raise BaseMismatchError(
             f"adapter_config.json names base {named!r}, but the repo is listed as an adapter of "
             f"{base!r}; it is skipped: crawl {named!r} to analyse it", base=base, **ctx)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"   # diffusers' name (adapters/image_lora.py)
+
+
+def _is_image_lora(info: ModelInfo, names: set[str]) -> bool:
+    """An image-model LoRA repo without adapter_config.json: diffusers' LoRA file, or a "lora"-tagged
+    repo whose weights are root .safetensors files and that is no full model or pipeline."""
+    if "adapter_config.json" in names:
+        return False
+    if LORA_FILE in names:
+        return True
+    full = {"model.safetensors", "model.safetensors.index.json", "model_index.json"}
+    return "lora" in (info.tags or []) and not (full & names) and any(
+        n.endswith(".safetensors") and "/" not in n for n in names)
+
+
+def _image_lora_file(source: HubFileSource, names: set[str]) -> str:
+    """The LoRA file of an image-model adapter repo (the one ImageLora will open)."""
+    ctx = {"repo": source.repo_id, "revision": source.revision}
+    if LORA_FILE in names:
+        return LORA_FILE
+    files = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    if len(files) == 1:
+        return files[0]
+    if files:
+        raise CheckpointNotFoundError(f"several .safetensors files {files[:5]} and no adapter_config.json: "
+                                      "cannot tell which is the LoRA; skipped", **ctx)
+    raise CheckpointNotFoundError("no adapter_config.json and no LoRA safetensors file; skipped", **ctx)
+
+
+def _check_image_lora(source: HubFileSource, names: set[str], base: str, card: str | None) -> None:
+    """A single-file LoRA has no adapter config: its model card's base_model must be the listed base."""
+    _image_lora_file(source, names)
+    if card is not None and _norm_id(card) != _norm_id(base):
+        raise BaseMismatchError(
+            f"the model card names base {card!r}, but the repo is listed as an adapter of {base!r}; "
+            f"it is skipped: crawl {card!r} to analyse it", base=base, repo=source.repo_id, revision=source.revision)
 
 
 def _adapter_config(source: HubFileSource, names: set[str]) -> dict:
@@ -803,6 +847,12 @@ def _full_weights(source: HubFileSource, names: set[str]) -> str:
     for name in ("model.safetensors", "model.safetensors.index.json"):
         if name in names:
             return name
+    if "model_index.json" in names:  # a diffusers pipeline: its first adapter-targetable component's weights
+        from .components import COMPONENT_WEIGHTS, COMPONENTS
+
+        found = [f"{c}/{w}" for c in COMPONENTS for w in COMPONENT_WEIGHTS if f"{c}/{w}" in names]
+        if found:
+            return found[0]
     shards = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
     if shards:
         return shards[0]

@@ -235,11 +235,14 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
     hit = _MEMORY.get(mem_key)
     if hit is not None:
         return Obtained(hit.w0, hit.svd, "memory")
+    from ..io.components import as_matrix
+
     ckpt = open_checkpoint(base)
-    w0 = ckpt.get(tensor)
+    w0 = as_matrix(ckpt.get(tensor))   # Conv2d kernels: [out, in*kh*kw]
     if transpose:
         w0 = w0.T.contiguous()
-    key = BaseKey.of(base, tensor, transpose, tuple(w0.shape), cfg.dtype, ckpt.quantization_of(tensor))
+    key = BaseKey.of(base, tensor, transpose, (int(w0.shape[0]), int(w0.shape[1])), cfg.dtype,
+                     ckpt.quantization_of(tensor))
     w0_sha = tensor_digest(w0)
     cache = BaseCache(cache_uri)
     svd = cache.load(key, w0_sha, resolve_device(device))

@@ -29,6 +29,8 @@ class UnitContext:
     base_id: str
     tensor: str
     members: tuple[tuple[str, str], ...]
+    component: str | None = None            # unet|transformer|text_encoder|... of an image-model base
+    kernel_shape: tuple[int, ...] | None = None  # stored [out, in, kh, kw] of a convolution
 
 
 def split_tensor_key(key: str) -> tuple[int | None, str]:
@@ -70,6 +72,7 @@ def _matrix_row(ctx: UnitContext, member: tuple[str, str], update: MatrixUpdate,
         "amplification": _float(item.amplification), "amp_rank": item.amp_rank,
         "base_rewritten": update.base_rewritten, "warnings": list(update.warnings),
         "mode": item.mode, "device": device, "seconds": item.seconds,
+        "component": ctx.component, "kernel_shape": None if ctx.kernel_shape is None else list(ctx.kernel_shape),
     }
 
 

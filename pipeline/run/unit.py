@@ -108,9 +108,14 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
     if analysis is None:
         return _failed(store, run_id, unit, errors, t0, device, int(got.how == "computed"))
 
+    from ..io.components import component_of, kernel_shape
+
+    stored = tuple(base.info(unit.tensor).shape)
+    ks = kernel_shape(stored)
     ctx = UnitContext(
         run_id=run_id, unit_id=unit.unit_id, base_uid=unit.base.uid, base_id=unit.base.model_id,
         tensor=unit.tensor, members=tuple((m.uid, m.model_id) for m in members),
+        component=component_of(base, unit.tensor), kernel_shape=None if ks is None else tuple(ks),
     )
     tables = unit_tables(ctx, updates, analysis, cfg)
     if errors:

@@ -687,6 +687,31 @@ def plot_layer_map(table: pa.Table, params: Params) -> Figure:
     return fig
 
 
+def plot_components(table: pa.Table, params: Params) -> Figure:
+    """Intruders per matrix (left) and mean effective rank (right) per component and layer kind,
+    one bar per model."""
+    plt = _pyplot()
+    rows = table.to_pylist()
+    cells = sorted({(r["component"], r["layer_kind"]) for r in rows})
+    models = sorted(_by(rows, "model_uid").items(), key=lambda kv: str(kv[1][0]["model_id"]))
+    style = _styles([uid for uid, _ in models])
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(cells) + 4), 4.2), layout="constrained")
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(cells))
+    for i, (uid, mrows) in enumerate(models):
+        by_cell = {(r["component"], r["layer_kind"]): r for r in mrows}
+        for ax, value in zip(axes, ("intruders_per_matrix", "eff_rank_mean"), strict=True):
+            ys = [by_cell[c][value] if c in by_cell and by_cell[c][value] is not None else np.nan for c in cells]
+            ax.bar(x + i * width - 0.4 + width / 2, ys, width, color=style[uid]["color"],
+                   label=str(mrows[0]["model_id"]))
+    for ax, label in zip(axes, ("intruders per matrix (U side)", "mean effective rank of dW"), strict=True):
+        ax.set_xticks(x, [f"{c}\n{kind}" for c, kind in cells], fontsize=7, rotation=30 if len(cells) > 4 else 0)
+        ax.set_ylabel(label)
+    _legend(axes[0], len(models))
+    fig.suptitle(f"By component and layer kind (k = {params.get('k')}, eps = {params.get('eps')})")
+    return fig
+
+
 _EPS_K = (("eps", AnalysisConfig.eps), ("k", AnalysisConfig.k))
 
 
@@ -750,4 +775,9 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           "Intruders and effective rank of dW per layer and module, per kind (mean over its "
           "artifacts, with bootstrap intervals in the rows) and per model.",
           post=layer_map_post, extra=BOOT_PARAMS),
+    Study("components", "By component and layer kind", "image-model components (issue 16)",
+          "study_components", _EPS_K, plot_components, "any analysed model (component: schema >= 1.3 rows)",
+          "Per model, component (unet, transformer, text encoders; 'model' for one-model checkpoints) "
+          "and layer kind (attention, convolution, feed-forward, other: the layer_kind macro): "
+          "intruders per matrix, mean effective rank and relative update."),
 ]}
