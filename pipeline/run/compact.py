@@ -126,7 +126,7 @@ def _compact_locked(store: Any, partition_by_base: bool, grace_s: float, min_uni
     out = CompactResult()
     _remove_leftovers(store, grace_s, out)   # what an earlier (killed, or graced) compaction left
     candidates = [c for c in store.committed().values()
-                  if (c.manifest or {}).get("schema_version") == SCHEMA_VERSION]
+                  if _not_newer((c.manifest or {}).get("schema_version"))]
     if len(candidates) >= max(min_units, 1):
         gen = _write_generation(store, sorted(candidates, key=lambda c: c.name), partition_by_base, out)
         out.entries_folded = store._index.fold(gen.units)
@@ -134,6 +134,29 @@ def _compact_locked(store: Any, partition_by_base: bool, grace_s: float, min_uni
         if grace_s <= 0:
             _remove_units(store, gen, out)
     return out
+
+
+def _version(text: object) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(p) for p in str(text).split("."))
+    except ValueError:
+        return None
+
+
+def _not_newer(version: object) -> bool:
+    """Units of this schema version or an older one are compacted (older tables gain the new
+    columns as nulls, as the views read them); a newer one, written by a newer zoospectra, is
+    left loose: its columns would be lost."""
+    got, ours = _version(version), _version(SCHEMA_VERSION)
+    return got is not None and ours is not None and got <= ours
+
+
+def _upgrade(table: pa.Table, name: str) -> pa.Table:
+    """A unit table in the current schema: columns an older version lacks become nulls."""
+    schema = schema_for(name)
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def loose_files(store: Any) -> int:
@@ -267,7 +290,7 @@ def _write_generation(store: Any, units: list[UnitCheck], partition_by_base: boo
                        "tensor": str(t)} for m, t in manifest.get("done", [])]
         for t, table in tables.items():
             rel = f"bases/{key}/{t}.parquet" if key else f"{t}.parquet"
-            buffers[rel].append(table.cast(schema_for(t)))
+            buffers[rel].append(_upgrade(table, t))
             if sum(b.num_rows for b in buffers[rel]) >= ROW_GROUP:
                 flush(rel, t)
     for rel in list(buffers):
