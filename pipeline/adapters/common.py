@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -80,6 +80,15 @@ class Artifact(ABC):
     def skipped(self) -> list[tuple[str, str]]:
         """(artifact key, reason) for tensors deliberately not analysed (biases, new heads, ...)."""
         return list(getattr(self, "_skipped", []))
+
+    def _planned(self, target_or_tensor: Target | str, base: Checkpoint) -> tuple[Any, Target]:
+        """The plan entry (what the artifact keeps for it, its Target) of a target of `base`:
+        load_update's first step in every artifact kind (targets() fills self._plan)."""
+        target = self._target(target_or_tensor, base)
+        plan = getattr(self, "_plan", None)
+        if plan is None or target.tensor not in plan:
+            self.targets(base)
+        return self._plan[target.tensor]  # type: ignore[attr-defined]
 
     # shared by both kinds: resolve a tensor name to the planned Target for this base
     def _target(self, target_or_tensor: Target | str, base: Checkpoint) -> Target:

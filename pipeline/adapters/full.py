@@ -93,10 +93,7 @@ class FullFinetune(Artifact):
 
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
                     w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
-        target = self._target(target_or_tensor, base)
-        if target.tensor not in self._plan:
-            self.targets(base)
-        key, target = self._plan[target.tensor]
+        key, target = self._planned(target_or_tensor, base)
         w_ft = read(self.ckpt, key, self._location, torch.float64)
         w_ft = w_ft.T if target.transpose else w_ft
         return dense_update(target, w_ft - checked_w0(w0, base, target, torch.float64), "full", dtype)

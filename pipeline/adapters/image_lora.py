@@ -297,10 +297,7 @@ class ImageLora(Artifact):
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
                     w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
-        target = self._target(target_or_tensor, base)
-        if not hasattr(self, "_plan") or target.tensor not in self._plan:
-            self.targets(base)
-        mod, target = self._plan[target.tensor]
+        mod, target = self._planned(target_or_tensor, base)
         stored = tuple(base.info(target.tensor).shape)
         rows = self._rows.get(target.tensor)           # a part of a fused BFL weight: its rows
         if rows is not None:

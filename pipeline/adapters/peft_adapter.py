@@ -451,10 +451,7 @@ class PeftAdapter(Artifact):
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
                     w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
-        target = self._target(target_or_tensor, base)
-        if not hasattr(self, "_plan") or target.tensor not in self._plan:
-            self.targets(base)
-        mod, target = self._plan[target.tensor]
+        mod, target = self._planned(target_or_tensor, base)
         # Every product is formed in `dtype` from the stored factors (float64 runs stay float64:
         # a float32 product would add rounding noise singular values of ~1e-7 s1 to a low-rank dW).
         self._dtype = dtype
