@@ -103,13 +103,49 @@ def analyze(
             on_quarantine(moved)
     run_id = new_run_id()
     resolver = BaseResolver(hub)
-    plan = plan_by_base(refs, cfg, (lambda _: fixed) if fixed is not None else resolver,
-                        batch_size=batch_size, done_pairs=store.done_pairs(), run_id=run_id)
+    done = store.done_pairs()
+
+    def planned() -> Plan:
+        return plan_by_base(refs, cfg, (lambda _: fixed) if fixed is not None else resolver,
+                            batch_size=batch_size, done_pairs=done, run_id=run_id)
+
+    if executor == "ray" and {r.uid for r in refs} - {uid for uid, _ in done}:
+        # an artifact with nothing committed yet: units will run, so Ray starts (and its workers
+        # import torch) while the plan reads headers; a rerun of finished work starts no Ray
+        plan = _plan_while_ray_starts(planned, address)
+    else:
+        plan = planned()
     if on_plan:
         on_plan(plan)
     return run_plan(plan, root, run_id=run_id, executor=executor, address=address,
                     max_in_flight=max_in_flight, command=command, on_progress=on_progress,
                     device=device, base_cache=base_cache)
+
+
+def _plan_while_ray_starts(planned: Callable[[], Plan], address: str | None) -> Plan:
+    """planned() on a helper thread while this thread starts (or joins) Ray and warms its
+    workers: Ray's start (GCS, raylet, agents, workers: seconds) overlaps the plan's header reads
+    instead of following them. Ray stays on the calling thread (the processes it starts are tied
+    to the thread that started them). A planning error is raised first, as without the overlap;
+    a Ctrl-C does not wait for the plan."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .run.execute import ensure_ray, warm_workers
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zs-plan")
+    future = pool.submit(planned)
+    try:
+        ensure_ray(address)
+        warm_workers()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except Exception:
+        future.result()  # the plan's own error, if it has one, comes first
+        raise
+    finally:
+        pool.shutdown(wait=False)
+    return future.result()
 
 
 def crawl(spec: CrawlSpec | Mapping | PathLike, *, options: HubOptions | None = None,

@@ -111,3 +111,108 @@ def test_local_executor_matches_ray(minilm_dir, small_zoo, reference_run, tmp_pa
     assert proc.returncode == 0, proc.stderr
     for t in ("matrices", "spectra"):  # sorted row order is stable for these (keys lead)
         assert_rows_close(table_rows(out, t), table_rows(reference_run, t))
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Processes of this user whose environment carries `marker` (Ray's processes inherit the
+    driver's environment: GCS, raylet, its agents, workers)."""
+    import psutil
+
+    needle = f"ZS_TEST_MARK={marker}".encode()
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            # read raw: a process title set by setproctitle garbles the environment block for
+            # psutil's parser, but the bytes are still there
+            with open(f"/proc/{proc.info['pid']}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(f"{proc.info['pid']} {proc.info['name']}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+    return found
+
+
+def test_a_finished_run_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
+    """The CLI leaves without the interpreter's teardown once a run is over (cli.main): Ray must
+    be shut down by then, agents included (a bare exit would leave the raylet's dashboard and
+    runtime-env agents running for a minute)."""
+    import uuid
+
+    marker = uuid.uuid4().hex
+    proc = cli(*analyze_args(minilm_dir, small_zoo[:1], tmp_path / "results"), env={"ZS_TEST_MARK": marker})
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.time() + 10
+    while (left := _processes_with(marker)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert left == [], left
+
+
+def test_local_executor_runs_units_side_by_side_each_after_its_base(minilm_dir, small_zoo, reference_run,
+                                                                   tmp_path, monkeypatch):
+    """--local on the CPU: units on one thread per core; a tensor's units start only once its
+    base decomposition is done; the rows equal the Ray run's."""
+    import threading
+
+    import torch
+
+    import zoospectra
+    from zoospectra.run import execute
+
+    log: list[tuple[str, str, str, float, float]] = []
+    real_unit, real_base = execute.process_unit, execute.prepare_base
+
+    def spy(kind, real):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = real(*args, **kwargs)
+            tensor = args[0].tensor if kind == "unit" else args[1]
+            log.append((kind, tensor, threading.current_thread().name, t0, time.perf_counter()))
+            return out
+        return run
+
+    monkeypatch.setattr(execute, "process_unit", spy("unit", real_unit))
+    monkeypatch.setattr(execute, "prepare_base", spy("base", real_base))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "results"
+        summary = zoospectra.analyze({p.name: p for p in small_zoo}, base=minilm_dir, out=out,
+                                     executor="local", batch_size=1, config=zoospectra.AnalysisConfig(pairs=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary.n_done == 66 and summary.n_failed == 0
+    assert torch.get_num_threads() == threads  # restored after the run
+    units = [e for e in log if e[0] == "unit"]
+    assert len({name for _, _, name, _, _ in units}) == 2, "units ran on two threads"
+    base_end = {tensor: end for kind, tensor, _, _, end in log if kind == "base"}
+    assert base_end, "tensors with several units get a base task"
+    for _, tensor, _, start, _ in units:
+        if tensor in base_end:
+            assert start >= base_end[tensor], tensor
+    for t in ("matrices", "spectra"):
+        assert_rows_close(table_rows(out, t), table_rows(reference_run, t))
+
+
+def test_ray_starts_during_planning_only_when_there_is_new_work(minilm_dir, small_zoo, reference_run, tmp_path):
+    """api.analyze starts Ray while it plans when an artifact has nothing committed yet; a rerun
+    of finished work starts no Ray at all; a planning error is raised as such, Ray or not."""
+    script = """
+import sys, ray, zoospectra
+from zoospectra.errors import ConfigError
+zoo = {p.split('/')[-1]: p for p in sys.argv[3:]}
+cfg = zoospectra.AnalysisConfig(pairs=True)
+run = zoospectra.analyze(zoo, base=sys.argv[1], out=sys.argv[2], batch_size=1, config=cfg)
+print("rerun", run.n_done, ray.is_initialized())
+try:
+    zoospectra.analyze(zoo, base=sys.argv[1], out=sys.argv[2] + "-new", batch_size=0, config=cfg)
+except ConfigError as err:
+    print("error", type(err).__name__, ray.is_initialized())
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(minilm_dir), str(reference_run),
+                           *map(str, small_zoo)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert "rerun 0 False" in lines, proc.stdout   # nothing new: no Ray started
+    assert "error ConfigError True" in lines, proc.stdout   # new work: Ray started, the plan's error raised

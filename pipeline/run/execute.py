@@ -93,21 +93,43 @@ AUTH_HINT = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token 
              "in RAY_AUTH_TOKEN or ~/.ray/auth_token")
 
 
+def warm_workers() -> None:
+    """One task per CPU of a local Ray started by this process that imports what a unit needs
+    (unit.warm_imports: torch, the engines, Arrow) on the idle workers Ray starts with it, so the
+    first units do not each wait for `import torch`; api.analyze calls it while the plan is still
+    being read. Nothing waits for these tasks: the units queue behind them on the same workers.
+    A joined cluster's workers are left alone (their number and placement are its business)."""
+    import ray
+
+    from .unit import warm_imports
+
+    if not _started_here:
+        return
+    warm = ray.remote(num_cpus=1, max_retries=0)(warm_imports)
+    for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1)))):
+        warm.remote()
+
+
+_started_here = False
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Join `address` (a cluster) or start a private local Ray once; reuse an initialised one.
     Returns which cluster this process is on, for the run summary and manifest.
 
     No address (and no RAY_ADDRESS) starts a new local instance even when a cluster started with
     `ray start` runs on this machine: Ray's own default would join that cluster silently."""
+    global _started_here
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: join its cluster
-    if ray.is_initialized():
-        return _cluster_name(address, started=False)
+    if ray.is_initialized():  # started earlier in this process (api.analyze), or by the caller
+        return _cluster_name(address, started=_started_here and not address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
     if not address:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        _started_here = True
         return _cluster_name(None, started=True)
     probe_address(address)
     try:
@@ -278,14 +300,23 @@ def _solo_units(units: list[WorkUnit]) -> set[str]:
     return {u.unit_id for u in units if count[base_key(u)] == 1}
 
 
+def _cost(unit: WorkUnit) -> float:
+    """A unit's work, roughly: the base SVD (m n p) plus, per member, a reduced solve on blocks of
+    ~200 columns of length max(m, n). Only its order matters: largest first."""
+    m, n = unit.shape
+    return m * n * min(m, n) + len(unit.members) * max(m, n) * 4e4
+
+
 def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
     """("base", first unit of a tensor) ahead of that tensor's ("unit", u) entries: one base
     decomposition per touched tensor (plan.base_tensors) of two or more units, each before the
-    first of its units; a tensor's only unit decomposes (or loads) its base itself."""
+    first of its units; a tensor's only unit decomposes (or loads) its base itself. The largest
+    units go first (_cost), so the run does not end waiting on one big unit started last while
+    the other workers idle."""
     solo = _solo_units(units)
     todo = set(base_tensors([u for u in units if u.unit_id not in solo]))
     out: list[tuple[str, WorkUnit]] = []
-    for u in units:
+    for u in sorted(units, key=_cost, reverse=True):
         key = base_key(u)
         if key in todo:
             todo.discard(key)
@@ -295,18 +326,69 @@ def _schedule(units: list[WorkUnit]) -> list[tuple[str, WorkUnit]]:
 
 
 def _run_local(units, cfg, run_id, root, device: str, cache: str):
-    """In-process executor, for debugging and single-GPU boxes (same unit code as the Ray path)."""
-    if device == "auto":
-        import torch
+    """In-process executor: no Ray start, no worker imports (the same unit code as the Ray path).
+    On the CPU, units run side by side on one thread per core, each on one BLAS thread, as Ray's
+    one-CPU workers would; on a GPU, or with one core, one after another."""
+    import torch
 
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    for kind, u in _schedule(list(units)):
-        if kind == "base":
-            yield prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache)
-        else:
-            outcome = process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
-            outcome.node = "local"
-            yield outcome
+    schedule = _schedule(list(units))
+    threads = torch.get_num_threads() if device == "cpu" else 1
+    if threads <= 1 or sum(kind == "unit" for kind, _ in schedule) <= 1:
+        for kind, u in schedule:
+            yield _local_step(kind, u, cfg, run_id, root, device, cache)
+        return
+    yield from _run_threads(schedule, threads, cfg, run_id, root, device, cache)
+
+
+def _local_step(kind: str, u: WorkUnit, cfg, run_id, root, device: str, cache: str):
+    if kind == "base":
+        return prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache)
+    outcome = process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
+    outcome.node = "local"
+    return outcome
+
+
+def _run_threads(schedule, threads: int, cfg, run_id, root, device: str, cache: str):
+    """_run_local's units on `threads` threads. A unit waits for its tensor's base task, which
+    was submitted before it (first in, first out: it has started by then, so no deadlock)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import torch
+
+    torch.set_num_threads(1)  # the process's BLAS pool: each thread runs its unit on one core
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zs-unit")
+    try:
+        base_futures: dict = {}
+        pending: dict = {}
+
+        def unit_after(u: WorkUnit, base_future):
+            if base_future is not None:
+                base_future.result()   # never raises: prepare_base reports failures
+            return _local_step("unit", u, cfg, run_id, root, device, cache)
+
+        for kind, u in schedule:
+            if kind == "base":
+                fut = pool.submit(_local_step, "base", u, cfg, run_id, root, device, cache)
+                base_futures[base_key(u)] = fut
+            else:
+                fut = pool.submit(unit_after, u, base_futures.get(base_key(u)))
+            pending[fut] = (kind, u)
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, u = pending.pop(fut)
+                try:
+                    yield fut.result()
+                except Exception as err:  # noqa: BLE001 - an error row, the run goes on
+                    if kind == "base":
+                        yield BaseOutcome(u.tensor, "failed", error=redact(f"{type(err).__name__}: {err}"))
+                    else:
+                        yield _task_failure(u, err, run_id, root)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, cache: str,

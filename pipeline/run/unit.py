@@ -57,6 +57,19 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def warm_imports() -> None:
+    """Import everything process_unit imports lazily (torch, the engines, the adapters, Arrow),
+    so that a worker warmed by this (execute.start_ray_early) starts its first unit at once."""
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import safetensors.torch  # noqa: F401
+
+    from .. import adapters, spectral  # noqa: F401
+    from ..io import components  # noqa: F401
+    from ..spectral import fast  # noqa: F401
+    from . import basecache, records, store  # noqa: F401
+
+
 @lru_cache(maxsize=256)
 def _artifact(ref: ModelRef):
     from ..adapters import open_artifact

@@ -360,22 +360,31 @@ def _assemble(update: MatrixUpdate, shape: tuple[int, int], cfg: AnalysisConfig,
     )
 
 
-_fallbacks = 0
-_fallback_lock = threading.Lock()  # _each_core runs items of one unit on several threads
+_fallback_lock = threading.Lock()
+_fallback_box = threading.local()   # per unit: its thread and the _each_core threads it starts
+
+
+def _fallbacks() -> list[int]:
+    box = getattr(_fallback_box, "count", None)
+    if box is None:
+        box = _fallback_box.count = [0]
+    return box
 
 
 def fallback_count() -> int:
-    """Dense-SVD fallbacks in this process so far; a unit reports its own as a difference."""
-    return _fallbacks
+    """Dense-SVD fallbacks counted on this thread (and the item threads it started) so far; a
+    unit reports its own as a difference, also when several units run on threads of one
+    process (the in-process executor)."""
+    return _fallbacks()[0]
 
 
 def _log_fallback(t: Triplets, tensor: str) -> None:
     """Count a fallback (reported once per run: unit outcome -> run summary -> runs table); log
     at debug only: the results are exact, and a warning per unit flooded the console."""
-    global _fallbacks
     if t.method == "dense-fallback":
+        box = _fallbacks()
         with _fallback_lock:
-            _fallbacks += 1
+            box[0] += 1
         log.debug("fast engine: Krylov solve did not converge for %s; used a dense SVD of the "
                   "reduced operator instead (results exact, only slower)", tensor)
 
@@ -392,8 +401,11 @@ def _each_core(fn: Callable[[int], T], jobs: list[int], device: torch.device) ->
     if device.type != "cpu" or n <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
 
+    box = _fallbacks()
+
     def one_thread(j: int) -> T:
         torch.set_num_threads(1)     # this worker thread's OpenMP/MKL setting
+        _fallback_box.count = box    # its fallbacks are the calling unit's
         return fn(j)
 
     torch.set_num_threads(1)
