@@ -3,6 +3,7 @@ timed in one run on a Llama-shaped zoo (issue 13).
 
     python -m bench.cli_bench                              # hidden 1024, inter 2816, 2 layers, 30 LoRAs
     python -m bench.cli_bench --adapters 10 --paper-pairs 2   # quick: paper timed on 2 pairs per shape
+    python -m bench.cli_bench --local                      # also the in-process executor (no Ray)
 
 The zoo: a synthetic base (realistic decaying spectra) and PEFT-format LoRA adapters of ranks
 4..64 on all 7 linear modules. The CLI runs as a subprocess exactly as a user types it, into a
@@ -134,7 +135,7 @@ def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -
             "per_shape": {f"{s[0]}x{s[1]}": sum(v) / len(v) for s, v in shape_s.items()}}
 
 
-def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict) -> str:
+def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict, local: dict | None = None) -> str:
     ratio = paper["seconds"] / cli["seconds"]
     exact_totals = paper["timed_pairs"] == paper["pairs"]
     timed = "all pairs timed" if exact_totals else f"scaled from {paper['timed_pairs']} timed pairs"
@@ -152,7 +153,10 @@ def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict) -> str:
         f"| zoospectra analyze (default flags, whole process) | {cli['seconds']:.1f} |",
         f"| paper's method, two float32 SVDs per pair, best of 1 and {torch.get_num_threads()} threads ({timed}) "
         f"| {paper['seconds']:.0f} |",
-        f"| **ratio** | **{ratio:.1f}x** |", "",
+        f"| **ratio** | **{ratio:.1f}x** |",
+        *([f"| zoospectra analyze --local (in-process, no Ray; whole process) | {local['seconds']:.1f} |",
+           f"| **ratio, --local** | **{paper['seconds'] / local['seconds']:.1f}x** |"] if local else []),
+        "",
         f"Base SVDs: {cli['run'].get('base_svd_computed')} computed, {cli['run'].get('base_svd_reused')} reused "
         f"({zoo['tensors']} base tensors touched).",
     ]
@@ -163,6 +167,10 @@ def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict) -> str:
                  f"method ran on: CLI U {sum(u for u, _ in sub.values())}, V {sum(v for _, v in sub.values())}; "
                  f"paper U {paper['intruders_u']}, V {paper['intruders_v']}; {diff} pairs differ"
                  + (" (all pairs: totals identical)." if exact_totals and diff == 0 else "."))
+    if local:
+        same = "identical to" if local["totals"] == cli["totals"] else "DIFFERENT from"
+        lines.append(f"--local run: intruders U {local['totals'][1]}, V {local['totals'][2]} over "
+                     f"{local['totals'][0]} pairs, {same} the default run's.")
     if second:
         lines.append(f"Second run, {second['adapters']} new adapters into the same root: "
                      f"{second['seconds']:.1f}s, base SVDs {second['run'].get('base_svd_computed')} computed, "
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapters", type=int, default=30)
     ap.add_argument("--second", type=int, default=10, help="new adapters for the second run (0: none)")
     ap.add_argument("--paper-pairs", type=int, default=None, help="time N pairs per shape and scale")
+    ap.add_argument("--local", action="store_true", help="also time the CLI with --local (in-process)")
     ap.add_argument("--work", default=None, help="zoo + results directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="append the section to this Markdown file")
     args = ap.parse_args(argv)
@@ -211,6 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     cli["totals"] = cli_totals(cli["counts"])
     log(f"cli: {cli['seconds']:.1f}s, {cli['totals'][0]} pairs, intruders U {cli['totals'][1]} "
         f"V {cli['totals'][2]}, base SVDs computed {cli['run'].get('base_svd_computed')}")
+    local = None
+    if args.local:  # the same zoo in-process (--local: no Ray), fresh root and base cache
+        local_out = work / "results-local"
+        if local_out.exists():
+            shutil.rmtree(local_out)
+        local = {"seconds": run_cli(base, adapters, local_out, "--local")}
+        local["totals"] = cli_totals(cli_counts(local_out))
+        log(f"cli --local: {local['seconds']:.1f}s, intruders U {local['totals'][1]} V {local['totals'][2]}")
     second = None
     if args.second:
         second = {"seconds": run_cli(base, fresh, out), "adapters": args.second}
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{second['run'].get('base_svd_computed')} reused {second['run'].get('base_svd_reused')}")
     paper = paper_method(base, adapters, args.paper_pairs, log)
     log(f"paper: {paper['seconds']:.0f}s -> {paper['seconds'] / cli['seconds']:.1f}x")
-    text = report(args, zoo, cli, second, paper)
+    text = report(args, zoo, cli, second, paper, local)
     print(text)
     if args.out:
         with open(args.out, "a") as f:

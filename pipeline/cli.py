@@ -581,6 +581,37 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
+def _kill_descendants() -> None:
+    """SIGKILL every process below this one (Linux /proc; elsewhere nothing): after a Ctrl-C,
+    the processes of a local Ray this run started, which must not outlive it."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])   # "pid (comm) state ppid ..."
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    todo, found = [os.getpid()], []
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _late_interrupt(signum, frame) -> None:
     """SIGINT once the command is over (Ray or interpreter teardown): one line, exit 130."""
     import os
@@ -598,8 +629,11 @@ def main() -> None:
     sys.stderr.flush()
     if code == 130:
         # Interrupted: leave now. Ray's teardown would run unprotected from a second Ctrl-C (its
-        # core worker takes SIGINT back at the C level), and a local Ray started here dies with
-        # this process anyway (Ray starts it fate-sharing); the run manifest is already closed.
+        # core worker takes SIGINT back at the C level); the run manifest is already closed. A
+        # local Ray's GCS and raylet die with this process (Ray starts them fate-sharing), but
+        # not the raylet's agents and workers: stop everything this process started.
+        if "ray" in sys.modules:
+            _kill_descendants()
         os._exit(130)
     signal.signal(signal.SIGINT, _late_interrupt)
     if "ray" in sys.modules:

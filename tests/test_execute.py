@@ -113,40 +113,50 @@ def test_local_executor_matches_ray(minilm_dir, small_zoo, reference_run, tmp_pa
         assert_rows_close(table_rows(out, t), table_rows(reference_run, t))
 
 
-def _processes_with(marker: str) -> list[str]:
-    """Processes of this user whose environment carries `marker` (Ray's processes inherit the
-    driver's environment: GCS, raylet, its agents, workers)."""
-    import psutil
+def _run_and_watch(args: list[str], interrupt: bool) -> tuple[int, list]:
+    """Start the CLI, wait until a worker runs a unit, note every process below the driver, then
+    let it finish (or send it a Ctrl-C): its exit code and that process list."""
+    from workers import busy_worker, descendants
 
-    needle = f"ZS_TEST_MARK={marker}".encode()
-    found = []
-    for proc in psutil.process_iter(["pid", "name", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            # read raw: a process title set by setproctitle garbles the environment block for
-            # psutil's parser, but the bytes are still there
-            with open(f"/proc/{proc.info['pid']}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(f"{proc.info['pid']} {proc.info['name']}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-            continue
-    return found
+    proc = subprocess.Popen([sys.executable, "-m", "zoospectra.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal
+    try:
+        deadline = time.time() + 300
+        while busy_worker() is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before a unit was seen running"
+        tree = descendants(proc.pid)
+        assert any(p.name() == "raylet" for p in tree), [p.name() for p in tree]
+        if interrupt:
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, tree
 
 
 def test_a_finished_run_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
     """The CLI leaves without the interpreter's teardown once a run is over (cli.main): Ray must
     be shut down by then, agents included (a bare exit would leave the raylet's dashboard and
-    runtime-env agents running for a minute)."""
-    import uuid
+    runtime-env agents running for a minute or more)."""
+    from workers import still_running
 
-    marker = uuid.uuid4().hex
-    proc = cli(*analyze_args(minilm_dir, small_zoo[:1], tmp_path / "results"), env={"ZS_TEST_MARK": marker})
-    assert proc.returncode == 0, proc.stderr
-    deadline = time.time() + 10
-    while (left := _processes_with(marker)) and time.time() < deadline:
-        time.sleep(0.2)
-    assert left == [], left
+    code, tree = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=False)
+    assert code == 0
+    assert still_running(tree) == []
+
+
+def test_ctrl_c_mid_unit_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
+    """Ctrl-C while a worker runs a unit: exit 130, and nothing the run started outlives it. Ray
+    starts its GCS and raylet fate-sharing with the driver, but not the raylet's dashboard and
+    runtime-env agents nor its workers; the CLI stops them itself (cli._kill_descendants)."""
+    from workers import still_running
+
+    code, tree = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=True)
+    assert code == 130
+    assert still_running(tree) == []
 
 
 def test_local_executor_runs_units_side_by_side_each_after_its_base(minilm_dir, small_zoo, reference_run,

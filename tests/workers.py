@@ -52,3 +52,28 @@ class WorkerKiller(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid` now (a driver's local Ray: GCS, raylet, its agents, workers)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def still_running(procs: list[psutil.Process], wait: float = 10.0) -> list[str]:
+    """Those of `procs` still alive (zombies aside) after up to `wait` seconds; is_running also
+    checks the start time, so a reused pid does not count."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{p.pid} {p.name()}")
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
