@@ -113,28 +113,32 @@ def test_local_executor_matches_ray(minilm_dir, small_zoo, reference_run, tmp_pa
         assert_rows_close(table_rows(out, t), table_rows(reference_run, t))
 
 
-def _run_and_watch(args: list[str], interrupt: bool) -> tuple[int, list]:
+def _run_and_watch(args: list[str], interrupt: bool, env: dict | None = None) -> tuple[int, list, str]:
     """Start the CLI, wait until a worker runs a unit, note every process below the driver, then
-    let it finish (or send it a Ctrl-C): its exit code and that process list."""
+    let it finish (or send it a Ctrl-C): its exit code, that process list and its stderr."""
+    import tempfile
+
     from workers import busy_worker, descendants
 
-    proc = subprocess.Popen([sys.executable, "-m", "zoospectra.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal
-    try:
-        deadline = time.time() + 300
-        while busy_worker() is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before a unit was seen running"
-        tree = descendants(proc.pid)
-        assert any(p.name() == "raylet" for p in tree), [p.name() for p in tree]
-        if interrupt:
-            proc.send_signal(signal.SIGINT)
-        code = proc.wait(300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return code, tree
+    with tempfile.TemporaryFile("w+") as err:   # a file, not a pipe nobody reads while waiting
+        proc = subprocess.Popen([sys.executable, "-m", "zoospectra.cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal
+        try:
+            deadline = time.time() + 300
+            while busy_worker() is None and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before a unit was seen running"
+            tree = descendants(proc.pid)
+            assert any(p.name() == "raylet" for p in tree), [p.name() for p in tree]
+            if interrupt:
+                proc.send_signal(signal.SIGINT)
+            code = proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        return code, tree, err.read()
 
 
 def test_a_finished_run_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
@@ -143,9 +147,13 @@ def test_a_finished_run_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_
     runtime-env agents running for a minute or more)."""
     from workers import still_running
 
-    code, tree = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=False)
-    assert code == 0
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}   # Ray's default: token auth
+    code, tree, err = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=False,
+                                     env=env)
+    assert code == 0, err
     assert still_running(tree) == []
+    # Ray's notice that it protects the new local cluster with a token is not the user's business
+    assert "Token authentication" not in err, err
 
 
 def test_ctrl_c_mid_unit_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
@@ -154,7 +162,7 @@ def test_ctrl_c_mid_unit_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp
     runtime-env agents nor its workers; the CLI stops them itself (cli._kill_descendants)."""
     from workers import still_running
 
-    code, tree = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=True)
+    code, tree, _ = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=True)
     assert code == 130
     assert still_running(tree) == []
 

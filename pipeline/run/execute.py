@@ -113,6 +113,17 @@ def warm_workers() -> None:
 _started_here = False
 
 
+class _Drop(logging.Filter):
+    """Drops the log records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Join `address` (a cluster) or start a private local Ray once; reuse an initialised one.
     Returns which cluster this process is on, for the run summary and manifest.
@@ -128,7 +139,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
     if not address:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # Ray protects a new local cluster with a token of its own (~/.ray/auth_token) and says
+        # so on every start; this private cluster lives and dies with the run: not news to print
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        quiet = _Drop("Token authentication is enabled for this Ray cluster")
+        notice.addFilter(quiet)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        finally:
+            notice.removeFilter(quiet)
         _started_here = True
         return _cluster_name(None, started=True)
     probe_address(address)
