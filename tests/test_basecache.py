@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from zoospectra.config import AnalysisConfig
 from zoospectra.io.refs import local_ref
@@ -73,7 +73,7 @@ def analyze(base: Path, adapters: list[Path], out: Path, **kw):
 
     refs = [local_ref(a) for a in adapters]
     return run_analysis(local_ref(base, "base"), refs, AnalysisConfig(), str(out), quiet=True,
-                        executor="ray", **kw)
+                        **{"executor": "ray", **kw})
 
 
 def runs_row(out: Path, run_id: str) -> dict:
@@ -220,3 +220,32 @@ def test_a_tensors_only_unit_obtains_its_base_itself(zoo, tmp_path) -> None:
     s2 = run_analysis(local_ref(base, "base"), [local_ref(a) for a in fresh[:2]], AnalysisConfig(), str(out), **kw)
     row = runs_row(out, s2.run_id)
     assert (row["base_svd_computed"], row["base_svd_reused"]) == (0, len(MODULES))
+
+
+def test_a_second_run_in_the_same_process_reads_the_store_afresh(zoo, tmp_path) -> None:
+    """A worker keeps the last base it obtained, but only for its run: a later run in the same
+    process (a notebook, the in-process executor, a driver's workers) must find a store entry
+    damaged in between, move it aside and recompute it. Before the memory was scoped to the run,
+    the second run answered from the first run's memory: "reused", the damage never seen."""
+    from zoospectra.run import basecache
+
+    base = zoo[0]
+    tensor = "model.layers.0.self_attn.q_proj.weight"
+    adapters = []
+    for k in range(4):  # LoRAs of one tensor: the process's memory holds exactly that tensor
+        d = write_lora(tmp_path / "loras", base, 200 + k)
+        w = {n: t for n, t in load_file(str(d / "adapter_model.safetensors")).items() if "q_proj" in n}
+        save_file(w, str(d / "adapter_model.safetensors"))
+        adapters.append(d)
+    out = tmp_path / "results"
+    kw = dict(executor="local", device="cpu", batch_size=1)   # two units per run: a prepare task
+    s1 = analyze(base, adapters[:2], out, **kw)
+    assert (s1.base_svd_computed, s1.base_svd_reused, s1.n_done) == (1, 0, 2)
+    assert {x for k in basecache._MEMORY for x in k} >= {tensor}
+    (victim,) = (out / "bases").glob("*.safetensors")
+    victim.write_bytes(victim.read_bytes()[:1000])
+    s2 = analyze(base, adapters[2:], out, **kw)
+    assert (s2.base_svd_computed, s2.base_svd_reused, s2.n_done) == (1, 0, 2)
+    assert len(list((out / "bases" / DAMAGED).glob("*.safetensors"))) == 1
+    (fresh,) = (out / "bases").glob("*.safetensors")
+    assert len(fresh.read_bytes()) > 1000

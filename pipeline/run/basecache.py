@@ -223,21 +223,24 @@ _MEMORY: dict[tuple, Obtained] = {}   # one entry per worker process: bounded me
 
 
 def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, device: str,
-           cache_uri: str) -> Obtained:
+           cache_uri: str, run_id: str = "") -> Obtained:
     """W0 [out, in] and its SVD: from this worker's last one, the store, or computed and stored.
 
     The planner emits the units of one tensor back to back, so a worker usually finds the next
-    unit's base in memory; otherwise the store has it (prepare_base ran first)."""
+    unit's base in memory; otherwise the store has it (prepare_base ran first). The memory and
+    the opened checkpoint belong to one run: a process that runs again (a notebook, a test, the
+    in-process executor) reads the base files and the store afresh, so a base replaced on disk
+    or a store entry damaged in between is seen, never answered from the last run's memory."""
     from ..spectral import BaseSVD, base_svd
     from ..spectral.inputs import resolve_device
 
-    mem_key = (base, tensor, bool(transpose), cfg.dtype, str(device), cache_uri)
+    mem_key = (run_id, base, tensor, bool(transpose), cfg.dtype, str(device), cache_uri)
     hit = _MEMORY.get(mem_key)
     if hit is not None:
         return Obtained(hit.w0, hit.svd, "memory")
     from ..io.components import as_matrix
 
-    ckpt = open_checkpoint(base)
+    ckpt = open_checkpoint(base, run_id)
     w0 = as_matrix(ckpt.get(tensor))   # Conv2d kernels: [out, in*kh*kw]
     if transpose:
         w0 = w0.T.contiguous()
@@ -265,9 +268,9 @@ def obtain(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig, de
 
 
 @lru_cache(maxsize=8)
-def open_checkpoint(ref: ModelRef):
-    """The opened base checkpoint of `ref`, kept per process (headers parsed once per worker);
-    a bitsandbytes or GGUF base is read dequantised (io/quantized.py)."""
+def open_checkpoint(ref: ModelRef, run_id: str = ""):
+    """The opened base checkpoint of `ref`, kept per process and run (headers parsed once per
+    worker and run); a bitsandbytes or GGUF base is read dequantised (io/quantized.py)."""
     from ..io.quantized import open_base
 
     return open_base(ref.open_source())
@@ -284,7 +287,7 @@ class BaseOutcome:
 
 
 def prepare_base(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConfig,
-                 device: str, cache_uri: str) -> BaseOutcome:
+                 device: str, cache_uri: str, run_id: str = "") -> BaseOutcome:
     """Make sure the store holds a valid decomposition of this tensor (run ahead of its units).
 
     A failure is reported, not raised: the units then meet the same problem and turn it into
@@ -293,7 +296,7 @@ def prepare_base(base: ModelRef, tensor: str, transpose: bool, cfg: AnalysisConf
 
     t0 = time.perf_counter()
     try:
-        got = obtain(base, tensor, transpose, cfg, device, cache_uri)
+        got = obtain(base, tensor, transpose, cfg, device, cache_uri, run_id)
     except (ZoospectraError, OSError) as err:
         return BaseOutcome(tensor, "failed", time.perf_counter() - t0, f"{type(err).__name__}: {err}")
     how = "computed" if got.how == "computed" else "reused"

@@ -203,8 +203,8 @@ def _ray_base_task():
     import ray
 
     @ray.remote(max_retries=3, retry_exceptions=False)
-    def prepare(unit: WorkUnit, cfg: AnalysisConfig, cache: str) -> BaseOutcome:
-        return prepare_base(unit.base, unit.tensor, unit.transpose_w0, cfg, _task_device(), cache)
+    def prepare(unit: WorkUnit, cfg: AnalysisConfig, cache: str, run_id: str) -> BaseOutcome:
+        return prepare_base(unit.base, unit.tensor, unit.transpose_w0, cfg, _task_device(), cache, run_id)
 
     return prepare
 
@@ -363,7 +363,7 @@ def _run_local(units, cfg, run_id, root, device: str, cache: str):
 
 def _local_step(kind: str, u: WorkUnit, cfg, run_id, root, device: str, cache: str):
     if kind == "base":
-        return prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache)
+        return prepare_base(u.base, u.tensor, u.transpose_w0, cfg, device, cache, run_id)
     outcome = process_unit(u, cfg, run_id, root, device=device, base_cache=cache)
     outcome.node = "local"
     return outcome
@@ -434,7 +434,7 @@ def _run_ray(units, cfg, run_id, root, address, max_in_flight, gpus_per_task, ca
             kind, u = queue.pop(0)
             key = base_key(u)
             if kind == "base":
-                base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache)
+                base_refs[key] = base_task.options(**opts).remote(u, cfg_ref, cache, run_id)
                 pending[base_refs[key]] = (kind, u)
             else:
                 after = [base_refs[key]] if key in base_refs else []

@@ -92,9 +92,9 @@ def process_unit(unit: WorkUnit, cfg: AnalysisConfig, run_id: str, results_root:
 
     errors: list[dict] = []
     try:
-        base = open_checkpoint(unit.base)
+        base = open_checkpoint(unit.base, run_id)
         got = obtain(unit.base, unit.tensor, unit.transpose_w0, cfg, device,
-                     base_cache or default_base_cache(results_root))
+                     base_cache or default_base_cache(results_root), run_id)
         w0, w0_svd = got.w0, got.svd
     except ZoospectraError as err:  # the base matrix is unreadable: every member fails
         errors = [error_row("load", err, model=m, tensor=unit.tensor) for m in unit.members]
