@@ -6,7 +6,11 @@ two cores, against ~3 ms for these.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -16,6 +20,7 @@ def all_finite(x: torch.Tensor) -> bool:
     size) settles the common case; only a non-finite sum, which huge finite values can also
     cause by overflow, pays for the elementwise test.
     """
+    import torch
     if x.numel() == 0:
         return True
     acc = torch.float32 if x.element_size() <= 2 else None   # fp16 sums overflow at 65504
@@ -28,6 +33,7 @@ def frobenius(x: torch.Tensor) -> float:
     A single float32 reduction over a 4096 x 4096 matrix drifts by ~1e-3; converting the whole
     matrix to float64 first is the slow path above.
     """
+    import torch
     if x.numel() == 0:
         return 0.0
     if not x.is_floating_point() or x.element_size() <= 2:

@@ -7,9 +7,11 @@ in PyTorch's [out, in] layout (fan_in_fan_out already undone).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 UpdateKind = Literal[
     "lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "full", "modules_to_save"
@@ -71,8 +73,10 @@ class MatrixUpdate:
             raise ValueError(f"{self.tensor}: a dense update has no factors")
         return self.B, self.A
 
-    def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """dW as a dense [m, n] matrix."""
+    def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dW as a dense [m, n] matrix (float32 unless `dtype` says otherwise)."""
+        import torch
+        dtype = dtype or torch.float32
         if self.dense is not None:
             return self.dense.to(dtype)
         b, a = self.factors()

@@ -324,6 +324,33 @@ def test_non_finite_weights(tmp_path: Path) -> None:
     assert torch.equal(ckpt.get("ok"), torch.ones(3))
 
 
+def test_scalar_decodes_the_bytes_as_get_reads_them(tmp_path: Path) -> None:
+    """Checkpoint.scalar (kohya alphas, read while planning, without torch) gives the first
+    element exactly as get() does, for every float dtype and shape; other dtypes, NaN/Inf and
+    a value cut short are typed errors naming the tensor."""
+    values = {"f64": torch.tensor(1 / 3, dtype=torch.float64), "f32": torch.tensor([0.1, 2.0]),
+              "f16": torch.tensor([[6.5e-5, 1.0]], dtype=torch.float16), "bf16": torch.tensor(-3.140625).bfloat16(),
+              "bf16_odd": torch.tensor([1 / 7]).bfloat16(), "i64": torch.tensor(4), "nan": torch.tensor(float("nan")),
+              "inf": torch.tensor([float("-inf"), 1.0], dtype=torch.float16)}
+    save_file(values, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint.open(tmp_path)
+    for key in ("f64", "f32", "f16", "bf16", "bf16_odd"):
+        got = ckpt.scalar(key)
+        assert got == float(ckpt.get(key, dtype=torch.float64).reshape(-1)[0]), key
+        assert got == float(values[key].double().reshape(-1)[0]), key
+    with pytest.raises(UnsupportedDtypeError, match="I64 tensor 'i64'"):
+        ckpt.scalar("i64")
+    with pytest.raises(NonFiniteWeightsError, match="tensor 'nan'"):
+        ckpt.scalar("nan")
+    with pytest.raises(NonFiniteWeightsError, match="tensor 'inf'"):
+        ckpt.scalar("inf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_file({"a": torch.zeros(0)}, str(empty / "model.safetensors"))
+    with pytest.raises(CorruptSafetensorsError, match="holds 0 bytes"):
+        Checkpoint.open(empty).scalar("a")
+
+
 def test_missing_key(sharded_dir: Path, all_dtypes_file: Path) -> None:
     for location in (sharded_dir, all_dtypes_file):
         with pytest.raises(TensorNotFoundError) as err:

@@ -113,15 +113,17 @@ def test_local_executor_matches_ray(minilm_dir, small_zoo, reference_run, tmp_pa
         assert_rows_close(table_rows(out, t), table_rows(reference_run, t))
 
 
-def _run_and_watch(args: list[str], interrupt: bool, env: dict | None = None) -> tuple[int, list, str]:
-    """Start the CLI, wait until a worker runs a unit, note every process below the driver, then
-    let it finish (or send it a Ctrl-C): its exit code, that process list and its stderr."""
+def _run_and_watch(args: list[str], interrupt: bool, env: dict | None = None,
+                   flags: tuple[str, ...] = ()) -> tuple[int, list, str]:
+    """Start the CLI (the driver's interpreter given `flags`), wait until a worker runs a unit, note
+    every process below the driver, then let it finish (or send it a Ctrl-C): its exit code, that
+    process list and its stderr."""
     import tempfile
 
     from workers import busy_worker, descendants
 
     with tempfile.TemporaryFile("w+") as err:   # a file, not a pipe nobody reads while waiting
-        proc = subprocess.Popen([sys.executable, "-m", "zoospectra.cli", *args], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, *flags, "-m", "zoospectra.cli", *args], stdout=subprocess.DEVNULL,
                                 stderr=err, text=True, env=env,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal
         try:
@@ -144,14 +146,22 @@ def _run_and_watch(args: list[str], interrupt: bool, env: dict | None = None) ->
 def test_a_finished_run_leaves_no_ray_process_behind(minilm_dir, small_zoo, tmp_path):
     """The CLI leaves without the interpreter's teardown once a run is over (cli.main): Ray must
     be shut down by then, agents included (a bare exit would leave the raylet's dashboard and
-    runtime-env agents running for a minute or more)."""
+    runtime-env agents running for a minute or more).
+
+    The driver plans from headers and hands every matrix to Ray workers: it never imports torch
+    (2-3 s of CPU that would compete with Ray's start on a small machine). `-X importtime` lists
+    the driver's imports only (Ray starts its workers without the flag)."""
     from workers import still_running
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}   # Ray's default: token auth
     code, tree, err = _run_and_watch(analyze_args(minilm_dir, small_zoo, tmp_path / "results"), interrupt=False,
-                                     env=env)
+                                     env=env, flags=("-X", "importtime"))
     assert code == 0, err
     assert still_running(tree) == []
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert {"ray", "zoospectra.run.plan", "zoospectra.adapters.peft_adapter", "zoospectra.adapters.full"} <= imported
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("import time:"))
     # Ray's notice that it protects the new local cluster with a token is not the user's business
     assert "Token authentication" not in err, err
 

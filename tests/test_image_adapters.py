@@ -424,3 +424,34 @@ def test_crawl_finds_image_loras_of_an_image_base(image_zoo, fake_hub, tmp_path)
     assert by_repo.discovered == 1
     assert {m["model_id"]: m["base_id"] for m in pq.read_table(tmp_path / "r2" / "models").to_pylist()} == {
         "painter/kohya-style": base}
+
+
+def test_planning_every_kind_reads_headers_without_torch(zoo, image_zoo):
+    """The driver plans (opens every artifact, lists its targets against the base) from configs
+    and safetensors headers alone: in a fresh interpreter, planning each PEFT kind, a full
+    fine-tune, a fan-in-fan-out model and every image-LoRA format leaves torch unimported (an
+    import of 2-3 s of CPU that would compete with Ray's start). Each plan has units: the check
+    is not passed by planning nothing."""
+    from fixtures_zoo import base_path_of
+
+    cases = [(str(base_path_of(zoo, name)), str(path)) for name, path in zoo.items() if name != "_root"]
+    cases += [(str(image_zoo[b]), str(image_zoo[a])) for b, a in [
+        ("sd15", "kohya_sd15"), ("sd15", "lycoris_loha"), ("sd15", "lycoris_lokr"), ("sd15", "diffusers_sd15"),
+        ("sdxl", "kohya_sdxl"), ("flux", "diffusers_flux"), ("flux", "kohya_flux")]]
+    script = """
+import json, sys
+from zoospectra.config import AnalysisConfig
+from zoospectra.io.refs import local_ref
+from zoospectra.run.plan import build_plan
+out = []
+for base, art in json.loads(sys.argv[1]):
+    plan = build_plan(local_ref(base, "base"), [local_ref(art)], AnalysisConfig())
+    out.append([art, len(plan.units), [e["message"] for e in plan.errors]])
+print(json.dumps([out, sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    planned, torch_modules = json.loads(proc.stdout.splitlines()[-1])
+    assert [(a, e) for a, n, e in planned if n == 0 or e] == []
+    assert len(planned) == len(cases) and torch_modules == []

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import (
     BaseMismatchError,
     CheckpointNotFoundError,
@@ -26,11 +24,12 @@ from ..errors import (
 from ..updates import MatrixUpdate, Role, UpdateInfo, UpdateKind
 
 if TYPE_CHECKING:
+    import torch
     from typing_extensions import Unpack  # typing.Unpack is 3.11+
 
     from ..io.checkpoint import Checkpoint, FileSource
 
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")   # safetensors dtypes the analysis reads (upcast)
 _HEAD_PARTS = {"lm_head", "classifier", "score", "qa_outputs", "pooler", "pre_classifier", "cls"}
 _EMBED_LEAVES = ("wte", "wpe", "embed_tokens", "word_embeddings", "position_embeddings",
                  "token_type_embeddings", "embed_positions", "shared")
@@ -70,7 +69,7 @@ class Artifact(ABC):
 
     @abstractmethod
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
-                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+                    w0: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> MatrixUpdate:
         """The exact dW for one base matrix; `w0` ([out, in], as read_base returns) avoids a re-read.
 
         `dtype` (float32 or float64) is the precision every product of the update is formed and
@@ -177,7 +176,8 @@ def where(ckpt: Checkpoint, key: str, fallback: str) -> str:
         return fallback
 
 
-def check_dtype(ckpt: Checkpoint, key: str, location: str) -> torch.dtype:
+def check_dtype(ckpt: Checkpoint, key: str, location: str) -> None:
+    """Refuse a tensor whose stored dtype the analysis cannot read (from its header alone)."""
     info = ckpt.info(key)
     if info.dtype not in FLOAT_DTYPES:
         raise UnsupportedDtypeError(
@@ -185,16 +185,16 @@ def check_dtype(ckpt: Checkpoint, key: str, location: str) -> torch.dtype:
             "(quantised or integer weights cannot be analysed: dequantise and re-save in bf16/f32)",
             file=f"{location}::{info.file}", tensor=key,
         )
-    return FLOAT_DTYPES[info.dtype]
 
 
-def read(ckpt: Checkpoint, key: str, location: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read(ckpt: Checkpoint, key: str, location: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One tensor upcast to `dtype`; unknown dtypes refused here, NaN/Inf by Checkpoint.get (file + tensor named)."""
+    import torch
     check_dtype(ckpt, key, location)
-    return ckpt.get(key, dtype=dtype)
+    return ckpt.get(key, dtype=dtype or torch.float32)
 
 
-def read_base(base: Checkpoint, target: Target, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read_base(base: Checkpoint, target: Target, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base matrix W0 of a target in [out, in] layout (Conv1D weights transposed, Conv2d
     kernels flattened to [out, in*kh*kw])."""
     from ..io.components import as_matrix
@@ -204,8 +204,9 @@ def read_base(base: Checkpoint, target: Target, dtype: torch.dtype = torch.float
 
 
 def checked_w0(w0: torch.Tensor | None, base: Checkpoint, target: Target,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """The caller's W0 if given (validated against the target shape), else read it once."""
+    import torch
     if w0 is None:
         return read_base(base, target, dtype)
     if tuple(w0.shape) != tuple(target.shape):
@@ -214,7 +215,7 @@ def checked_w0(w0: torch.Tensor | None, base: Checkpoint, target: Target,
             "([out, in]; transpose Conv1D weights as read_base does)",
             tensor=target.tensor,
         )
-    return w0.to(dtype)
+    return w0.to(dtype or torch.float32)
 
 
 # --- key mapping -------------------------------------------------------------------------
@@ -275,8 +276,9 @@ def mismatch(msg: str, *, artifact: str, base_name: str, tensor: str, base_tenso
     return BaseMismatchError(msg, file=artifact, base=base_name, tensor=tensor, base_tensor=base_tensor)
 
 
-def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype = torch.float32,
+def dense_update(target: Target, dw: torch.Tensor, kind: UpdateKind, dtype: torch.dtype | None = None,
                  **extra: Unpack[UpdateInfo]) -> MatrixUpdate:
     """A dense MatrixUpdate kept in the run's precision (`dtype`): float64 runs keep float64 dW."""
-    return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dw.to(dtype).contiguous(),
-                        role=target.role, **extra)
+    import torch
+    dense = dw.to(dtype or torch.float32).contiguous()
+    return MatrixUpdate(tensor=target.tensor, kind=kind, shape=target.shape, dense=dense, role=target.role, **extra)

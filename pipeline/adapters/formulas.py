@@ -7,10 +7,13 @@ Factored results are (B [m, r] with the scale folded in, A [r, n]).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-Factors = tuple[torch.Tensor, torch.Tensor]
+
+Factors = tuple["torch.Tensor", "torch.Tensor"]
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -38,6 +41,7 @@ def dora_dense(w0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, magnitude: to
     Linear: one norm per output row. Embedding (PEFT's DoraEmbeddingLayer, fan_in_fan_out=True):
     one norm per embedding dimension, i.e. per column of the [num_embeddings, dim] weight.
     """
+    import torch
     w0 = w0.double()
     merged = w0 + B.double() @ A.double()                                  # [m, n]
     norm = torch.linalg.norm(merged, dim=0 if per_column else 1, keepdim=True)
@@ -59,6 +63,7 @@ def loha_dense(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
 
 def lokr_dense(w1: torch.Tensor, w2: torch.Tensor, scale: float, shape: tuple[int, int]) -> torch.Tensor:
     """make_kron: kron(w1 [a, c], w2 [b, d]) * alpha / r, reshaped to the base [a*b, c*d]."""
+    import torch
     return torch.kron(w1, w2).reshape(shape) * scale
 
 
@@ -76,6 +81,7 @@ def ia3_dense(w0: torch.Tensor, ia3_l: torch.Tensor) -> torch.Tensor:
 
 def kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     """peft.tuners.vera.model._kaiming_init, same float operations so the same bits."""
+    import torch
     std = math.sqrt(2) / math.sqrt(shape[1])  # gain / sqrt(fan_in), fan_in = size(1)
     bound = math.sqrt(3.0) * std
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
@@ -87,6 +93,7 @@ def vera_projections(r: int, max_out: int, max_in: int, prng_key: int) -> Factor
     max_in / max_out run over every targeted module. Exact for the torch build that trained the
     adapter's generator stream (PEFT itself warns the same); tests compare against PEFT.
     """
+    import torch
     gen = torch.Generator(device="cpu").manual_seed(prng_key)
     vera_a = kaiming_uniform((r, max_in), gen)
     return vera_a, kaiming_uniform((max_out, r), gen)

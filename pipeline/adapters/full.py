@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import BaseMismatchError
 from ..updates import MatrixUpdate
 from .common import (
@@ -27,6 +25,8 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from ..io.checkpoint import Checkpoint
 
 # model_type values whose transformer blocks use transformers' Conv1D ([in, out] weights)
@@ -92,7 +92,8 @@ class FullFinetune(Artifact):
         return [t for _, t in self._plan.values()]
 
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
-                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+                    w0: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> MatrixUpdate:
+        import torch
         key, target = self._planned(target_or_tensor, base)
         w_ft = read(self.ckpt, key, self._location, torch.float64)
         w_ft = w_ft.T if target.transpose else w_ft

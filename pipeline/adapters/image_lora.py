@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import AdapterWeightsError, BaseMismatchError, CheckpointNotFoundError
 from ..io.components import COMPONENTS, ComponentCheckpoint, component_of, matrix_shape, strip_component
 from ..numeric import frobenius
@@ -41,6 +39,8 @@ from ..updates import MatrixUpdate, UpdateKind
 from .common import Artifact, Files, Target, check_dtype, ckpt_name, dense_update, read, role_of
 
 if TYPE_CHECKING:
+    import torch
+
     from ..io.checkpoint import Checkpoint
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -183,7 +183,7 @@ class ImageLora(Artifact):
         return self._shape(k[part])[0] if part in k else None
 
     def _alpha(self, mod: _Module) -> float:
-        return float(read(self.ckpt, mod.keys["alpha"], self._location, torch.float64).reshape(-1)[0])
+        return self.ckpt.scalar(mod.keys["alpha"])
 
     # --- planning -------------------------------------------------------------------------
     def targets(self, base: Checkpoint) -> list[Target]:
@@ -296,7 +296,10 @@ class ImageLora(Artifact):
 
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
-                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+                    w0: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> MatrixUpdate:
+        import torch
+
+        dtype = dtype or torch.float32
         mod, target = self._planned(target_or_tensor, base)
         stored = tuple(base.info(target.tensor).shape)
         rows = self._rows.get(target.tensor)           # a part of a fused BFL weight: its rows
@@ -338,6 +341,7 @@ def lokr_conv_dense(w1: torch.Tensor, w2: torch.Tensor, stored: tuple[int, ...])
 
     Linear: kron(w1 [a, c], w2 [b, d]). Conv: w2 is [b, d, kh, kw] (or its [b, d*kh*kw] product,
     reshaped), and w1 acts on channels only: kron(w1[:, :, None, None], w2) (LyCORIS make_kron)."""
+    import torch
     if len(stored) == 2:
         return torch.kron(w1, w2)
     out, cin, kh, kw = stored

@@ -17,8 +17,6 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import (
     AdapterConfigError,
     AdapterWeightsError,
@@ -43,6 +41,8 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from ..io.checkpoint import Checkpoint
 
 WEIGHTS = "adapter_model.safetensors"
@@ -136,7 +136,7 @@ class _Module:
 
 class PeftAdapter(Artifact):
     def __init__(self, files: Files, *, model_id: str | None = None) -> None:
-        self._dtype: torch.dtype = torch.float32       # load_update sets the run's precision
+        self._dtype: torch.dtype | None = None       # load_update sets the run's precision
         self._vera_ab: tuple[torch.Tensor, torch.Tensor] | None = None   # shared VeRA A, B once read
         self.files = files
         self._location = files.path(WEIGHTS)
@@ -450,11 +450,12 @@ class PeftAdapter(Artifact):
 
     # --- loading ----------------------------------------------------------------------------
     def load_update(self, target_or_tensor: Target | str, base: Checkpoint,
-                    w0: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> MatrixUpdate:
+                    w0: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> MatrixUpdate:
+        import torch
         mod, target = self._planned(target_or_tensor, base)
         # Every product is formed in `dtype` from the stored factors (float64 runs stay float64:
         # a float32 product would add rounding noise singular values of ~1e-7 s1 to a low-rank dW).
-        self._dtype = dtype
+        self._dtype = dtype or torch.float32
         upd = self._compute(mod, target, base, w0)
         warnings = list(upd.warnings)
         if self.base_rewritten:
@@ -475,6 +476,7 @@ class PeftAdapter(Artifact):
         return read(self.ckpt, key, self._location, dtype if dtype is not None else self._dtype)
 
     def _compute(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
+        import torch
         if mod.replacement:
             new = self._t(mod.keys["weight"], torch.float64)
             return dense_update(t, new - checked_w0(w0, base, t, torch.float64), "modules_to_save", self._dtype)
@@ -488,10 +490,12 @@ class PeftAdapter(Artifact):
                             rank=r, alpha=alpha, scale=scale)
 
     def _ia3(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
+        import torch
         w0_64 = checked_w0(w0, base, t, torch.float64)
         return dense_update(t, F.ia3_dense(w0_64, self._t(mod.keys["ia3_l"], torch.float64)), "ia3", self._dtype)
 
     def _lora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
+        import torch
         k = mod.keys
         embedding = "lora_embedding_A" in k
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -512,6 +516,7 @@ class PeftAdapter(Artifact):
         return dense_update(t, dw, "dora", self._dtype, **info)
 
     def _adalora(self, mod: _Module, t: Target, base: Checkpoint, w0: torch.Tensor | None) -> MatrixUpdate:
+        import torch
         k, c = mod.keys, self.config
         a, b, e = self._t(k["lora_A"]), self._t(k["lora_B"]), self._t(k["lora_E"])  # [r, n], [m, r], [r, 1]
         rank, init_r, alpha = a.shape[0], int(c["init_r"]), float(c["lora_alpha"])

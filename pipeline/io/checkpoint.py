@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import NoReturn, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from ..errors import (
     CheckpointNotFoundError,
@@ -30,6 +29,9 @@ from ..errors import (
     UnsupportedDtypeError,
 )
 from ..numeric import all_finite
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library: a larger "header" is garbage
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -52,9 +54,26 @@ _TORCH_NAMES = {
     "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    k: getattr(torch, v) for k, v in _TORCH_NAMES.items() if hasattr(torch, v)
-}
+
+
+def torch_dtype_of(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype code, None where this torch build has none (fp8 and
+    unsigned types depend on the version). A function, not a table: importing this module (the
+    driver plans from headers alone) does not import torch."""
+    import torch
+    name = _TORCH_NAMES.get(code)
+    return getattr(torch, name, None) if name else None
+# The default dtype of Checkpoint.get, by name: a default of torch.float32 would import torch
+# when this module is imported, and the driver plans without torch.
+FLOAT32: Any = "float32"
+
+
+def read_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A `get` dtype argument as a torch dtype (None stays None: the stored dtype)."""
+    import torch
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 # Only these may be upcast to a float dtype: the math never sees quantised or integer weights.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -336,12 +355,15 @@ class Checkpoint:
         """How tensor `key` was dequantised on read ("" here: stored as is; io/quantized.py)."""
         return ""
 
-    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """Read only this tensor's bytes. `dtype=None` returns the stored (native) dtype; a float
-        dtype upcasts F16/BF16/F32/F64 and refuses integer, fp8 or packed weights."""
+    def get(self, key: str, dtype: torch.dtype | None = FLOAT32) -> torch.Tensor:
+        """Read only this tensor's bytes (float32 by default). `dtype=None` returns the stored
+        (native) dtype; a float dtype upcasts F16/BF16/F32/F64 and refuses integer, fp8 or packed
+        weights."""
+        import torch
+        dtype = read_dtype(dtype)
         info = self.info(key)
         where = f"{self.source.name}/{info.file}"
-        native = TORCH_DTYPES.get(info.dtype)
+        native = torch_dtype_of(info.dtype)
         if native is None or (dtype is not None and dtype != native and not (
                 dtype.is_floating_point and info.dtype in FLOAT_DTYPES)):
             want = "its native dtype" if dtype is None else str(dtype)
@@ -356,7 +378,34 @@ class Checkpoint:
             _check_finite(tensor, key, where)
         return tensor
 
+    def scalar(self, key: str) -> float:
+        """The first element of a float tensor (a kohya `alpha`) as a Python float, decoded from its
+        bytes alone: planning reads such scalars, and the driver plans without importing torch.
+        The checks of `get` apply: float dtypes only, NaN/Inf refused (file and tensor named)."""
+        info = self.info(key)
+        where = f"{self.source.name}/{info.file}"
+        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(info.dtype)
+        if width is None:
+            raise UnsupportedDtypeError(f"cannot read {info.dtype} tensor {key!r} as a float scalar: "
+                                        "expected F16/BF16/F32/F64", file=where, tensor=key)
+        if info.nbytes < width:
+            raise _corrupt(f"holds {info.nbytes} bytes, not one {info.dtype} value", where, key)
+        data = bytes(self.source.read_range(info.file, info.start, info.start + width))
+        if len(data) != width:
+            raise _corrupt(f"read {len(data)} bytes, expected {width}", where, key)
+        if info.dtype == "BF16":   # the top half of a float32
+            value = struct.unpack("<f", b"\0\0" + data)[0]
+        else:
+            value = struct.unpack({"F64": "<d", "F32": "<f", "F16": "<e"}[info.dtype], data)[0]
+        if not math.isfinite(value):
+            raise NonFiniteWeightsError(
+                f"tensor {key!r} holds {value} (as {info.dtype}); the weights are broken (diverged "
+                "training or a bad conversion): exclude this model or fix the checkpoint",
+                file=where, tensor=key, nan=int(math.isnan(value)), inf=int(math.isinf(value)))
+        return float(value)
+
     def _read(self, info: TensorInfo, native: torch.dtype) -> torch.Tensor:
+        import torch
         if info.nbytes == 0:  # frombuffer refuses empty buffers
             return torch.empty(info.shape, dtype=native)
         data = self.source.read_range(info.file, info.start, info.end)
@@ -372,6 +421,7 @@ class Checkpoint:
 
 
 def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
+    import torch
     if all_finite(tensor):
         return
     finite = torch.isfinite(tensor)      # only on the failure path: count what is broken

@@ -18,11 +18,13 @@ the matrix [out, in*kh*kw] (`as_matrix`), the layout every LoRA format factors i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, TensorNotFoundError
+from .checkpoint import FLOAT32
+
+if TYPE_CHECKING:
+    import torch
 
 # checkpoint.py opens pipelines through this module, so its types stay unnamed here (no import cycle):
 Checkpoint = Any      # pipeline.io.checkpoint.Checkpoint
@@ -138,7 +140,7 @@ class ComponentCheckpoint:
         part, inner = self._split(key)
         return part.info(inner)
 
-    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = FLOAT32) -> torch.Tensor:
         part, inner = self._split(key)
         return part.get(inner, dtype=dtype)
 

@@ -33,20 +33,23 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, QuantizedBaseError, TensorNotFoundError
 from .checkpoint import (
+    FLOAT32,
     FLOAT_DTYPES,
-    TORCH_DTYPES,
     Checkpoint,
     FileSource,
     LocalFileSource,
     TensorInfo,
     _check_finite,
+    read_dtype,
+    torch_dtype_of,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 1 << 20   # values dequantised per step: bounds the int64 index and float temporaries (~40 MB)
 
@@ -59,8 +62,8 @@ _FP4 = [v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.06
                            -2.0, -3.0)]
 CODES_4BIT = {"nf4": _NF4, "fp4": _FP4}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_CODE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_STATE_DTYPES = ("float32", "float16", "bfloat16")    # torch dtype names bitsandbytes writes
+_DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _QS = ".quant_state.bitsandbytes__"
 _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -116,7 +119,7 @@ class BnbState:
     blocksize: int = 0
     nested: bool = False
     nested_blocksize: int = 0
-    nested_dtype: torch.dtype = torch.float32
+    nested_dtype: torch.dtype | None = None   # set when nested
     nested_offset: float = 0.0
     parts: tuple[tuple[str, str], ...] = ()   # (role, checkpoint key) of the state tensors
 
@@ -178,7 +181,7 @@ class BnbCheckpoint(Checkpoint):
 
     def _rget(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
         info = self._rinfo(key)   # not self.info(): that gives a quantised weight's logical shape
-        native = TORCH_DTYPES.get(info.dtype)
+        native = torch_dtype_of(info.dtype)
         if native is None:
             raise QuantizedBaseError(f"state tensor {key!r} has dtype {info.dtype}, which bitsandbytes never "
                                      "writes; re-save the quantised model", file=self._where(key), tensor=key)
@@ -191,7 +194,8 @@ class BnbCheckpoint(Checkpoint):
         if key not in self._quant:
             return raw
         st = self.state(key)
-        return TensorInfo(key, _DTYPE_CODE[st.dtype], st.shape, raw.file, raw.start, raw.end)
+        code = _DTYPE_CODE[str(st.dtype).removeprefix("torch.")]
+        return TensorInfo(key, code, st.shape, raw.file, raw.start, raw.end)
 
     def quantization_of(self, key: str) -> str:
         return self.state(key).describe() if key in self._quant else ""
@@ -210,6 +214,7 @@ class BnbCheckpoint(Checkpoint):
         return self._states[key]
 
     def _int8_state(self, key: str) -> BnbState:
+        import torch
         module = key.rsplit(".", 1)[0]
         raw = self._rinfo(key)
         scb = module + ".SCB"
@@ -229,6 +234,7 @@ class BnbCheckpoint(Checkpoint):
         return BnbState(key, "int8", raw.shape, torch.float32, parts=(("SCB", scb),))
 
     def _read_state(self, key: str) -> BnbState:
+        import torch
         found = [k for k in (key + _QS + t for t in CODES_4BIT) if self._has(k)]
         others = [k for k in self._hidden if k.startswith(key + _QS) and k not in found]
         if others:
@@ -255,13 +261,14 @@ class BnbCheckpoint(Checkpoint):
             if nb not in BLOCKSIZES or nd not in _STATE_DTYPES or not isinstance(off, (int, float)):
                 raise self._bad(key, f"nested_blocksize {nb!r} / nested_dtype {nd!r} / nested_offset {off!r} "
                                      "are missing or invalid")
-            extra = dict(nested=True, nested_blocksize=nb, nested_dtype=_STATE_DTYPES[nd], nested_offset=float(off))
+            extra = dict(nested=True, nested_blocksize=nb, nested_dtype=getattr(torch, nd), nested_offset=float(off))
             parts += [("nested_absmax", key + ".nested_absmax"), ("nested_quant_map", key + ".nested_quant_map")]
-        st = BnbState(key, method, tuple(shape), _STATE_DTYPES[dtype], blocksize, parts=tuple(parts), **extra)
+        st = BnbState(key, method, tuple(shape), getattr(torch, dtype), blocksize, parts=tuple(parts), **extra)
         self._check_sizes(st)
         return st
 
     def _state_json(self, key: str, qs_key: str) -> dict:
+        import torch
         raw = self._rget(qs_key, dtype=None)
         if raw.dtype != torch.uint8:
             raise self._bad(key, f"{qs_key!r} is {raw.dtype}, not the uint8 JSON bitsandbytes writes")
@@ -297,7 +304,8 @@ class BnbCheckpoint(Checkpoint):
             raise self._bad(st.key, f"packed weight holds {packed.nbytes} bytes, expected {-(-n // 2)} for shape "
                                     f"{list(st.shape)}")
 
-    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = FLOAT32) -> torch.Tensor:
+        dtype = read_dtype(dtype)
         if key not in self._quant:  # plain weights (norms, embeddings left unquantised) and state tensors
             return super().get(key, dtype)
         st = self.state(key)
@@ -306,6 +314,7 @@ class BnbCheckpoint(Checkpoint):
         return w if dtype is None else w.to(dtype)
 
     def _dequant_int8(self, st: BnbState) -> torch.Tensor:
+        import torch
         q = self._rget(st.key, dtype=None)
         scb = self._rget(st.part("SCB"), dtype=torch.float32)
         out = torch.empty(q.shape, dtype=torch.float32)
@@ -315,14 +324,17 @@ class BnbCheckpoint(Checkpoint):
         return out
 
     def _absmax(self, st: BnbState) -> torch.Tensor:
+        import torch
         if not st.nested:
             return self._rget(st.part("absmax"), dtype=torch.float32)
         q = self._rget(st.part("absmax"), dtype=None).reshape(-1)
         code2 = self._rget(st.part("nested_quant_map"), dtype=torch.float32).reshape(-1)
         a2 = self._rget(st.part("nested_absmax"), dtype=torch.float32).reshape(-1)
-        return _blockwise(q, a2, code2, st.nested_blocksize, st.nested_dtype).float() + st.nested_offset
+        nested = _blockwise(q, a2, code2, st.nested_blocksize, st.nested_dtype or torch.float32)
+        return nested.float() + st.nested_offset
 
     def _dequant_4bit(self, st: BnbState) -> torch.Tensor:
+        import torch
         stored = self._rget(st.part("quant_map"), dtype=torch.float32).reshape(-1)
         code = torch.tensor(CODES_4BIT[st.method], dtype=torch.float32)
         if not torch.equal(stored, code):  # bitsandbytes' kernels use the built-in table, not the stored one
@@ -348,6 +360,7 @@ class BnbCheckpoint(Checkpoint):
 def _blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' dequantize_blockwise (8-bit codes): code[q] * absmax per block, cast to dtype."""
+    import torch
     vals = code[q.to(torch.int64)]
     scale = absmax.repeat_interleave(blocksize)[: vals.numel()]
     return (vals * scale).to(dtype)
@@ -456,10 +469,12 @@ class GgufCheckpoint(Checkpoint):
     def quantization_of(self, key: str) -> str:
         return f"gguf {self._tensor(key).tensor_type.name}"
 
-    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = FLOAT32) -> torch.Tensor:
         import numpy as np
+        import torch
         from gguf.quants import dequantize
 
+        dtype = read_dtype(dtype)
         t, info = self._tensor(key), self.info(key)
         data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
         out = np.empty((data.shape[0], info.numel // max(1, data.shape[0])), dtype=np.float32)
