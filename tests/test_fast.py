@@ -116,6 +116,7 @@ CASES = [((384, 384), 8, 0.02, 0), ((384, 384), 32, 0.2, 1), ((1032, 384), 8, 0.
 def krylov_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """At CI sizes the engine would pick a dense SVD of the small operator; force the solver."""
     monkeypatch.setattr(fast_mod, "DENSE_FRACTION", 10.0)
+    monkeypatch.setattr(fast_mod, "DENSE_KRYLOV_COLUMNS", 0)
 
 
 @pytest.mark.parametrize("shape,r,scale,seed", CASES)
@@ -212,6 +213,38 @@ def test_dense_updates(krylov_always) -> None:
     check_stats(ref, item, w0, 64)
     assert item.amplification == pytest.approx(ex.amplification, rel=1e-8)
     np.testing.assert_allclose(fa.pairs[0].phi, np.ones((8, 8)), atol=1e-8)   # an update vs itself
+
+
+@pytest.mark.parametrize("tensor", ["encoder.layer.0.attention.self.query.weight",
+                                    "encoder.layer.0.intermediate.dense.weight"])
+def test_a_narrow_dense_wt_goes_straight_to_the_dense_svd(tensor, minilm_dir, monkeypatch) -> None:
+    """A full fine-tune of one of MiniLM's 384-wide matrices: Krylov for the default 64 triplets
+    would need more than its budget (half the width) on this spectrum and fall back to the dense
+    SVD after spending more than it; the engine runs that dense SVD directly. Same numbers, bit
+    for bit, and no fallback."""
+    w0 = Checkpoint.open(minilm_dir).get(tensor, dtype=torch.float64)
+    m, n = w0.shape
+    rng = np.random.default_rng(11)
+    uu, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    vv, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    dw = (uu * (0.05 * np.arange(1, n + 1) ** -1.0)) @ vv.T     # full rank, decaying like a fine-tune's
+    up = MatrixUpdate(tensor=tensor, kind="full", shape=(m, n), dense=torch.tensor(dw))
+    cfg = AnalysisConfig(dtype="float64", mode="fast")
+
+    def run() -> tuple[object, int]:
+        before = fast_mod.fallback_count()
+        item = analyze_batch(w0, [up], cfg).items[0]
+        return item, fast_mod.fallback_count() - before
+
+    direct, fallbacks = run()
+    monkeypatch.setattr(fast_mod, "DENSE_KRYLOV_COLUMNS", 0)   # the old rule: try the solver first
+    tried, fallbacks_before = run()
+    assert (fallbacks, fallbacks_before) == (0, 1)
+    np.testing.assert_array_equal(direct.spectrum_wt, tried.spectrum_wt)
+    np.testing.assert_array_equal(direct.u.max_cos, tried.u.max_cos)
+    np.testing.assert_array_equal(direct.v.max_cos, tried.v.max_cos)
+    assert (direct.intruders_u, direct.intruders_v) == (tried.intruders_u, tried.intruders_v)
+    assert check_vectors(reference(w0.numpy(), dw, cfg.k_store), direct, cfg.k_store) == []
 
 
 def test_zero_update_and_rank_deficient_factors(krylov_always) -> None:

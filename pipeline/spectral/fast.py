@@ -68,6 +68,10 @@ TOL = 1e-10          # residual of every used singular vector, relative to s_1 (
 # float32 singular values; float64 runs hold the values 10x tighter.
 TOL_VALUES, TOL_VALUES_FLOAT32 = 1e-8, 1e-7
 DENSE_FRACTION = 0.35  # a small operator whose Krylov subspace would reach this share of p: dense SVD
+# A dense Wt (full fine-tune, DoRA, IA3, ...): the solver needs up to ~8 k columns for k triplets
+# when Wt's spectrum is flat around s_k (bench/RESULTS.md, session 7); with a smaller budget (half
+# the width) it falls back after spending more than the dense SVD it then runs.
+DENSE_KRYLOV_COLUMNS = 8
 BATCH_GROUP = 64       # same-rank items per batched solve (bounds the [G, p, c] blocks' memory)
 
 
@@ -300,7 +304,7 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     shape, p = base.shape, int(base.S.shape[0])
     dw = delta(update, w0.device, w0.dtype)                    # [m, n]
     wt_op = DenseOperator((w0 + dw).to(F64))
-    if want.all_ or 2 * want.k_val > DENSE_FRACTION * p:
+    if want.all_ or 2 * want.k_val > DENSE_FRACTION * p or _krylov_budget(wt_op) <= DENSE_KRYLOV_COLUMNS * want.k_val:
         wt = dense_triplets(wt_op.m, p if want.all_ else want.k_val)
     else:
         warm = base.Vh[: min(p, want.k_val + 8)].T.to(F64)    # the base's top right vectors
@@ -325,6 +329,11 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     item = _assemble(update, shape, cfg, base_sigma, wt, dw_sigma, want, amp, amp_r,
                      time.perf_counter() - start, null)
     return item, ud[:, :n_pair]
+
+
+def _krylov_budget(op: DenseOperator) -> int:
+    """The subspace top_triplets may grow to before it falls back (its max_cols default)."""
+    return int(op.shape[1]) // 2
 
 
 def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
