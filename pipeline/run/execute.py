@@ -113,6 +113,11 @@ def warm_workers() -> None:
 _started_here = False
 
 
+def started_local_ray() -> bool:
+    """Whether ensure_ray started a private local Ray in this process (rather than joining one)."""
+    return _started_here
+
+
 class _Drop(logging.Filter):
     """Drops the log records whose message contains `text`."""
 
