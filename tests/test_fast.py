@@ -219,9 +219,9 @@ def test_dense_updates(krylov_always) -> None:
                                     "encoder.layer.0.intermediate.dense.weight"])
 def test_a_narrow_dense_wt_goes_straight_to_the_dense_svd(tensor, minilm_dir, monkeypatch) -> None:
     """A full fine-tune of one of MiniLM's 384-wide matrices: Krylov for the default 64 triplets
-    would need more than its budget (half the width) on this spectrum and fall back to the dense
-    SVD after spending more than it; the engine runs that dense SVD directly. Same numbers, bit
-    for bit, and no fallback."""
+    of Wt (and, with pairs on, 64 of dW) would need more than its budget (half the width) on this
+    spectrum and fall back to the dense SVD after spending more than it; the engine runs that
+    dense SVD directly. Same numbers, bit for bit, and no fallback."""
     w0 = Checkpoint.open(minilm_dir).get(tensor, dtype=torch.float64)
     m, n = w0.shape
     rng = np.random.default_rng(11)
@@ -229,17 +229,18 @@ def test_a_narrow_dense_wt_goes_straight_to_the_dense_svd(tensor, minilm_dir, mo
     vv, _ = np.linalg.qr(rng.standard_normal((n, n)))
     dw = (uu * (0.05 * np.arange(1, n + 1) ** -1.0)) @ vv.T     # full rank, decaying like a fine-tune's
     up = MatrixUpdate(tensor=tensor, kind="full", shape=(m, n), dense=torch.tensor(dw))
-    cfg = AnalysisConfig(dtype="float64", mode="fast")
+    cfg = AnalysisConfig(dtype="float64", mode="fast", pairs=True)
 
-    def run() -> tuple[object, int]:
+    def run() -> tuple[object, object, int]:
         before = fast_mod.fallback_count()
-        item = analyze_batch(w0, [up], cfg).items[0]
-        return item, fast_mod.fallback_count() - before
+        batch = analyze_batch(w0, [up, up], cfg)
+        return batch.items[0], batch.pairs[0].phi, fast_mod.fallback_count() - before
 
-    direct, fallbacks = run()
+    direct, phi, fallbacks = run()
     monkeypatch.setattr(fast_mod, "DENSE_KRYLOV_COLUMNS", 0)   # the old rule: try the solver first
-    tried, fallbacks_before = run()
-    assert (fallbacks, fallbacks_before) == (0, 1)
+    tried, phi_before, fallbacks_before = run()
+    assert (fallbacks, fallbacks_before) == (0, 4)    # per item: Wt's 64 triplets and dW's 64 vectors
+    np.testing.assert_array_equal(phi, phi_before)
     np.testing.assert_array_equal(direct.spectrum_wt, tried.spectrum_wt)
     np.testing.assert_array_equal(direct.u.max_cos, tried.u.max_cos)
     np.testing.assert_array_equal(direct.v.max_cos, tried.v.max_cos)

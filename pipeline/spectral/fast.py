@@ -340,12 +340,13 @@ def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.T
     """Top-k left/right singular vectors of a dense dW (random but seeded start)."""
     if k == 0:
         return dw.new_zeros(dw.shape[0], 0), dw.new_zeros(dw.shape[1], 0)
-    if 2 * k > DENSE_FRACTION * p:
+    op = DenseOperator(dw)
+    if 2 * k > DENSE_FRACTION * p or _krylov_budget(op) <= DENSE_KRYLOV_COLUMNS * k:
         t = dense_triplets(dw, k)
     else:
         gen = torch.Generator(device=dw.device).manual_seed(0)
         start = torch.randn(dw.shape[1], k + 8, generator=gen, dtype=F64, device=dw.device)
-        t = top_triplets(DenseOperator(dw), k, start, tol=TOL)
+        t = top_triplets(op, k, start, tol=TOL)
         _log_fallback(t, "dW")
     return t.U, t.V
 
