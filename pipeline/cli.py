@@ -649,8 +649,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, _late_interrupt)
     if "ray" in sys.modules:
         # A run is over: its results are committed (fsynced) and its manifest closed. Stop Ray
-        # now (done already unless the command failed), then leave without the interpreter's
-        # teardown of the torch and Ray modules, which adds 1-2 s of nothing to every run.
+        # now (a joined cluster was already left in _run unless the command failed), then leave
+        # without the interpreter's teardown of the torch and Ray modules (1-2 s of nothing).
         import logging
 
         logging.shutdown()
