@@ -6,11 +6,21 @@ two cores, against ~3 ms for these.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
+# The default dtype of the checkpoints' `get`, by name: a default of torch.float32 would import
+# torch when io/ is imported, and the driver plans without torch.
+FLOAT32: Any = "float32"
+
+
+def read_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A `get` dtype argument as a torch dtype (None stays None: the stored dtype)."""
+    import torch
+
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 from ..errors import (
     CheckpointNotFoundError,
@@ -28,7 +28,7 @@ from ..errors import (
     UnsafeCheckpointError,
     UnsupportedDtypeError,
 )
-from ..numeric import all_finite
+from ..numeric import FLOAT32, all_finite, read_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -63,17 +63,6 @@ def torch_dtype_of(code: str) -> torch.dtype | None:
     import torch
     name = _TORCH_NAMES.get(code)
     return getattr(torch, name, None) if name else None
-# The default dtype of Checkpoint.get, by name: a default of torch.float32 would import torch
-# when this module is imported, and the driver plans without torch.
-FLOAT32: Any = "float32"
-
-
-def read_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A `get` dtype argument as a torch dtype (None stays None: the stored dtype)."""
-    import torch
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 # Only these may be upcast to a float dtype: the math never sees quantised or integer weights.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, TensorNotFoundError
-from .checkpoint import FLOAT32
+from ..numeric import FLOAT32
 
 if TYPE_CHECKING:
     import torch

@@ -36,15 +36,14 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, QuantizedBaseError, TensorNotFoundError
+from ..numeric import FLOAT32, read_dtype
 from .checkpoint import (
-    FLOAT32,
     FLOAT_DTYPES,
     Checkpoint,
     FileSource,
     LocalFileSource,
     TensorInfo,
     _check_finite,
-    read_dtype,
     torch_dtype_of,
 )
 
