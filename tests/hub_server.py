@@ -295,6 +295,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         # -- plumbing --
         def _dispatch(self, method: str) -> None:
             self._status, self._repo, self._file = 0, None, None
+            self._method, self._logged = method, False
             url = urlsplit(self.path)
             is_cdn = self.server.server_address[0] == "127.0.0.2"
             try:
@@ -311,15 +312,25 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 pass                                   # the client gave up (timeout test)
             finally:
-                with hub.state.lock:
-                    hub.state.log.append(RequestRecord(
-                        method, self.path, self._repo, self._file, self._status,
-                        self.headers.get("Range"), "authorization" in {k.lower() for k in self.headers},
-                        "cdn" if is_cdn else "hub", time.monotonic()))
+                self._log()                            # a request that got no response
+
+        def _log(self) -> None:
+            """Record this request once, before its response goes out: a client that has read
+            the response must find its request in the log (a retry count checked right after)."""
+            if self._logged:
+                return
+            self._logged = True
+            is_cdn = self.server.server_address[0] == "127.0.0.2"
+            with hub.state.lock:
+                hub.state.log.append(RequestRecord(
+                    self._method, self.path, self._repo, self._file, self._status,
+                    self.headers.get("Range"), "authorization" in {k.lower() for k in self.headers},
+                    "cdn" if is_cdn else "hub", time.monotonic()))
 
         def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
                   method: str = "GET", count: bool = False) -> None:
             self._status = status
+            self._log()
             self.send_response(status)
             hdrs = {"Content-Length": str(len(body)), **(headers or {})}
             for k, v in hdrs.items():
