@@ -21,6 +21,7 @@ from ..errors import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
+from ..io.checkpoint import FLOAT_DTYPES  # the safetensors dtypes the analysis reads (upcast)
 from ..updates import MatrixUpdate, Role, UpdateInfo, UpdateKind
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
     from ..io.checkpoint import Checkpoint, FileSource
 
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")   # safetensors dtypes the analysis reads (upcast)
 _HEAD_PARTS = {"lm_head", "classifier", "score", "qa_outputs", "pooler", "pre_classifier", "cls"}
 _EMBED_LEAVES = ("wte", "wpe", "embed_tokens", "word_embeddings", "position_embeddings",
                  "token_type_embeddings", "embed_positions", "shared")

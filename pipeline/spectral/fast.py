@@ -304,7 +304,7 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     shape, p = base.shape, int(base.S.shape[0])
     dw = delta(update, w0.device, w0.dtype)                    # [m, n]
     wt_op = DenseOperator((w0 + dw).to(F64))
-    if want.all_ or 2 * want.k_val > DENSE_FRACTION * p or _krylov_budget(wt_op) <= DENSE_KRYLOV_COLUMNS * want.k_val:
+    if want.all_ or _dense_is_cheaper(wt_op, want.k_val, p):
         wt = dense_triplets(wt_op.m, p if want.all_ else want.k_val)
     else:
         warm = base.Vh[: min(p, want.k_val + 8)].T.to(F64)    # the base's top right vectors
@@ -331,9 +331,11 @@ def _dense_item(w0: torch.Tensor, base: BaseSVD, base_sigma: np.ndarray, update:
     return item, ud[:, :n_pair]
 
 
-def _krylov_budget(op: DenseOperator) -> int:
-    """The subspace top_triplets may grow to before it falls back (its max_cols default)."""
-    return int(op.shape[1]) // 2
+def _dense_is_cheaper(op: DenseOperator, k: int, p: int) -> bool:
+    """A dense SVD for the top k triplets of an explicit matrix: the Krylov subspace would reach
+    DENSE_FRACTION of p, or its budget (top_triplets' max_cols default, half the width) is too
+    small for the ~DENSE_KRYLOV_COLUMNS k columns a flat spectrum needs."""
+    return 2 * k > DENSE_FRACTION * p or int(op.shape[1]) // 2 <= DENSE_KRYLOV_COLUMNS * k
 
 
 def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,7 +343,7 @@ def _dw_vectors(dw: torch.Tensor, k: int, p: int) -> tuple[torch.Tensor, torch.T
     if k == 0:
         return dw.new_zeros(dw.shape[0], 0), dw.new_zeros(dw.shape[1], 0)
     op = DenseOperator(dw)
-    if 2 * k > DENSE_FRACTION * p or _krylov_budget(op) <= DENSE_KRYLOV_COLUMNS * k:
+    if _dense_is_cheaper(op, k, p):
         t = dense_triplets(dw, k)
     else:
         gen = torch.Generator(device=dw.device).manual_seed(0)
