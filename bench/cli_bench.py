@@ -4,6 +4,8 @@ timed in one run on a Llama-shaped zoo (issue 13).
     python -m bench.cli_bench                              # hidden 1024, inter 2816, 2 layers, 30 LoRAs
     python -m bench.cli_bench --adapters 10 --paper-pairs 2   # quick: paper timed on 2 pairs per shape
     python -m bench.cli_bench --local                      # also the in-process executor (no Ray)
+    python -m bench.cli_bench --sizes 10 60 100            # also zoos of 10, 60, 100 adapters: fixed
+                                                           # and per-adapter cost, where 20x is reached
 
 The zoo: a synthetic base (realistic decaying spectra) and PEFT-format LoRA adapters of ranks
 4..64 on all 7 linear modules. The CLI runs as a subprocess exactly as a user types it, into a
@@ -13,6 +15,10 @@ The paper's method: per (adapter, matrix), two full float32 thin SVDs (W0 and Wt
 the max |cos| of the top-k singular vectors of Wt against every base vector, both sides; its
 intruder totals are compared with the CLI's (`matrices` table). By default every pair is timed;
 `--paper-pairs N` times N pairs per shape and scales by the pair counts (totals then not compared).
+`--sizes` runs the CLI again on the first N adapters of a larger zoo (fresh root each) and fits
+CLI seconds = fixed + N x per-adapter: the paper's method costs the same per adapter whatever N,
+so the ratio grows with the zoo towards paper / per-adapter, and the fit says from which N on the
+CLI is 20x.
 """
 from __future__ import annotations
 
@@ -108,6 +114,7 @@ def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -
     seconds, timed, counts, shape_s, per_pair = 0.0, 0, [0, 0], {}, {}
     n_pairs: dict[tuple, int] = {}
     for d in adapters:
+        timed_before = timed
         cfg = json.loads((d / "adapter_config.json").read_text())
         scale = cfg["lora_alpha"] / cfg["r"]
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
@@ -127,7 +134,8 @@ def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -
                 counts[1] += cv
                 per_pair[(d.name, key)] = (cu, cv)
                 shape_s.setdefault(shape, []).append(dt)
-        log(f"  paper: {timed} pairs timed, {seconds:.0f}s so far")
+        if timed > timed_before:  # an adapter whose pairs were all skipped (--paper-pairs) says nothing
+            log(f"  paper: {timed} pairs timed, {seconds:.0f}s so far")
     if per_shape is not None:  # scale each shape's mean by its pair count
         seconds = sum(sum(v) / len(v) * n_pairs[s] for s, v in shape_s.items())
     return {"seconds": seconds, "timed_pairs": timed, "pairs": sum(n_pairs.values()),
@@ -135,7 +143,46 @@ def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -
             "per_shape": {f"{s[0]}x{s[1]}": sum(v) / len(v) for s, v in shape_s.items()}}
 
 
-def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict, local: dict | None = None) -> str:
+def fit_sizes(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares CLI seconds = fixed + n x per_adapter over (n adapters, seconds) points."""
+    n = len(points)
+    mx = sum(a for a, _ in points) / n
+    my = sum(t for _, t in points) / n
+    sxx = sum((a - mx) ** 2 for a, _ in points)
+    per = sum((a - mx) * (t - my) for a, t in points) / sxx
+    return my - per * mx, per
+
+
+def sizes_report(sizes: dict[int, float], paper_per_adapter: float, tensors: int, main_n: int,
+                 target: float = 20.0) -> list[str]:
+    lines = ["", "Zoo size (the same zoo's first N adapters, fresh results root each; paper's method "
+             "scaled per adapter from the pairs timed above):", "",
+             "| adapters | pairs | CLI seconds | paper seconds | ratio |", "|---|---|---|---|---|"]
+    for n, t in sorted(sizes.items()):
+        lines.append(f"| {n} | {n * tensors} | {t:.1f} | {paper_per_adapter * n:.1f} | "
+                     f"{paper_per_adapter * n / t:.1f}x |")
+    if len(sizes) < 2:
+        return lines
+    fixed, per = fit_sizes(sorted(sizes.items()))
+    lines += ["", f"Fit: CLI seconds = {fixed:.1f} + {per:.3f} x adapters (fixed: interpreter, Ray start "
+              f"and worker imports, the {tensors} base SVDs, exit); paper {paper_per_adapter:.2f} s per adapter."]
+    if per <= 0:
+        lines.append("The per-adapter cost is below these runs' noise: time larger zoos (--sizes).")
+        return lines
+    lines[-1] += f" The ratio tends to {paper_per_adapter / per:.0f}x for large zoos."
+    if paper_per_adapter <= target * per:
+        lines.append(f"{target:.0f}x is not reached at any size: the per-adapter cost alone is too high.")
+        return lines
+    need = target * fixed / (paper_per_adapter - target * per)
+    room = paper_per_adapter * main_n / target - fixed
+    lines.append(f"{target:.0f}x from about {need:.0f} adapters on. A zoo of {main_n} is {target:.0f}x only if "
+                 + (f"each adapter costs at most {room / main_n:.3f} s ({per:.3f} s measured)."
+                    if room > 0 else f"the fixed cost drops below {paper_per_adapter * main_n / target:.1f} s."))
+    return lines
+
+
+def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict, local: dict | None = None,
+           sizes: dict[int, float] | None = None) -> str:
     ratio = paper["seconds"] / cli["seconds"]
     exact_totals = paper["timed_pairs"] == paper["pairs"]
     timed = "all pairs timed" if exact_totals else f"scaled from {paper['timed_pairs']} timed pairs"
@@ -176,6 +223,9 @@ def report(args, zoo: dict, cli: dict, second: dict | None, paper: dict, local: 
                      f"{second['seconds']:.1f}s, base SVDs {second['run'].get('base_svd_computed')} computed, "
                      f"{second['run'].get('base_svd_reused')} reused.")
     lines.append("Paper seconds per pair: " + ", ".join(f"{k}: {v:.2f}" for k, v in paper["per_shape"].items()))
+    if sizes:
+        lines += sizes_report({args.adapters: cli["seconds"], **sizes}, paper["seconds"] / args.adapters,
+                             zoo["tensors"], args.adapters)
     return "\n".join(lines) + "\n"
 
 
@@ -188,10 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--second", type=int, default=10, help="new adapters for the second run (0: none)")
     ap.add_argument("--paper-pairs", type=int, default=None, help="time N pairs per shape and scale")
     ap.add_argument("--local", action="store_true", help="also time the CLI with --local (in-process)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[],
+                    help="also time the CLI on zoos of these many adapters and fit fixed + per-adapter cost")
     ap.add_argument("--work", default=None, help="zoo + results directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="append the section to this Markdown file")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if any(n < 1 for n in args.sizes) or args.adapters < 1:
+        ap.error("--adapters and --sizes take positive adapter counts")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -208,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     adapters = write_adapters(zoo_dir, base, range(args.adapters), args.layers, modules)
     fresh = write_adapters(zoo_dir, base, range(args.adapters, args.adapters + args.second),
                            args.layers, modules)
+    top = args.adapters + args.second
+    extra = write_adapters(zoo_dir, base, range(top, max([top, *args.sizes])), args.layers, modules)
+    pool = adapters + fresh + extra          # --sizes N: the first N of these
     zoo = {"pairs": args.adapters * args.layers * 7, "tensors": args.layers * 7}
     log(f"zoo: {args.adapters} + {args.second} adapters x {zoo['tensors']} matrices under {zoo_dir}")
 
@@ -234,9 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         second["run"] = last_run(out)
         log(f"second run: {second['seconds']:.1f}s, base SVDs computed "
             f"{second['run'].get('base_svd_computed')} reused {second['run'].get('base_svd_reused')}")
+    sizes: dict[int, float] = {}
+    for n in sorted(set(args.sizes) - {args.adapters}):
+        size_out = work / f"results-{n}"
+        if size_out.exists():
+            shutil.rmtree(size_out)
+        sizes[n] = run_cli(base, pool[:n], size_out)
+        log(f"cli, {n} adapters: {sizes[n]:.1f}s")
     paper = paper_method(base, adapters, args.paper_pairs, log)
     log(f"paper: {paper['seconds']:.0f}s -> {paper['seconds'] / cli['seconds']:.1f}x")
-    text = report(args, zoo, cli, second, paper, local)
+    text = report(args, zoo, cli, second, paper, local, sizes)
     print(text)
     if args.out:
         with open(args.out, "a") as f:
