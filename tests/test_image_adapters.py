@@ -321,6 +321,43 @@ def test_analyze_kohya_lora_end_to_end(image_zoo, kohya_run):
     assert any("weird_suffix" in s for s in models[0]["skipped"])
 
 
+def test_single_weight_files_as_cli_arguments(image_zoo, tmp_path):
+    """What image-model users download: a BFL single-file Flux base and a kohya LoRA file, passed as
+    files, not folders. Each file is pinned on its own: a second LoRA next to the adapter file and a
+    .gguf next to the base file are not part of them. The rows are of the diffusers-checked dW of
+    that file (test_kohya_flux_lora_on_a_bfl_single_file_equals_diffusers_fuse)."""
+    import shutil
+
+    base_dir, lora_dir = tmp_path / "models", tmp_path / "loras"
+    base_dir.mkdir()
+    lora_dir.mkdir()
+    base_file = Path(shutil.copy(image_zoo["flux_bfl"] / "flux1-tiny.safetensors", base_dir))
+    lora_file = Path(shutil.copy(image_zoo["kohya_flux"] / "flux_style.safetensors", lora_dir))
+    shutil.copy(image_zoo["kohya_sd15"] / "my_style_v1.safetensors", lora_dir)   # a neighbour, not analysed
+    (base_dir / "other.Q4_K_M.gguf").write_bytes(b"GGUF not this base")        # nor read as the base
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(base_file),
+                           str(lora_file), "--out", str(out), "--local"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = dict_rows(out, "matrices")
+    ours, _, _ = tool_deltas(image_zoo["flux_bfl"] / "flux1-tiny.safetensors", image_zoo["kohya_flux"])
+    assert {r["tensor"] for r in rows} == set(ours) and len(rows) == len(ours) > 0
+    models = duckdb.read_parquet(str(out / "models" / "*.parquet")).to_arrow_table().to_pylist()
+    assert [(m["model_id"], m["base_id"]) for m in models] == [("flux_style", "flux1-tiny")]
+    for r in rows:
+        assert (r["model_id"], r["component"]) == ("flux_style", "transformer")
+        assert (r["m"], r["n"]) == tuple(ours[r["tensor"]].shape)
+        assert r["norm_dw"] == pytest.approx(float(ours[r["tensor"]].norm()), rel=1e-5)
+    # a file that is no weight file is a one-line error naming it
+    (lora_dir / "notes.txt").write_text("not weights")
+    bad = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(base_file),
+                          str(lora_dir / "notes.txt"), "--out", str(tmp_path / "r2"), "--local"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "single .safetensors / .gguf weight file" in bad.stderr and "notes.txt" in bad.stderr
+
+
 # --- studies ------------------------------------------------------------------------------------
 # layer kinds by hand, per module leaf of the tiny SD1.5 pipeline (the macro's rule, written out)
 _KIND = {"to_q": "attention", "to_k": "attention", "to_v": "attention", "to_out.0": "attention",

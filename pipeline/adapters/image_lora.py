@@ -99,7 +99,7 @@ def image_lora_file(files: Files) -> str | None:
     if len(cands) > 1:
         raise CheckpointNotFoundError(
             f"several .safetensors files {cands[:5]} and no adapter_config.json: cannot tell which is the LoRA; "
-            "put the one to analyse in its own folder", file=files.name)
+            "pass the file itself, or put it in its own folder", file=files.name)
     return cands[0] if cands else None
 
 

@@ -161,6 +161,28 @@ class LocalFileSource:
         return self.path(filename).read_text(encoding="utf-8")
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
+
+
+class SingleFileSource(LocalFileSource):
+    """One weight file given on its own (a single-file base such as Flux's flux1-dev.safetensors or
+    a .gguf, or a kohya LoRA file) seen as a folder that holds only it: its neighbours are not
+    part of the artifact."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        super().__init__(p.parent)
+        self.filename = p.name
+        self.name = str(self.root / self.filename)
+
+    def exists(self, filename: str) -> bool:
+        return filename == self.filename and super().exists(filename)
+
+    def files(self) -> list[str]:
+        """The artifact's root listing (image_lora_file reads it, as it reads a Hub repo's)."""
+        return [self.filename]
+
+
 def _corrupt(what: str, file: str, tensor: str | None = None) -> CorruptSafetensorsError:
     return CorruptSafetensorsError(f"corrupt safetensors file: {what}; {REDOWNLOAD}",
                                    file=file, tensor=tensor)
@@ -266,6 +288,8 @@ class Checkpoint:
         """A directory or FileSource (model.safetensors, the sharded index, or
         adapter_model.safetensors; `filename` picks one explicitly), or a .safetensors path."""
         if isinstance(location, FileSource):
+            if filename is None and isinstance(location, SingleFileSource):
+                filename = location.filename
             return cls._from_source(location, filename)
         path = Path(location)
         if path.is_file():

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, QuantizedBaseError, TensorNotFoundError
@@ -42,6 +41,7 @@ from .checkpoint import (
     Checkpoint,
     FileSource,
     LocalFileSource,
+    SingleFileSource,
     TensorInfo,
     _check_finite,
     torch_dtype_of,
@@ -81,7 +81,7 @@ def _gguf_file(source: FileSource) -> str | None:
     """The one .gguf file of a local base folder without safetensors weights (None otherwise: Hub
     sources are never asked, so a Hub base costs no extra request)."""
     if isinstance(source, SingleFileSource):
-        return source.filename
+        return source.filename if source.filename.endswith(".gguf") else None
     if not isinstance(source, LocalFileSource) or any(
             source.exists(f) for f in ("model.safetensors", "model.safetensors.index.json")):
         return None
@@ -91,19 +91,6 @@ def _gguf_file(source: FileSource) -> str | None:
         raise QuantizedBaseError(f"{len(found)} GGUF files {found} in one base folder: pass the one to analyse "
                                  "against as --base FOLDER/FILE.gguf", file=str(root))
     return found[0] if found else None
-
-
-class SingleFileSource(LocalFileSource):
-    """One file (a .gguf given as --base) seen as a folder holding only it."""
-
-    def __init__(self, path: str) -> None:
-        p = PurePosixPath(path)
-        super().__init__(str(p.parent))
-        self.filename = p.name
-        self.name = str(self.root / self.filename)
-
-    def exists(self, filename: str) -> bool:
-        return filename == self.filename and super().exists(filename)
 
 
 # --- bitsandbytes ---------------------------------------------------------------------------------

@@ -40,12 +40,10 @@ class ModelRef:
             from .hub import HubFileSource
 
             return HubFileSource(self.location, self.revision, self.hub_options)
-        from .checkpoint import LocalFileSource
+        from .checkpoint import SINGLE_FILE_SUFFIXES, LocalFileSource, SingleFileSource
 
-        if self.location.endswith(".gguf") and os.path.isfile(self.location):  # a GGUF base given as a file
-            from .quantized import SingleFileSource
-
-            return SingleFileSource(self.location)
+        if self.location.endswith(SINGLE_FILE_SUFFIXES) and os.path.isfile(self.location):
+            return SingleFileSource(self.location)   # one weight file given on its own (local_ref)
         return LocalFileSource(self.location)
 
 
@@ -57,17 +55,22 @@ def hub_ref(repo_id: str, sha: str, options: HubOptions | None = None, name: str
 
 
 def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
-    """Pin a local checkpoint/adapter directory by content.
+    """Pin a local checkpoint/adapter directory, or one weight file, by content.
 
     Small files (adapters, configs) are hashed whole; large weight files by their safetensors
-    header plus size, which identifies a checkpoint without reading gigabytes.
+    header plus size, which identifies a checkpoint without reading gigabytes. A single
+    .safetensors or .gguf file (a BFL / original-layout image base, a kohya LoRA file, a GGUF
+    base) is an artifact on its own: its folder's other files are not part of it.
     """
+    from .checkpoint import SINGLE_FILE_SUFFIXES
+
     p = Path(path).expanduser().resolve()
-    single = p.is_file() and p.name.endswith(".gguf")  # a GGUF base is one file, pinned alone
+    single = p.is_file() and p.name.endswith(SINGLE_FILE_SUFFIXES)
     if not p.is_dir() and not single:
+        what = "not a directory" if p.exists() else "no such directory or file"
         raise CheckpointNotFoundError(
-            "not a directory: pass a checkpoint or adapter directory (or a .gguf base file)", file=str(path)
-        )
+            f"{what}: pass a checkpoint or adapter directory, or a single .safetensors / .gguf weight file",
+            file=str(path))
     h = hashlib.sha256()
     for f in [p] if single else sorted(p.iterdir()):
         if not f.is_file() or not f.name.endswith(_WEIGHT_SUFFIXES):
@@ -86,5 +89,5 @@ def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
                 h.update(fh.read(min(n, 100 << 20)))
                 fh.seek(max(0, size - (1 << 20)))
                 h.update(fh.read())
-    model_id = name or (p.name.removesuffix(".gguf") if single else p.name)
+    model_id = name or (p.stem if single else p.name)
     return ModelRef(model_id=model_id, revision=h.hexdigest()[:16], location=str(p))
