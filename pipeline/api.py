@@ -89,7 +89,7 @@ def analyze(
     after each unit.
     """
     from .io.resolve import BaseResolver
-    from .run.execute import new_run_id, run_plan
+    from .run.execute import new_run_id, plan_while_ray_starts, run_plan
     from .run.plan import plan_by_base
     from .run.store import ResultsStore
 
@@ -112,7 +112,7 @@ def analyze(
     if executor == "ray" and {r.uid for r in refs} - {uid for uid, _ in done}:
         # an artifact with nothing committed yet: units will run, so Ray starts (and its workers
         # import torch) while the plan reads headers; a rerun of finished work starts no Ray
-        plan = _plan_while_ray_starts(planned, address)
+        plan = plan_while_ray_starts(planned, address)
     else:
         plan = planned()
     if on_plan:
@@ -120,32 +120,6 @@ def analyze(
     return run_plan(plan, root, run_id=run_id, executor=executor, address=address,
                     max_in_flight=max_in_flight, command=command, on_progress=on_progress,
                     device=device, base_cache=base_cache)
-
-
-def _plan_while_ray_starts(planned: Callable[[], Plan], address: str | None) -> Plan:
-    """planned() on a helper thread while this thread starts (or joins) Ray and warms its
-    workers: Ray's start (GCS, raylet, agents, workers: seconds) overlaps the plan's header reads
-    instead of following them. Ray stays on the calling thread (the processes it starts are tied
-    to the thread that started them). A planning error is raised first, as without the overlap;
-    a Ctrl-C does not wait for the plan."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .run.execute import ensure_ray, warm_workers
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zs-plan")
-    future = pool.submit(planned)
-    try:
-        ensure_ray(address)
-        warm_workers()
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    except Exception:
-        future.result()  # the plan's own error, if it has one, comes first
-        raise
-    finally:
-        pool.shutdown(wait=False)
-    return future.result()
 
 
 def crawl(spec: CrawlSpec | Mapping | PathLike, *, options: HubOptions | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import HubError, ZoospectraError, error_row
 from ..io.hub import (
@@ -29,7 +29,7 @@ from ..io.hub import (
 )
 from ..io.refs import hub_ref
 from .compact import maybe_compact
-from .execute import Executor, new_run_id, run_plan
+from .execute import Executor, new_run_id, plan_while_ray_starts, run_plan
 from .plan import Plan, build_plan
 from .store import ResultsStore
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..jobs.spec import CrawlSpec
 
 log = logging.getLogger("zoospectra.crawl")
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,7 +112,8 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Execu
     report = BaseCrawl(base, run_id, discovered=found.n_listed, discovery_errors=len(found.errors))
     errors = list(found.errors)
     plan: Plan | None = Plan(bases=[], config=spec.analysis, units=[], models=[])
-    if found.entries:  # something new: only then is the base pinned and its header read
+
+    def planned() -> Plan | None:
         try:
             report.base_sha = pin(where.repo_id, where.revision or "main", options=options)
             # One HEAD on the base's weights: a gated/unreadable base is one error row for the base,
@@ -120,13 +122,16 @@ def _crawl_base(spec: CrawlSpec, base: str, options: HubOptions, executor: Execu
             base_source.check_access(weights_file(base_source))
             # The options ride on every ref: planner and Ray workers read the Hub the same way.
             base_ref = hub_ref(where.repo_id, report.base_sha, options)
-            plan = build_plan(base_ref, [hub_ref(e.repo_id, e.sha, options) for e in found.entries],
+            return build_plan(base_ref, [hub_ref(e.repo_id, e.sha, options) for e in found.entries],
                               spec.analysis, batch_size=spec.batch_size, done_pairs=store.done_pairs(),
                               run_id=run_id)
         except (HubError, ZoospectraError) as err:  # the base itself is unreadable: nothing to plan
             errors.append(error_row("plan", err, model=pinned_ref(where.repo_id, report.base_sha),
                                     model_id=where.repo_id))
-            plan = None
+            return None
+
+    if found.entries:  # something new: only then is the base pinned and its header read
+        plan = _planned(planned, executor, spec.ray_address)
     return _finish(spec, store, run_id, plan, found, errors, report, executor, command)
 
 
@@ -149,9 +154,19 @@ def _crawl_sources(spec: CrawlSpec, options: HubOptions, executor: Executor, com
                                                            "adapter_config.json or model card")
               for e in found.entries}
     resolver = BaseResolver(options)
-    plan = plan_by_base(claims, spec.analysis, lambda ref: resolver.resolve(claims[ref]),
-                        batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
+
+    def planned() -> Plan:
+        return plan_by_base(claims, spec.analysis, lambda ref: resolver.resolve(claims[ref]),
+                            batch_size=spec.batch_size, done_pairs=store.done_pairs(), run_id=run_id)
+
+    plan = _planned(planned, executor, spec.ray_address) if found.entries else planned()
     return _finish(spec, store, run_id, plan, found, list(found.errors), report, executor, command)
+
+
+def _planned(planned: Callable[[], T], executor: Executor, address: str | None) -> T:
+    """Plan the repos discovery found new (Hub headers: a few requests each) while Ray starts, as
+    `analyze` plans its files; only when there are some, so a no-op crawl starts no Ray."""
+    return plan_while_ray_starts(planned, address) if executor == "ray" else planned()
 
 
 def _finish(spec: CrawlSpec, store: ResultsStore, run_id: str, plan: Plan | None, found: Discovery,

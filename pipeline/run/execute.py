@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..config import AnalysisConfig
 from ..errors import ClusterUnreachableError, ConfigError, error_row, redact
@@ -25,6 +25,7 @@ from .unit import UnitOutcome, process_unit
 
 log = logging.getLogger(__name__)
 Executor = Literal["ray", "local"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,6 +112,30 @@ def warm_workers() -> None:
 
 
 _started_here = False
+
+
+def plan_while_ray_starts(planned: Callable[[], T], address: str | None) -> T:
+    """planned() on a helper thread while this thread starts (or joins) Ray and warms its
+    workers: Ray's start (GCS, raylet, agents, workers: seconds) overlaps the plan's header reads
+    (local files for `analyze`, Hub byte ranges for a crawl) instead of following them. Ray stays
+    on the calling thread (the processes it starts are tied to the thread that started them). A
+    planning error is raised first, as without the overlap; a Ctrl-C does not wait for the plan."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zs-plan")
+    future = pool.submit(planned)
+    try:
+        ensure_ray(address)
+        warm_workers()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except Exception:
+        future.result()  # the plan's own error, if it has one, comes first
+        raise
+    finally:
+        pool.shutdown(wait=False)
+    return future.result()
 
 
 def started_local_ray() -> bool:
