@@ -349,6 +349,19 @@ def test_single_weight_files_as_cli_arguments(image_zoo, tmp_path):
         assert (r["model_id"], r["component"]) == ("flux_style", "transformer")
         assert (r["m"], r["n"]) == tuple(ours[r["tensor"]].shape)
         assert r["norm_dw"] == pytest.approx(float(ours[r["tensor"]].norm()), rel=1e-5)
+    # a file from the HF cache: snapshots/<sha>/name.safetensors is a symlink to blobs/<hash>
+    from zoospectra.io.quantized import open_base
+    from zoospectra.io.refs import local_ref
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snap").mkdir()
+    shutil.copy(lora_file, tmp_path / "blobs" / "9f3c0a")
+    (tmp_path / "snap" / "flux_style.safetensors").symlink_to(tmp_path / "blobs" / "9f3c0a")
+    ref, direct = local_ref(tmp_path / "snap" / "flux_style.safetensors"), local_ref(lora_file)
+    assert (ref.model_id, ref.revision) == ("flux_style", direct.revision)
+    base = open_base(local_ref(base_file).open_source())
+    linked = open_artifact(ref.open_source(), model_id=ref.model_id)
+    assert sorted(t.tensor for t in linked.targets(base)) == sorted(ours)
     # a file that is no weight file is a one-line error naming it
     (lora_dir / "notes.txt").write_text("not weights")
     bad = subprocess.run([sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(base_file),

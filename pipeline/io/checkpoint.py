@@ -175,6 +175,11 @@ class SingleFileSource(LocalFileSource):
         self.filename = p.name
         self.name = str(self.root / self.filename)
 
+    def path(self, filename: str) -> Path:
+        if filename == self.filename:  # the file the user named: a symlink to it is followed (the HF
+            return self.root / filename  # cache's snapshots/<sha>/x.safetensors -> blobs/<hash>)
+        return super().path(filename)
+
     def exists(self, filename: str) -> bool:
         return filename == self.filename and super().exists(filename)
 

@@ -64,8 +64,11 @@ def local_ref(path: str | os.PathLike, name: str | None = None) -> ModelRef:
     """
     from .checkpoint import SINGLE_FILE_SUFFIXES
 
-    p = Path(path).expanduser().resolve()
-    single = p.is_file() and p.name.endswith(SINGLE_FILE_SUFFIXES)
+    given = Path(path).expanduser()
+    p = given.resolve()
+    single = p.is_file() and given.name.endswith(SINGLE_FILE_SUFFIXES)
+    if single:  # keep the name given: a file in the HF cache is a symlink to a blob named by its hash
+        p = given.parent.resolve() / given.name
     if not p.is_dir() and not single:
         what = "not a directory" if p.exists() else "no such directory or file"
         raise CheckpointNotFoundError(
