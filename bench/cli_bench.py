@@ -50,6 +50,17 @@ def claim_work(work: Path) -> None:
     (work / WORK_MARKER).write_text("zoospectra cli_bench work folder\n")
 
 
+def fresh_dir(work: Path, name: str) -> Path:
+    """work/name emptied for a new zoo or results root: `work` is a folder claim_work accepted (new,
+    empty or this bench's own), so what is removed here is what an earlier run of it wrote."""
+    path = work / name
+    if path.is_symlink():
+        raise SystemExit(f"{path} is a symlink; this bench only replaces folders it made")
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
 def run_cli(base: Path, adapters: list[Path], out: Path, *extra: str) -> float:
     """Wall seconds of one `zoospectra analyze` process (interpreter and Ray start included)."""
     cmd = [sys.executable, "-m", "zoospectra.cli", "analyze", "--base", str(base), *map(str, adapters),
@@ -144,13 +155,11 @@ def paper_method(base: Path, adapters: list[Path], per_shape: int | None, log) -
 
 
 def fit_sizes(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares CLI seconds = fixed + n x per_adapter over (n adapters, seconds) points."""
-    n = len(points)
-    mx = sum(a for a, _ in points) / n
-    my = sum(t for _, t in points) / n
-    sxx = sum((a - mx) ** 2 for a, _ in points)
-    per = sum((a - mx) * (t - my) for a, t in points) / sxx
-    return my - per * mx, per
+    """(fixed, per_adapter): least squares CLI seconds = fixed + n x per_adapter (numpy.polyfit)."""
+    import numpy as np
+
+    per, fixed = np.polyfit([n for n, _ in points], [t for _, t in points], 1)
+    return float(fixed), float(per)
 
 
 def sizes_report(sizes: dict[int, float], paper_per_adapter: float, tensors: int, main_n: int,
@@ -254,9 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="zs-cli-bench-"))
     claim_work(work)
     modules = llama_modules(args.hidden, args.intermediate)
-    zoo_dir = work / "zoo"
-    if zoo_dir.exists():
-        shutil.rmtree(zoo_dir)
+    zoo_dir = fresh_dir(work, "zoo")
     base = zoo_dir / "base"
     write_base(base, args.layers, modules)
     adapters = write_adapters(zoo_dir, base, range(args.adapters), args.layers, modules)
@@ -268,9 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     zoo = {"pairs": args.adapters * args.layers * 7, "tensors": args.layers * 7}
     log(f"zoo: {args.adapters} + {args.second} adapters x {zoo['tensors']} matrices under {zoo_dir}")
 
-    out = work / "results"
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_dir(work, "results")
     cli = {"seconds": run_cli(base, adapters, out)}
     log(f"cli: {cli['seconds']:.1f}s")
     cli["counts"], cli["run"] = cli_counts(out), last_run(out)
@@ -279,9 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         f"V {cli['totals'][2]}, base SVDs computed {cli['run'].get('base_svd_computed')}")
     local = None
     if args.local:  # the same zoo in-process (--local: no Ray), fresh root and base cache
-        local_out = work / "results-local"
-        if local_out.exists():
-            shutil.rmtree(local_out)
+        local_out = fresh_dir(work, "results-local")
         local = {"seconds": run_cli(base, adapters, local_out, "--local")}
         local["totals"] = cli_totals(cli_counts(local_out))
         log(f"cli --local: {local['seconds']:.1f}s, intruders U {local['totals'][1]} V {local['totals'][2]}")
@@ -293,9 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{second['run'].get('base_svd_computed')} reused {second['run'].get('base_svd_reused')}")
     sizes: dict[int, float] = {}
     for n in sorted(set(args.sizes) - {args.adapters}):
-        size_out = work / f"results-{n}"
-        if size_out.exists():
-            shutil.rmtree(size_out)
+        size_out = fresh_dir(work, f"results-{n}")
         sizes[n] = run_cli(base, pool[:n], size_out)
         log(f"cli, {n} adapters: {sizes[n]:.1f}s")
     paper = paper_method(base, adapters, args.paper_pairs, log)
